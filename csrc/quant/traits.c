@@ -1,0 +1,2 @@
+/* placeholder */
+#include "g3.h"

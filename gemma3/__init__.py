@@ -1,0 +1,1 @@
+from gemma3._core import FormatError, UnsupportedError
