@@ -1,3 +1,270 @@
-/* py_kernel.c — placeholder binding table (filled by the kernel work). */
+/* py_kernel.c — thin bindings of single kernels (for the NumPy twins in tests/) and the sampler. */
 #include "py.h"
-PyMethodDef g3_py_kernel_methods[] = {{NULL, NULL, 0, NULL}};
+#include "np.h"
+
+#include "kernels/ops.h"
+#include "kernels/sample.h"
+
+#include <math.h>
+#include <string.h>
+
+/* float32 C-contiguous copy-or-view of obj with ndim in [lo, hi] */
+static PyArrayObject *f32(PyObject *obj, int lo, int hi)
+{
+    return (PyArrayObject *)PyArray_FROMANY(obj, NPY_FLOAT32, lo, hi,
+                                            NPY_ARRAY_IN_ARRAY | NPY_ARRAY_ENSURECOPY);
+}
+
+static PyObject *py_rmsnorm(PyObject *mod, PyObject *args)
+{
+    PyObject *xo, *wo;
+    float eps;
+    if (!PyArg_ParseTuple(args, "OOf", &xo, &wo, &eps))
+        return NULL;
+    PyArrayObject *x = f32(xo, 1, 2), *w = x ? f32(wo, 1, 1) : NULL;
+    if (!x || !w)
+        goto fail;
+    int64_t n = PyArray_DIM(x, PyArray_NDIM(x) - 1);
+    if (PyArray_DIM(w, 0) != n) {
+        PyErr_Format(PyExc_ValueError, "weight has %zd values, rows have %lld",
+                     (Py_ssize_t)PyArray_DIM(w, 0), (long long)n);
+        goto fail;
+    }
+    int64_t rows = n ? PyArray_SIZE(x) / n : 0;
+    float *xd = PyArray_DATA(x);
+    for (int64_t r = 0; r < rows; r++)
+        g3_rmsnorm_f32(xd + r * n, PyArray_DATA(w), xd + r * n, n, eps);
+    Py_DECREF(w);
+    return (PyObject *)x;
+fail:
+    Py_XDECREF(x);
+    Py_XDECREF(w);
+    return NULL;
+}
+
+/* rope(x: (T, H, D), positions: (T,) int64, base, freq_scale) */
+static PyObject *py_rope(PyObject *mod, PyObject *args)
+{
+    PyObject *xo, *po;
+    float base, scale;
+    if (!PyArg_ParseTuple(args, "OOff", &xo, &po, &base, &scale))
+        return NULL;
+    PyArrayObject *x = f32(xo, 3, 3);
+    PyArrayObject *p = x ? (PyArrayObject *)PyArray_FROMANY(po, NPY_INT64, 1, 1, NPY_ARRAY_IN_ARRAY)
+                         : NULL;
+    float *inv = NULL;
+    if (!x || !p)
+        goto fail;
+    int64_t T = PyArray_DIM(x, 0), H = PyArray_DIM(x, 1), D = PyArray_DIM(x, 2);
+    if (PyArray_DIM(p, 0) != T || D % 2) {
+        PyErr_SetString(PyExc_ValueError, "x must be (T, H, D) with D even, positions (T,)");
+        goto fail;
+    }
+    inv = PyMem_Malloc(sizeof(float) * (size_t)(D / 2 + 1));
+    if (!inv) {
+        PyErr_NoMemory();
+        goto fail;
+    }
+    g3_rope_inv_freq(inv, D, base, scale);
+    const int64_t *pos = PyArray_DATA(p);
+    float *xd = PyArray_DATA(x);
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t h = 0; h < H; h++)
+            g3_rope_neox_f32(xd + (t * H + h) * D, D, pos[t], inv);
+    PyMem_Free(inv);
+    Py_DECREF(p);
+    return (PyObject *)x;
+fail:
+    Py_XDECREF(x);
+    Py_XDECREF(p);
+    return NULL;
+}
+
+static PyObject *py_geglu(PyObject *mod, PyObject *args)
+{
+    PyObject *go, *uo;
+    if (!PyArg_ParseTuple(args, "OO", &go, &uo))
+        return NULL;
+    PyArrayObject *g = f32(go, 1, 2), *u = g ? f32(uo, 1, 2) : NULL;
+    if (!g || !u || !PyArray_SAMESHAPE(g, u)) {
+        if (g && u)
+            PyErr_SetString(PyExc_ValueError, "gate and up must have the same shape");
+        Py_XDECREF(g);
+        Py_XDECREF(u);
+        return NULL;
+    }
+    g3_geglu_f32(PyArray_DATA(g), PyArray_DATA(u), PyArray_DATA(g), PyArray_SIZE(g));
+    Py_DECREF(u);
+    return (PyObject *)g;
+}
+
+static PyObject *py_softmax(PyObject *mod, PyObject *xo)
+{
+    PyArrayObject *x = f32(xo, 1, 2);
+    if (!x)
+        return NULL;
+    int64_t n = PyArray_DIM(x, PyArray_NDIM(x) - 1);
+    if (n < 1) {
+        Py_DECREF(x);
+        return PyErr_Format(PyExc_ValueError, "softmax needs at least one value per row");
+    }
+    float *d = PyArray_DATA(x);
+    for (int64_t r = 0; r < PyArray_SIZE(x) / n; r++)
+        g3_softmax_f32(d + r * n, n);
+    return (PyObject *)x;
+}
+
+/* Parsed sampler arguments and the arrays that back them. */
+typedef struct {
+    PyArrayObject *logits, *hist, *bias_ids, *bias_vals;
+    g3_sampling p;
+} sample_args;
+
+static void sample_args_free(sample_args *a)
+{
+    Py_XDECREF(a->logits);
+    Py_XDECREF(a->hist);
+    Py_XDECREF(a->bias_ids);
+    Py_XDECREF(a->bias_vals);
+}
+
+static int parse_sampling(PyObject *kw_args, PyObject *kw, sample_args *a, PyObject **rng)
+{
+    static char *kwlist[] = {"logits", "rng", "temperature", "top_k", "top_p", "min_p",
+                             "repetition_penalty", "history", "bias_ids", "bias_values", NULL};
+    PyObject *lo, *ho = Py_None, *bio = Py_None, *bvo = Py_None;
+    long long top_k = 0;
+    memset(a, 0, sizeof *a);
+    a->p.temperature = 1.0f;
+    a->p.top_p = 1.0f;
+    a->p.repetition_penalty = 1.0f;
+    if (!PyArg_ParseTupleAndKeywords(kw_args, kw, "OO|fLfffOOO", kwlist, &lo, rng,
+                                     &a->p.temperature, &top_k, &a->p.top_p, &a->p.min_p,
+                                     &a->p.repetition_penalty, &ho, &bio, &bvo))
+        return -1;
+    a->p.top_k = top_k;
+    if (!(a->p.top_p > 0.0f && a->p.top_p <= 1.0f) || !(a->p.min_p >= 0.0f && a->p.min_p <= 1.0f) ||
+        !(a->p.repetition_penalty > 0.0f) || top_k < 0 || isnan(a->p.temperature)) {
+        PyErr_Format(PyExc_ValueError,
+                     "invalid sampling arguments: need top_p in (0, 1], min_p in [0, 1], "
+                     "repetition_penalty > 0, top_k >= 0 (got top_p=%g, min_p=%g, "
+                     "repetition_penalty=%g, top_k=%lld)",
+                     a->p.top_p, a->p.min_p, a->p.repetition_penalty, top_k);
+        return -1;
+    }
+    a->logits = (PyArrayObject *)PyArray_FROMANY(lo, NPY_FLOAT32, 1, 1, NPY_ARRAY_IN_ARRAY);
+    if (!a->logits)
+        return -1;
+    if (PyArray_DIM(a->logits, 0) < 1) {
+        PyErr_SetString(PyExc_ValueError, "logits must not be empty");
+        return -1;
+    }
+    if (ho != Py_None) {
+        a->hist = (PyArrayObject *)PyArray_FROMANY(ho, NPY_INT32, 1, 1, NPY_ARRAY_IN_ARRAY);
+        if (!a->hist)
+            return -1;
+        a->p.history = PyArray_DATA(a->hist);
+        a->p.n_history = PyArray_DIM(a->hist, 0);
+    }
+    if (bio != Py_None) {
+        a->bias_ids = (PyArrayObject *)PyArray_FROMANY(bio, NPY_INT32, 1, 1, NPY_ARRAY_IN_ARRAY);
+        a->bias_vals = a->bias_ids ? (PyArrayObject *)PyArray_FROMANY(bvo, NPY_FLOAT32, 1, 1,
+                                                                      NPY_ARRAY_IN_ARRAY)
+                                   : NULL;
+        if (!a->bias_ids || !a->bias_vals)
+            return -1;
+        if (PyArray_DIM(a->bias_ids, 0) != PyArray_DIM(a->bias_vals, 0)) {
+            PyErr_SetString(PyExc_ValueError, "bias_ids and bias_values differ in length");
+            return -1;
+        }
+        a->p.bias_ids = PyArray_DATA(a->bias_ids);
+        a->p.bias_values = PyArray_DATA(a->bias_vals);
+        a->p.n_bias = PyArray_DIM(a->bias_ids, 0);
+    }
+    return 0;
+}
+
+/* sample(logits, rng: uint64[4] (updated in place), temperature=1, top_k=0, top_p=1, min_p=0,
+ *        repetition_penalty=1, history=None, bias_ids=None, bias_values=None) -> int */
+static PyObject *py_sample(PyObject *mod, PyObject *args, PyObject *kw)
+{
+    sample_args a;
+    PyObject *rng_o = NULL;
+    if (parse_sampling(args, kw, &a, &rng_o) < 0) {
+        sample_args_free(&a);
+        return NULL;
+    }
+    if (!PyArray_Check(rng_o) || PyArray_TYPE((PyArrayObject *)rng_o) != NPY_UINT64 ||
+        PyArray_SIZE((PyArrayObject *)rng_o) != 4 ||
+        !PyArray_ISCARRAY((PyArrayObject *)rng_o)) {
+        sample_args_free(&a);
+        return PyErr_Format(PyExc_TypeError, "rng must be a writable uint64 array of 4 (rng_seed)");
+    }
+    int32_t tok = 0;
+    g3_err err = {{0}, 0};
+    g3_status st;
+    uint64_t *state = PyArray_DATA((PyArrayObject *)rng_o);
+    Py_BEGIN_ALLOW_THREADS st = g3_sample(PyArray_DATA(a.logits), PyArray_DIM(a.logits, 0), &a.p,
+                                          state, &tok, &err);
+    Py_END_ALLOW_THREADS
+    sample_args_free(&a);
+    if (st)
+        return g3_py_raise(g3_py_state(mod), st, &err, NULL);
+    return PyLong_FromLong(tok);
+}
+
+/* sample_probs(logits, None, ...same) -> (probs float32 (n,), greedy int) */
+static PyObject *py_sample_probs(PyObject *mod, PyObject *args, PyObject *kw)
+{
+    sample_args a;
+    PyObject *unused = NULL;
+    if (parse_sampling(args, kw, &a, &unused) < 0) {
+        sample_args_free(&a);
+        return NULL;
+    }
+    npy_intp n = PyArray_DIM(a.logits, 0);
+    PyObject *probs = PyArray_SimpleNew(1, &n, NPY_FLOAT32);
+    float *work = PyMem_Malloc(sizeof(float) * (size_t)n);
+    if (!probs || !work) {
+        Py_XDECREF(probs);
+        PyMem_Free(work);
+        sample_args_free(&a);
+        return PyErr_NoMemory();
+    }
+    int32_t greedy = 0;
+    g3_err err = {{0}, 0};
+    g3_status st = g3_sample_probs(PyArray_DATA(a.logits), n, &a.p, work,
+                                   PyArray_DATA((PyArrayObject *)probs), &greedy, &err);
+    PyMem_Free(work);
+    sample_args_free(&a);
+    if (st) {
+        Py_DECREF(probs);
+        return g3_py_raise(g3_py_state(mod), st, &err, NULL);
+    }
+    return Py_BuildValue("(Ni)", probs, greedy);
+}
+
+static PyObject *py_rng_seed(PyObject *mod, PyObject *arg)
+{
+    unsigned long long seed = PyLong_AsUnsignedLongLongMask(arg);
+    if (PyErr_Occurred())
+        return NULL;
+    npy_intp n = 4;
+    PyObject *a = PyArray_SimpleNew(1, &n, NPY_UINT64);
+    if (a)
+        g3_rng_seed(PyArray_DATA((PyArrayObject *)a), seed);
+    return a;
+}
+
+PyMethodDef g3_py_kernel_methods[] = {
+    {"rmsnorm", py_rmsnorm, METH_VARARGS, "rmsnorm(x (..., n), w (n), eps) -> float32"},
+    {"rope", py_rope, METH_VARARGS, "rope(x (T, H, D), positions (T), base, freq_scale)"},
+    {"geglu", py_geglu, METH_VARARGS, "geglu(gate, up) -> gelu_tanh(gate) * up"},
+    {"softmax", py_softmax, METH_O, "row-wise softmax"},
+    {"sample", (PyCFunction)(void (*)(void))py_sample, METH_VARARGS | METH_KEYWORDS,
+     "draw one token id"},
+    {"sample_probs", (PyCFunction)(void (*)(void))py_sample_probs, METH_VARARGS | METH_KEYWORDS,
+     "the filtered distribution and the greedy id"},
+    {"rng_seed", py_rng_seed, METH_O, "a seeded xoshiro256** state (uint64[4])"},
+    {NULL, NULL, 0, NULL},
+};

@@ -1,3 +1,390 @@
-/* py_model.c — placeholder. */
+/* py_model.c — _core.Model: binds weights given by the Python loader, owns the KV cache, runs
+ * forward passes with the GIL released.
+ *
+ * Model(config: dict, is_global: bytes, weights: dict[name, (type_id, rows, cols, ndarray)])
+ * Names: token_embd, output (optional: tied when absent), output_norm, blk.{i}.{attn_q, attn_k,
+ * attn_v, attn_output, ffn_gate, ffn_up, ffn_down} and the float32 norms blk.{i}.{attn_norm,
+ * attn_q_norm, attn_k_norm, post_attention_norm, ffn_norm, post_ffw_norm}. The arrays are kept
+ * referenced for the model's lifetime (they may be views of a file mapping).
+ *
+ * One call at a time: a second thread entering while a forward runs gets RuntimeError.
+ */
 #include "py.h"
-int g3_py_model_init(PyObject *module, g3_module_state *st) { return 0; }
+#include "np.h"
+
+#include <string.h>
+
+#include "model/model.h"
+
+typedef struct {
+    PyObject_HEAD
+    g3_model *m;
+    PyObject *keep; /* list of arrays whose memory the model points into */
+    int busy;
+} ModelObject;
+
+static g3_module_state *mstate(PyObject *self) { return g3_py_state_from_type(Py_TYPE(self)); }
+
+static int cfg_int(PyObject *d, const char *key, int64_t *out, int required, int64_t dflt)
+{
+    PyObject *v = PyDict_GetItemString(d, key);
+    if (!v) {
+        if (required) {
+            PyErr_Format(PyExc_KeyError, "model config is missing '%s'", key);
+            return -1;
+        }
+        *out = dflt;
+        return 0;
+    }
+    long long x = PyLong_AsLongLong(v);
+    if (x == -1 && PyErr_Occurred())
+        return -1;
+    *out = x;
+    return 0;
+}
+
+static int cfg_float(PyObject *d, const char *key, float *out, float dflt)
+{
+    PyObject *v = PyDict_GetItemString(d, key);
+    if (!v) {
+        *out = dflt;
+        return 0;
+    }
+    double x = PyFloat_AsDouble(v);
+    if (x == -1.0 && PyErr_Occurred())
+        return -1;
+    *out = (float)x;
+    return 0;
+}
+
+static int parse_config(PyObject *d, g3_config *c)
+{
+    if (!PyDict_Check(d)) {
+        PyErr_SetString(PyExc_TypeError, "config must be a dict");
+        return -1;
+    }
+    if (cfg_int(d, "n_vocab", &c->n_vocab, 1, 0) || cfg_int(d, "n_embd", &c->n_embd, 1, 0) ||
+        cfg_int(d, "n_layer", &c->n_layer, 1, 0) || cfg_int(d, "n_head", &c->n_head, 1, 0) ||
+        cfg_int(d, "n_head_kv", &c->n_head_kv, 1, 0) ||
+        cfg_int(d, "head_dim", &c->head_dim, 1, 0) || cfg_int(d, "n_ff", &c->n_ff, 1, 0) ||
+        cfg_int(d, "window", &c->window, 1, 0) || cfg_int(d, "max_seq", &c->max_seq, 1, 0) ||
+        cfg_float(d, "eps", &c->eps, 1e-6f) || cfg_float(d, "attn_scale", &c->attn_scale, 0.0625f) ||
+        cfg_float(d, "embd_scale", &c->embd_scale, 1.0f) ||
+        cfg_float(d, "final_softcap", &c->final_softcap, 0.0f) ||
+        cfg_float(d, "rope_base_global", &c->rope_base_global, 1e6f) ||
+        cfg_float(d, "rope_scale_global", &c->rope_scale_global, 1.0f) ||
+        cfg_float(d, "rope_base_local", &c->rope_base_local, 1e4f) ||
+        cfg_float(d, "rope_scale_local", &c->rope_scale_local, 1.0f))
+        return -1;
+    return 0;
+}
+
+/* Binds weights[name] = (type_id, rows, cols, array) into w; required unless optional. */
+static int bind_matrix(ModelObject *self, PyObject *weights, const char *name, g3_weight *w,
+                       int optional)
+{
+    PyObject *item = PyDict_GetItemString(weights, name);
+    if (!item) {
+        if (optional)
+            return 0;
+        PyErr_Format(mstate((PyObject *)self)->FormatError, "missing tensor '%s'", name);
+        return -1;
+    }
+    int type;
+    long long rows, cols;
+    PyObject *arr;
+    if (!PyArg_ParseTuple(item, "iLLO!;weights entries are (type_id, rows, cols, ndarray)", &type,
+                          &rows, &cols, &PyArray_Type, &arr))
+        return -1;
+    PyArrayObject *a = (PyArrayObject *)arr;
+    const g3_type_traits *tt = g3_type_get(type);
+    if (!tt->known || rows < 1 || cols < 1) {
+        PyErr_Format(mstate((PyObject *)self)->UnsupportedError,
+                     "tensor '%s': unsupported type id %d or shape (%lld, %lld)", name, type, rows,
+                     cols);
+        return -1;
+    }
+    size_t rb = g3_row_size(type, cols);
+    if (!rb || !PyArray_IS_C_CONTIGUOUS(a) || (size_t)PyArray_NBYTES(a) != rb * (size_t)rows) {
+        PyErr_Format(mstate((PyObject *)self)->FormatError,
+                     "tensor '%s': %zd bytes given, (%lld, %lld) of %s needs %zu contiguous bytes",
+                     name, (Py_ssize_t)PyArray_NBYTES(a), rows, cols, tt->name, rb * (size_t)rows);
+        return -1;
+    }
+    if (PyList_Append(self->keep, arr) < 0)
+        return -1;
+    w->type = type;
+    w->rows = rows;
+    w->cols = cols;
+    w->row_bytes = rb;
+    w->data = PyArray_DATA(a);
+    return 0;
+}
+
+static int bind_norm(ModelObject *self, PyObject *weights, const char *name, int64_t n,
+                     const float **out)
+{
+    PyObject *arr = PyDict_GetItemString(weights, name);
+    if (!arr) {
+        PyErr_Format(mstate((PyObject *)self)->FormatError, "missing tensor '%s'", name);
+        return -1;
+    }
+    if (!PyArray_Check(arr) || PyArray_TYPE((PyArrayObject *)arr) != NPY_FLOAT32 ||
+        !PyArray_IS_C_CONTIGUOUS((PyArrayObject *)arr) ||
+        PyArray_SIZE((PyArrayObject *)arr) != n) {
+        PyErr_Format(mstate((PyObject *)self)->FormatError,
+                     "norm '%s' must be a contiguous float32 array of %lld values", name,
+                     (long long)n);
+        return -1;
+    }
+    if (PyList_Append(self->keep, arr) < 0)
+        return -1;
+    *out = PyArray_DATA((PyArrayObject *)arr);
+    return 0;
+}
+
+static int bind_layer(ModelObject *self, PyObject *weights, int64_t i)
+{
+    g3_layer *L = &self->m->layers[i];
+    const g3_config *c = &self->m->cfg;
+    char n[64];
+#define MAT(field, nm)                                                                             \
+    (snprintf(n, sizeof n, "blk.%lld." nm, (long long)i), bind_matrix(self, weights, n, &L->field, 0))
+#define NORM(field, nm, len)                                                                       \
+    (snprintf(n, sizeof n, "blk.%lld." nm, (long long)i), bind_norm(self, weights, n, len, &L->field))
+    if (MAT(q, "attn_q") || MAT(k, "attn_k") || MAT(v, "attn_v") || MAT(o, "attn_output") ||
+        MAT(gate, "ffn_gate") || MAT(up, "ffn_up") || MAT(down, "ffn_down") ||
+        NORM(attn_norm, "attn_norm", c->n_embd) || NORM(q_norm, "attn_q_norm", c->head_dim) ||
+        NORM(k_norm, "attn_k_norm", c->head_dim) ||
+        NORM(post_attn_norm, "post_attention_norm", c->n_embd) ||
+        NORM(ffn_norm, "ffn_norm", c->n_embd) || NORM(post_ffn_norm, "post_ffw_norm", c->n_embd))
+        return -1;
+#undef MAT
+#undef NORM
+    return 0;
+}
+
+static int model_init(ModelObject *self, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"config", "is_global", "weights", NULL};
+    PyObject *cfgd, *weights;
+    Py_buffer glob;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!y*O!", kwlist, &PyDict_Type, &cfgd, &glob,
+                                     &PyDict_Type, &weights))
+        return -1;
+    g3_module_state *ms = mstate((PyObject *)self);
+    g3_config cfg;
+    memset(&cfg, 0, sizeof cfg);
+    int rc = -1;
+    if (self->m) {
+        PyErr_SetString(PyExc_RuntimeError, "Model already initialised");
+        goto done;
+    }
+    if (parse_config(cfgd, &cfg) < 0)
+        goto done;
+    if (glob.len != cfg.n_layer) {
+        PyErr_Format(PyExc_ValueError, "is_global has %zd entries for %lld layers", glob.len,
+                     (long long)cfg.n_layer);
+        goto done;
+    }
+    g3_err err = {{0}, 0};
+    g3_status st = g3_model_create(&cfg, glob.buf, &self->m, &err);
+    if (st) {
+        g3_py_raise(ms, st, &err, NULL);
+        goto done;
+    }
+    self->keep = PyList_New(0);
+    if (!self->keep || bind_matrix(self, weights, "token_embd", &self->m->tok_embd, 0) < 0 ||
+        bind_matrix(self, weights, "output", &self->m->output, 1) < 0 ||
+        bind_norm(self, weights, "output_norm", cfg.n_embd, &self->m->output_norm) < 0)
+        goto done;
+    if (!self->m->output.data)
+        self->m->output = self->m->tok_embd; /* tied LM head */
+    for (int64_t i = 0; i < cfg.n_layer; i++)
+        if (bind_layer(self, weights, i) < 0)
+            goto done;
+    if ((st = g3_model_check(self->m, &err)) || (st = g3_model_alloc_cache(self->m, &err))) {
+        g3_py_raise(ms, st, &err, NULL);
+        goto done;
+    }
+    rc = 0;
+done:
+    PyBuffer_Release(&glob);
+    if (rc < 0 && self->m) {
+        g3_model_free(self->m);
+        self->m = NULL;
+    }
+    return rc;
+}
+
+static void model_dealloc(ModelObject *self)
+{
+    PyTypeObject *tp = Py_TYPE(self);
+    g3_model_free(self->m);
+    Py_XDECREF(self->keep);
+    tp->tp_free((PyObject *)self);
+    Py_DECREF(tp);
+}
+
+static int enter(ModelObject *self)
+{
+    if (!self->m) {
+        PyErr_SetString(PyExc_RuntimeError, "model is not initialised");
+        return -1;
+    }
+    if (self->busy) {
+        PyErr_SetString(PyExc_RuntimeError,
+                        "this model is already running a call in another thread; use one model "
+                        "per thread or serialize the calls");
+        return -1;
+    }
+    self->busy = 1;
+    return 0;
+}
+
+/* forward(ids: int32 1-D, logits: 0|1|2, embd: float32 (T, E) or None, embd_mask: uint8 (T) or
+ * None) -> float32 (rows, vocab) or None */
+static PyObject *model_forward(ModelObject *self, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"ids", "logits", "embd", "embd_mask", NULL};
+    PyObject *ids_o, *embd_o = Py_None, *mask_o = Py_None;
+    int mode = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|iOO", kwlist, &ids_o, &mode, &embd_o, &mask_o))
+        return NULL;
+    if (mode < 0 || mode > 2)
+        return PyErr_Format(PyExc_ValueError, "logits mode must be 0, 1 or 2, got %d", mode);
+    if (enter(self) < 0)
+        return NULL;
+    PyArrayObject *ids = NULL, *embd = NULL, *mask = NULL, *out = NULL;
+    PyObject *ret = NULL;
+    const g3_config *c = &self->m->cfg;
+    ids = (PyArrayObject *)PyArray_FROMANY(ids_o, NPY_INT32, 1, 1, NPY_ARRAY_IN_ARRAY);
+    if (!ids)
+        goto done;
+    npy_intp T = PyArray_DIM(ids, 0);
+    if (embd_o != Py_None) {
+        embd = (PyArrayObject *)PyArray_FROMANY(embd_o, NPY_FLOAT32, 2, 2, NPY_ARRAY_IN_ARRAY);
+        mask = embd ? (PyArrayObject *)PyArray_FROMANY(mask_o, NPY_UINT8, 1, 1, NPY_ARRAY_IN_ARRAY)
+                    : NULL;
+        if (!embd || !mask)
+            goto done;
+        if (PyArray_DIM(embd, 0) != T || PyArray_DIM(embd, 1) != c->n_embd ||
+            PyArray_DIM(mask, 0) != T) {
+            PyErr_Format(PyExc_ValueError,
+                         "embd must be (%zd, %lld) float32 and embd_mask (%zd,) uint8", (Py_ssize_t)T,
+                         (long long)c->n_embd, (Py_ssize_t)T);
+            goto done;
+        }
+    }
+    if (mode) {
+        npy_intp dims[2] = {mode == 1 ? 1 : T, c->n_vocab};
+        out = (PyArrayObject *)PyArray_SimpleNew(2, dims, NPY_FLOAT32);
+        if (!out)
+            goto done;
+    }
+    g3_batch b = {
+        .n_tokens = T,
+        .ids = PyArray_DATA(ids),
+        .embd = embd ? PyArray_DATA(embd) : NULL,
+        .embd_mask = mask ? PyArray_DATA(mask) : NULL,
+        .logits_mode = mode,
+        .logits = out ? PyArray_DATA(out) : NULL,
+    };
+    g3_err err = {{0}, 0};
+    g3_status st;
+    Py_BEGIN_ALLOW_THREADS st = g3_model_forward(self->m, &b, &err);
+    Py_END_ALLOW_THREADS
+    if (st) {
+        g3_py_raise(mstate((PyObject *)self), st == G3_ERR_ARG ? G3_ERR_ARG : st, &err, NULL);
+        goto done;
+    }
+    ret = out ? (PyObject *)out : Py_NewRef(Py_None);
+    out = NULL;
+done:
+    self->busy = 0;
+    Py_XDECREF(ids);
+    Py_XDECREF(embd);
+    Py_XDECREF(mask);
+    Py_XDECREF(out);
+    return ret;
+}
+
+static PyObject *model_reset(ModelObject *self, PyObject *unused)
+{
+    if (enter(self) < 0)
+        return NULL;
+    g3_model_reset(self->m);
+    self->busy = 0;
+    Py_RETURN_NONE;
+}
+
+static PyObject *model_get_n_past(ModelObject *self, void *c)
+{
+    return PyLong_FromLongLong(self->m ? self->m->n_past : 0);
+}
+
+static PyObject *model_get_cache_bytes(ModelObject *self, void *c)
+{
+    return PyLong_FromSize_t(self->m ? g3_model_cache_bytes(self->m) : 0);
+}
+
+static PyMethodDef model_methods[] = {
+    {"forward", (PyCFunction)(void (*)(void))model_forward, METH_VARARGS | METH_KEYWORDS,
+     "forward(ids, logits=1, embd=None, embd_mask=None)"},
+    {"reset", (PyCFunction)model_reset, METH_NOARGS, "forget every cached position"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef model_getset[] = {
+    {"n_past", (getter)model_get_n_past, NULL, "positions in the KV cache", NULL},
+    {"cache_bytes", (getter)model_get_cache_bytes, NULL, "bytes reserved by the KV cache", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyType_Slot model_slots[] = {
+    {Py_tp_init, model_init},
+    {Py_tp_new, PyType_GenericNew},
+    {Py_tp_dealloc, model_dealloc},
+    {Py_tp_methods, model_methods},
+    {Py_tp_getset, model_getset},
+    {Py_tp_doc, "Model(config, is_global, weights): the C decoder (private)"},
+    {0, NULL},
+};
+
+static PyType_Spec model_spec = {
+    .name = "gemma3._core.Model",
+    .basicsize = sizeof(ModelObject),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_IMMUTABLETYPE,
+    .slots = model_slots,
+};
+
+static PyObject *py_set_threads(PyObject *mod, PyObject *arg)
+{
+    long n = PyLong_AsLong(arg);
+    if (n == -1 && PyErr_Occurred())
+        return NULL;
+    if (n < 0 || n > 4096)
+        return PyErr_Format(PyExc_ValueError, "n_threads must be 0 (all cores) or 1..4096, got %ld",
+                            n);
+    g3_set_threads((int)n);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_get_threads(PyObject *mod, PyObject *unused)
+{
+    return PyLong_FromLong(g3_get_threads());
+}
+
+static PyMethodDef thread_methods[] = {
+    {"set_num_threads", py_set_threads, METH_O, "threads for OpenMP and BLAS (0 = all cores)"},
+    {"get_num_threads", py_get_threads, METH_NOARGS, "current thread count"},
+    {NULL, NULL, 0, NULL},
+};
+
+int g3_py_model_init(PyObject *module, g3_module_state *st)
+{
+    st->ModelType = PyType_FromModuleAndSpec(module, &model_spec, NULL);
+    if (!st->ModelType || PyModule_AddObjectRef(module, "Model", st->ModelType) < 0)
+        return -1;
+    return PyModule_AddFunctions(module, thread_methods);
+}

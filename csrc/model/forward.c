@@ -1,0 +1,263 @@
+/* forward.c — the Gemma 3 decoder forward pass for a batch of T tokens (prefill or decode).
+ *
+ *   x = embed(ids) * sqrt(E)               (image/raw embedding rows are not scaled)
+ *   per layer:  h = rms(x)*w_in;  q,k,v = Wq h, Wk h, Wv h;  q,k = rope(rms(q)*w_q, rms(k)*w_k)
+ *               a = Wo attn(q, k, v);  x += rms(a)*w_post_attn
+ *               h = rms(x)*w_ffn;  x += rms(Wdown (gelu_tanh(Wgate h) * Wup h))*w_post_ffn
+ *   logits = W_out rms(x)*w_final           (tied: W_out is the embedding; softcap only if set)
+ *
+ * Reference: transformers-gemma3.md §2 (eager attention, float32). Local layers see the W most
+ * recent positions including their own (0 <= i - j < W); global layers see every earlier one.
+ * Tokens of one image (same non-negative group id) also see each other's later positions.
+ *
+ * Keys for a query are read from the batch's own fresh K/V when their position is in this call,
+ * otherwise from the cache; the batch is written into the cache only after the layer's attention,
+ * so a ring of W slots suffices even when T > W.
+ */
+#include <math.h>
+#include <omp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kernels/ops.h"
+#include "model/model.h"
+
+typedef struct {
+    float *x, *h, *q, *k, *v, *z, *g, *u, *scores;
+    int64_t *key_hi; /* (T) last key position visible to each query (image groups extend it) */
+} scratch;
+
+static void scratch_free(scratch *s)
+{
+    free(s->x);
+    free(s->h);
+    free(s->q);
+    free(s->k);
+    free(s->v);
+    free(s->z);
+    free(s->g);
+    free(s->u);
+    free(s->scores);
+    free(s->key_hi);
+}
+
+static g3_status scratch_alloc(scratch *s, const g3_config *c, int64_t T, int64_t max_keys,
+                               int nt, g3_err *err)
+{
+    const size_t t = (size_t)T;
+    memset(s, 0, sizeof *s);
+    s->x = malloc(sizeof(float) * t * c->n_embd);
+    s->h = malloc(sizeof(float) * t * c->n_embd);
+    s->q = malloc(sizeof(float) * t * c->n_head * c->head_dim);
+    s->k = malloc(sizeof(float) * t * c->n_head_kv * c->head_dim);
+    s->v = malloc(sizeof(float) * t * c->n_head_kv * c->head_dim);
+    s->z = malloc(sizeof(float) * t * c->n_head * c->head_dim);
+    s->g = malloc(sizeof(float) * t * c->n_ff);
+    s->u = malloc(sizeof(float) * t * c->n_ff);
+    s->scores = malloc(sizeof(float) * (size_t)nt * (size_t)max_keys);
+    s->key_hi = malloc(sizeof(int64_t) * t);
+    if (!s->x || !s->h || !s->q || !s->k || !s->v || !s->z || !s->g || !s->u || !s->scores ||
+        !s->key_hi) {
+        scratch_free(s);
+        return g3_fail(err, G3_ERR_NOMEM, "out of memory for a %lld-token forward pass",
+                       (long long)T);
+    }
+    return G3_OK;
+}
+
+/* Key or value row of kv-head g at absolute position pos (see the file comment). */
+static inline const float *kv_row(const g3_layer *L, const float *cache, const float *fresh,
+                                  int64_t n_past, int64_t pos, int64_t g, int64_t kvw,
+                                  int64_t hd)
+{
+    if (pos >= n_past)
+        return fresh + (pos - n_past) * kvw + g * hd;
+    int64_t slot = L->is_global ? pos : pos % L->n_slots;
+    return cache + slot * kvw + g * hd;
+}
+
+static void attention(const g3_model *m, const g3_layer *L, scratch *s, int64_t T, int nt)
+{
+    const g3_config *c = &m->cfg;
+    const int64_t hd = c->head_dim, kvw = c->n_head_kv * hd, qw = c->n_head * hd;
+    const int64_t rep = c->n_head / c->n_head_kv, n_past = m->n_past;
+    const int64_t max_keys = n_past + T;
+#pragma omp parallel for collapse(2) num_threads(nt) schedule(dynamic, 1)
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t h = 0; h < c->n_head; h++) {
+            float *sc = s->scores + (size_t)omp_get_thread_num() * max_keys;
+            const int64_t p = n_past + t, g = h / rep;
+            int64_t lo = 0, hi = s->key_hi[t];
+            if (!L->is_global && p - c->window + 1 > 0)
+                lo = p - c->window + 1;
+            const float *q = s->q + t * qw + h * hd;
+            for (int64_t j = lo; j <= hi; j++)
+                sc[j - lo] = g3_dot_f32(q, kv_row(L, L->k_cache, s->k, n_past, j, g, kvw, hd),
+                                        hd) *
+                             c->attn_scale;
+            g3_softmax_f32(sc, hi - lo + 1);
+            float *z = s->z + t * qw + h * hd;
+            memset(z, 0, sizeof(float) * hd);
+            for (int64_t j = lo; j <= hi; j++)
+                g3_axpy_f32(sc[j - lo], kv_row(L, L->v_cache, s->v, n_past, j, g, kvw, hd), z, hd);
+        }
+}
+
+static void store_kv(const g3_model *m, g3_layer *L, const scratch *s, int64_t T)
+{
+    const g3_config *c = &m->cfg;
+    const int64_t kvw = c->n_head_kv * c->head_dim;
+    int64_t t0 = L->is_global ? 0 : (T > L->n_slots ? T - L->n_slots : 0);
+    for (int64_t t = t0; t < T; t++) {
+        int64_t pos = m->n_past + t, slot = L->is_global ? pos : pos % L->n_slots;
+        memcpy(L->k_cache + slot * kvw, s->k + t * kvw, sizeof(float) * kvw);
+        memcpy(L->v_cache + slot * kvw, s->v + t * kvw, sizeof(float) * kvw);
+    }
+}
+
+/* q/k RMSNorm per head, then RoPE with the layer kind's frequencies. */
+static void qk_norm_rope(const g3_model *m, const g3_layer *L, scratch *s, int64_t T, int nt)
+{
+    const g3_config *c = &m->cfg;
+    const int64_t hd = c->head_dim;
+    const float *inv_freq = L->is_global ? m->inv_freq_global : m->inv_freq_local;
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t t = 0; t < T; t++) {
+        const int64_t pos = m->n_past + t;
+        for (int64_t h = 0; h < c->n_head; h++) {
+            float *q = s->q + (t * c->n_head + h) * hd;
+            g3_rmsnorm_f32(q, L->q_norm, q, hd, c->eps);
+            g3_rope_neox_f32(q, hd, pos, inv_freq);
+        }
+        for (int64_t h = 0; h < c->n_head_kv; h++) {
+            float *k = s->k + (t * c->n_head_kv + h) * hd;
+            g3_rmsnorm_f32(k, L->k_norm, k, hd, c->eps);
+            g3_rope_neox_f32(k, hd, pos, inv_freq);
+        }
+    }
+}
+
+/* x += rms(y) * w, row by row */
+static void add_normed(float *x, float *y, const float *w, int64_t T, int64_t n, float eps,
+                       int nt)
+{
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t t = 0; t < T; t++) {
+        g3_rmsnorm_f32(y + t * n, w, y + t * n, n, eps);
+        for (int64_t i = 0; i < n; i++)
+            x[t * n + i] += y[t * n + i];
+    }
+}
+
+static void norm_rows(const float *x, const float *w, float *y, int64_t T, int64_t n, float eps,
+                      int nt)
+{
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t t = 0; t < T; t++)
+        g3_rmsnorm_f32(x + t * n, w, y + t * n, n, eps);
+}
+
+static g3_status layer_forward(g3_model *m, g3_layer *L, scratch *s, int64_t T, int nt,
+                               g3_err *err)
+{
+    const g3_config *c = &m->cfg;
+    const int64_t E = c->n_embd, F = c->n_ff;
+    g3_status st;
+    norm_rows(s->x, L->attn_norm, s->h, T, E, c->eps, nt);
+    if ((st = g3_matmul(&L->q, s->h, T, s->q, err)) || (st = g3_matmul(&L->k, s->h, T, s->k, err)) ||
+        (st = g3_matmul(&L->v, s->h, T, s->v, err)))
+        return st;
+    qk_norm_rope(m, L, s, T, nt);
+    attention(m, L, s, T, nt);
+    store_kv(m, L, s, T);
+    if ((st = g3_matmul(&L->o, s->z, T, s->h, err)))
+        return st;
+    add_normed(s->x, s->h, L->post_attn_norm, T, E, c->eps, nt);
+    norm_rows(s->x, L->ffn_norm, s->h, T, E, c->eps, nt);
+    if ((st = g3_matmul(&L->gate, s->h, T, s->g, err)) ||
+        (st = g3_matmul(&L->up, s->h, T, s->u, err)))
+        return st;
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t t = 0; t < T; t++)
+        g3_geglu_f32(s->g + t * F, s->u + t * F, s->g + t * F, F);
+    if ((st = g3_matmul(&L->down, s->g, T, s->h, err)))
+        return st;
+    add_normed(s->x, s->h, L->post_ffn_norm, T, E, c->eps, nt);
+    return G3_OK;
+}
+
+static g3_status check_batch(const g3_model *m, const g3_batch *b, g3_err *err)
+{
+    const g3_config *c = &m->cfg;
+    if (b->n_tokens < 1)
+        return g3_fail(err, G3_ERR_ARG, "a forward pass needs at least one token");
+    if (m->n_past + b->n_tokens > c->max_seq)
+        return g3_fail(err, G3_ERR_STATE,
+                       "context overflow: %lld positions are cached and %lld more were given, "
+                       "but max_seq_len is %lld",
+                       (long long)m->n_past, (long long)b->n_tokens, (long long)c->max_seq);
+    for (int64_t t = 0; t < b->n_tokens; t++) {
+        if (b->embd && b->embd_mask && b->embd_mask[t])
+            continue;
+        if (b->ids[t] < 0 || b->ids[t] >= c->n_vocab)
+            return g3_fail(err, G3_ERR_ARG,
+                           "token id %d at index %lld is out of range for a vocabulary of %lld",
+                           b->ids[t], (long long)t, (long long)c->n_vocab);
+    }
+    return G3_OK;
+}
+
+g3_status g3_model_forward(g3_model *m, const g3_batch *b, g3_err *err)
+{
+    const g3_config *c = &m->cfg;
+    g3_status st = check_batch(m, b, err);
+    if (st)
+        return st;
+    const int64_t T = b->n_tokens, E = c->n_embd;
+    const int nt = g3_get_threads();
+    scratch s;
+    if ((st = scratch_alloc(&s, c, T, m->n_past + T, nt, err)))
+        return st;
+
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t t = 0; t < T; t++) {
+        float *x = s.x + t * E;
+        if (b->embd && b->embd_mask && b->embd_mask[t]) {
+            memcpy(x, b->embd + t * E, sizeof(float) * E);
+        } else {
+            g3_weight_row(&m->tok_embd, b->ids[t], x);
+            for (int64_t i = 0; i < E; i++)
+                x[i] *= c->embd_scale;
+        }
+    }
+    /* image groups: a run of tokens with embd_mask set forms one bidirectional block */
+    for (int64_t t = T - 1; t >= 0; t--) {
+        int in_img = b->embd && b->embd_mask && b->embd_mask[t];
+        int next_same = t + 1 < T && in_img && b->embd_mask[t + 1] == b->embd_mask[t];
+        s.key_hi[t] = next_same ? s.key_hi[t + 1] : m->n_past + t;
+    }
+    for (int64_t i = 0; i < c->n_layer && !st; i++)
+        st = layer_forward(m, &m->layers[i], &s, T, nt, err);
+    if (!st && b->logits_mode) {
+        const int64_t first = b->logits_mode == 1 ? T - 1 : 0, n = T - first;
+        norm_rows(s.x + first * E, m->output_norm, s.h, n, E, c->eps, nt);
+        st = g3_matmul(&m->output, s.h, n, b->logits, err);
+        if (!st && c->final_softcap > 0) {
+            const float cap = c->final_softcap;
+            for (int64_t i = 0; i < n * c->n_vocab; i++)
+                b->logits[i] = cap * tanhf(b->logits[i] / cap);
+        }
+    }
+    if (!st) {
+        m->n_past += T;
+    } else if (st == G3_ERR_NOMEM) {
+        /* a layer may have written part of this batch into the local rings, overwriting
+         * positions the cached context still needs: start over rather than compute garbage */
+        g3_model_reset(m);
+        size_t n = strlen(err->msg);
+        snprintf(err->msg + n, sizeof err->msg - n, " (the KV cache was cleared)");
+    }
+    scratch_free(&s);
+    return st;
+}

@@ -1,0 +1,144 @@
+/* model.c — model lifetime, weight checks and the KV cache (layout documented in model.h). */
+#include "model/model.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#include "kernels/ops.h"
+
+g3_status g3_model_create(const g3_config *cfg, const uint8_t *is_global, g3_model **out,
+                          g3_err *err)
+{
+    *out = NULL;
+    if (cfg->n_layer < 1 || cfg->n_embd < 1 || cfg->n_head < 1 || cfg->n_head_kv < 1 ||
+        cfg->head_dim < 2 || cfg->head_dim % 2 || cfg->n_ff < 1 || cfg->n_vocab < 1 ||
+        cfg->max_seq < 1 || cfg->window < 0)
+        return g3_fail(err, G3_ERR_FORMAT,
+                       "invalid model configuration (layers %lld, width %lld, heads %lld/%lld, "
+                       "head_dim %lld, ffn %lld, vocab %lld, max_seq %lld, window %lld)",
+                       (long long)cfg->n_layer, (long long)cfg->n_embd, (long long)cfg->n_head,
+                       (long long)cfg->n_head_kv, (long long)cfg->head_dim, (long long)cfg->n_ff,
+                       (long long)cfg->n_vocab, (long long)cfg->max_seq, (long long)cfg->window);
+    if (cfg->n_head % cfg->n_head_kv)
+        return g3_fail(err, G3_ERR_FORMAT,
+                       "attention heads (%lld) must be a multiple of key/value heads (%lld)",
+                       (long long)cfg->n_head, (long long)cfg->n_head_kv);
+    g3_model *m = calloc(1, sizeof *m);
+    if (!m)
+        return g3_fail(err, G3_ERR_NOMEM, "out of memory");
+    m->cfg = *cfg;
+    m->layers = calloc((size_t)cfg->n_layer, sizeof *m->layers);
+    m->inv_freq_global = malloc(sizeof(float) * (size_t)(cfg->head_dim / 2));
+    m->inv_freq_local = malloc(sizeof(float) * (size_t)(cfg->head_dim / 2));
+    if (!m->layers || !m->inv_freq_global || !m->inv_freq_local) {
+        g3_model_free(m);
+        return g3_fail(err, G3_ERR_NOMEM, "out of memory");
+    }
+    for (int64_t i = 0; i < cfg->n_layer; i++)
+        m->layers[i].is_global = cfg->window == 0 || is_global[i];
+    g3_rope_inv_freq(m->inv_freq_global, cfg->head_dim, cfg->rope_base_global,
+                     cfg->rope_scale_global);
+    g3_rope_inv_freq(m->inv_freq_local, cfg->head_dim, cfg->rope_base_local,
+                     cfg->rope_scale_local);
+    *out = m;
+    return G3_OK;
+}
+
+static g3_status check_weight(const g3_weight *w, const char *what, int64_t layer, int64_t rows,
+                              int64_t cols, g3_err *err)
+{
+    if (!w->data)
+        return g3_fail(err, G3_ERR_FORMAT, "missing weight %s (layer %lld)", what,
+                       (long long)layer);
+    if (w->rows != rows || w->cols != cols)
+        return g3_fail(err, G3_ERR_FORMAT,
+                       "weight %s (layer %lld) has shape (%lld, %lld), expected (%lld, %lld)", what,
+                       (long long)layer, (long long)w->rows, (long long)w->cols, (long long)rows,
+                       (long long)cols);
+    const g3_type_traits *tt = g3_type_get(w->type);
+    if (!tt->to_float)
+        return g3_fail(err, G3_ERR_UNSUPPORTED,
+                       "weight %s (layer %lld) has type %s, which this version cannot compute with",
+                       what, (long long)layer, tt->name);
+    if (w->row_bytes != g3_row_size(w->type, cols))
+        return g3_fail(err, G3_ERR_FORMAT, "weight %s (layer %lld): bad row size", what,
+                       (long long)layer);
+    return G3_OK;
+}
+
+g3_status g3_model_check(const g3_model *m, g3_err *err)
+{
+    const g3_config *c = &m->cfg;
+    g3_status st;
+    const int64_t q = c->n_head * c->head_dim, kv = c->n_head_kv * c->head_dim;
+    if ((st = check_weight(&m->tok_embd, "token_embd", -1, c->n_vocab, c->n_embd, err)) ||
+        (st = check_weight(&m->output, "output", -1, c->n_vocab, c->n_embd, err)))
+        return st;
+    if (!m->output_norm)
+        return g3_fail(err, G3_ERR_FORMAT, "missing output_norm");
+    for (int64_t i = 0; i < c->n_layer; i++) {
+        const g3_layer *L = &m->layers[i];
+        if ((st = check_weight(&L->q, "attn_q", i, q, c->n_embd, err)) ||
+            (st = check_weight(&L->k, "attn_k", i, kv, c->n_embd, err)) ||
+            (st = check_weight(&L->v, "attn_v", i, kv, c->n_embd, err)) ||
+            (st = check_weight(&L->o, "attn_output", i, c->n_embd, q, err)) ||
+            (st = check_weight(&L->gate, "ffn_gate", i, c->n_ff, c->n_embd, err)) ||
+            (st = check_weight(&L->up, "ffn_up", i, c->n_ff, c->n_embd, err)) ||
+            (st = check_weight(&L->down, "ffn_down", i, c->n_embd, c->n_ff, err)))
+            return st;
+        if (!L->attn_norm || !L->q_norm || !L->k_norm || !L->post_attn_norm || !L->ffn_norm ||
+            !L->post_ffn_norm)
+            return g3_fail(err, G3_ERR_FORMAT, "layer %lld is missing a norm weight",
+                           (long long)i);
+    }
+    return G3_OK;
+}
+
+g3_status g3_model_alloc_cache(g3_model *m, g3_err *err)
+{
+    const g3_config *c = &m->cfg;
+    const size_t row = (size_t)(c->n_head_kv * c->head_dim);
+    for (int64_t i = 0; i < c->n_layer; i++) {
+        g3_layer *L = &m->layers[i];
+        L->n_slots = L->is_global ? c->max_seq : (c->window < c->max_seq ? c->window : c->max_seq);
+        /* calloc: pages are touched only as positions are written */
+        L->k_cache = calloc((size_t)L->n_slots * row, sizeof(float));
+        L->v_cache = calloc((size_t)L->n_slots * row, sizeof(float));
+        if (!L->k_cache || !L->v_cache)
+            return g3_fail(err, G3_ERR_NOMEM,
+                           "cannot allocate the KV cache (%zu bytes); lower max_seq_len",
+                           g3_model_cache_bytes(m));
+    }
+    m->n_past = 0;
+    return G3_OK;
+}
+
+size_t g3_model_cache_bytes(const g3_model *m)
+{
+    const g3_config *c = &m->cfg;
+    size_t total = 0;
+    for (int64_t i = 0; i < c->n_layer; i++) {
+        const g3_layer *L = &m->layers[i];
+        int64_t slots = L->is_global ? c->max_seq
+                                     : (c->window < c->max_seq ? c->window : c->max_seq);
+        total += 2 * sizeof(float) * (size_t)slots * (size_t)(c->n_head_kv * c->head_dim);
+    }
+    return total;
+}
+
+void g3_model_reset(g3_model *m) { m->n_past = 0; }
+
+void g3_model_free(g3_model *m)
+{
+    if (!m)
+        return;
+    if (m->layers)
+        for (int64_t i = 0; i < m->cfg.n_layer; i++) {
+            free(m->layers[i].k_cache);
+            free(m->layers[i].v_cache);
+        }
+    free(m->layers);
+    free(m->inv_freq_global);
+    free(m->inv_freq_local);
+    free(m);
+}

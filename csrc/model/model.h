@@ -1,0 +1,85 @@
+/* model.h — Gemma 3 text decoder: configuration, bound weights, KV cache, forward pass.
+ *
+ * Weights are (rows, cols) matrices of any dequantizable ggml type, rows contiguous, kept where
+ * the loader put them (the file mapping, or model-owned memory for converted tensors); the model
+ * never copies them. Norm weights are float32 and already hold the full multiplier (1 + w).
+ */
+#ifndef G3_MODEL_H
+#define G3_MODEL_H
+
+#include "g3.h"
+
+typedef struct {
+    int type;           /* ggml type id */
+    int64_t rows, cols; /* y = W x: rows outputs, cols inputs (contiguous) */
+    size_t row_bytes;
+    const uint8_t *data;
+} g3_weight;
+
+typedef struct {
+    int64_t n_vocab, n_embd, n_layer, n_head, n_head_kv, head_dim, n_ff;
+    int64_t window;      /* sliding-window keys incl. the current one (0 = no sliding layers) */
+    int64_t max_seq;     /* positions the cache holds */
+    float eps;           /* RMSNorm epsilon */
+    float attn_scale;    /* query_pre_attn_scalar^-0.5 */
+    float embd_scale;    /* sqrt(n_embd), token inputs only */
+    float final_softcap; /* 0 = off */
+    float rope_base_global, rope_scale_global; /* freq_scale = 1 / linear factor */
+    float rope_base_local, rope_scale_local;
+} g3_config;
+
+typedef struct {
+    int is_global;
+    g3_weight q, k, v, o, gate, up, down;
+    const float *attn_norm, *q_norm, *k_norm, *post_attn_norm, *ffn_norm, *post_ffn_norm;
+    /* KV cache of this layer: (n_slots, n_head_kv, head_dim) float32 each. Keys are stored after
+     * q/k-norm and RoPE, values raw. Global layers: slot = position (n_slots = max_seq). Local
+     * layers: a ring, slot = position % n_slots with n_slots = min(window, max_seq): the last
+     * `window` positions are all a local layer ever reads. */
+    float *k_cache, *v_cache;
+    int64_t n_slots;
+} g3_layer;
+
+typedef struct g3_model {
+    g3_config cfg;
+    g3_weight tok_embd; /* (n_vocab, n_embd) */
+    g3_weight output;   /* LM head; the tied embedding when the file has none */
+    const float *output_norm;
+    g3_layer *layers;   /* (n_layer) */
+    int64_t n_past;     /* positions already in the cache */
+    float *inv_freq_global, *inv_freq_local; /* (head_dim / 2) */
+} g3_model;
+
+/* Creates a model over cfg with layers' weights to be bound by the caller (fields of
+ * m->layers[i] and m->tok_embd / output / output_norm), then g3_model_check() validates. */
+g3_status g3_model_create(const g3_config *cfg, const uint8_t *is_global, g3_model **out,
+                          g3_err *err);
+g3_status g3_model_check(const g3_model *m, g3_err *err);
+/* Allocates the KV cache (lazily-touched zeroed memory). */
+g3_status g3_model_alloc_cache(g3_model *m, g3_err *err);
+void g3_model_free(g3_model *m);
+void g3_model_reset(g3_model *m);
+size_t g3_model_cache_bytes(const g3_model *m);
+
+/* Input of one forward call: T tokens at positions n_past .. n_past + T - 1. */
+typedef struct {
+    int64_t n_tokens;
+    const int32_t *ids;   /* (T) */
+    const float *embd;    /* optional (T, n_embd): rows used where embd_mask[t] != 0, unscaled */
+    const uint8_t *embd_mask;
+    int logits_mode;      /* 0: none, 1: last position, 2: every position */
+    float *logits;        /* (1 or T, n_vocab) */
+} g3_batch;
+
+g3_status g3_model_forward(g3_model *m, const g3_batch *b, g3_err *err);
+
+/* y (T, W->rows) = x (T, W->cols) @ W^T; parallel (threading.c). */
+g3_status g3_matmul(const g3_weight *W, const float *x, int64_t T, float *y, g3_err *err);
+/* Dequantizes row r of W into dst (W->cols floats). */
+void g3_weight_row(const g3_weight *W, int64_t r, float *dst);
+
+/* threading.c: the one place thread counts are set (OpenMP and BLAS). */
+void g3_set_threads(int n);
+int g3_get_threads(void);
+
+#endif

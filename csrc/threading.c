@@ -1,0 +1,99 @@
+/* threading.c — thread policy and the parallel matrix product.
+ *
+ * One thread count drives both OpenMP regions (num_threads clause) and OpenBLAS. BLAS is only
+ * called outside OpenMP regions: large products dequantize a tile of weight rows in parallel,
+ * leave the region, then hand the float tile to sgemm.
+ */
+#include <cblas.h>
+#include <omp.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kernels/ops.h"
+#include "model/model.h"
+
+static int g3_threads = 0;
+
+void g3_set_threads(int n)
+{
+    if (n < 1)
+        n = omp_get_num_procs();
+    g3_threads = n;
+    openblas_set_num_threads(n);
+}
+
+int g3_get_threads(void)
+{
+    if (g3_threads < 1)
+        g3_set_threads(0);
+    return g3_threads;
+}
+
+void g3_weight_row(const g3_weight *W, int64_t r, float *dst)
+{
+    g3_type_get(W->type)->to_float(W->data + (size_t)r * W->row_bytes, dst, W->cols);
+}
+
+#define G3_BLAS_MIN_TOKENS 8      /* below this, fused dequant+dot per row wins */
+#define G3_ROW_BLOCK 16           /* rows dequantized together in the small-T path */
+#define G3_TILE_FLOATS (1 << 22)  /* 16 MiB float tile in the BLAS path */
+
+static g3_status matmul_small(const g3_weight *W, const float *x, int64_t T, float *y, g3_err *err)
+{
+    const int64_t rows = W->rows, cols = W->cols;
+    const g3_to_float_fn to_float = g3_type_get(W->type)->to_float;
+    const int nt = g3_get_threads();
+    float *scratch = malloc(sizeof(float) * (size_t)cols * G3_ROW_BLOCK * (size_t)nt);
+    if (!scratch)
+        return g3_fail(err, G3_ERR_NOMEM, "out of memory for matmul scratch");
+    const int64_t nblk = (rows + G3_ROW_BLOCK - 1) / G3_ROW_BLOCK;
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t bi = 0; bi < nblk; bi++) {
+        float *buf = scratch + (size_t)omp_get_thread_num() * cols * G3_ROW_BLOCK;
+        int64_t r0 = bi * G3_ROW_BLOCK, r1 = r0 + G3_ROW_BLOCK < rows ? r0 + G3_ROW_BLOCK : rows;
+        to_float(W->data + (size_t)r0 * W->row_bytes, buf, (r1 - r0) * cols);
+        for (int64_t t = 0; t < T; t++)
+            for (int64_t r = r0; r < r1; r++)
+                y[t * rows + r] = g3_dot_f32(buf + (r - r0) * cols, x + t * cols, cols);
+    }
+    free(scratch);
+    return G3_OK;
+}
+
+static g3_status matmul_blas(const g3_weight *W, const float *x, int64_t T, float *y, g3_err *err)
+{
+    const int64_t rows = W->rows, cols = W->cols;
+    if (W->type == G3_TYPE_F32) {
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)T, (int)rows, (int)cols, 1.0f,
+                    x, (int)cols, (const float *)W->data, (int)cols, 0.0f, y, (int)rows);
+        return G3_OK;
+    }
+    const g3_to_float_fn to_float = g3_type_get(W->type)->to_float;
+    int64_t tile = G3_TILE_FLOATS / cols;
+    if (tile < 1)
+        tile = 1;
+    if (tile > rows)
+        tile = rows;
+    float *buf = malloc(sizeof(float) * (size_t)tile * cols);
+    if (!buf)
+        return g3_fail(err, G3_ERR_NOMEM, "out of memory for a %lld x %lld matmul tile",
+                       (long long)tile, (long long)cols);
+    const int nt = g3_get_threads();
+    for (int64_t r0 = 0; r0 < rows; r0 += tile) {
+        int64_t n = r0 + tile < rows ? tile : rows - r0;
+#pragma omp parallel for num_threads(nt) schedule(static)
+        for (int64_t r = 0; r < n; r++)
+            to_float(W->data + (size_t)(r0 + r) * W->row_bytes, buf + r * cols, cols);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)T, (int)n, (int)cols, 1.0f, x,
+                    (int)cols, buf, (int)cols, 0.0f, y + r0, (int)rows);
+    }
+    free(buf);
+    return G3_OK;
+}
+
+g3_status g3_matmul(const g3_weight *W, const float *x, int64_t T, float *y, g3_err *err)
+{
+    if (T >= G3_BLAS_MIN_TOKENS)
+        return matmul_blas(W, x, T, y, err);
+    return matmul_small(W, x, T, y, err);
+}
