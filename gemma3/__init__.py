@@ -5,7 +5,10 @@ The C core (``gemma3._core``) is private; this package re-exports the public API
 
 from ._core import FormatError, UnsupportedError
 from ._default import default_model_path
+from .config import Gemma3Config
 from .gguf import GGUFFile, GGUFWriter, TensorInfo
+from .model import GenerationConfig, Model, load, set_num_threads
+from .tokenizer import Tokenizer
 
 __all__ = [
     "FormatError",
@@ -13,6 +16,12 @@ __all__ = [
     "GGUFFile",
     "GGUFWriter",
     "TensorInfo",
+    "Gemma3Config",
+    "GenerationConfig",
+    "Model",
+    "Tokenizer",
     "default_model_path",
+    "load",
+    "set_num_threads",
 ]
 __version__ = "0.1.0"

@@ -128,6 +128,21 @@ size_t g3_model_cache_bytes(const g3_model *m)
 
 void g3_model_reset(g3_model *m) { m->n_past = 0; }
 
+int g3_model_truncate(g3_model *m, int64_t n)
+{
+    if (n < 0 || n > m->n_past)
+        return 0;
+    /* a ring of W slots holds positions n_past - W .. n_past - 1; a query at position n needs
+     * n - W + 1 .. n - 1, so only n >= n_past - 1 is safe once positions have wrapped */
+    for (int64_t i = 0; i < m->cfg.n_layer; i++) {
+        const g3_layer *L = &m->layers[i];
+        if (!L->is_global && m->n_past > L->n_slots && n < m->n_past - 1)
+            return 0;
+    }
+    m->n_past = n;
+    return 1;
+}
+
 void g3_model_free(g3_model *m)
 {
     if (!m)

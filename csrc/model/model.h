@@ -59,6 +59,9 @@ g3_status g3_model_check(const g3_model *m, g3_err *err);
 g3_status g3_model_alloc_cache(g3_model *m, g3_err *err);
 void g3_model_free(g3_model *m);
 void g3_model_reset(g3_model *m);
+/* Drops cached positions >= n when the local rings still hold what positions >= n will need:
+ * n >= n_past - 1, or nothing has wrapped yet. Returns 1 on success, 0 if impossible. */
+int g3_model_truncate(g3_model *m, int64_t n);
 size_t g3_model_cache_bytes(const g3_model *m);
 
 /* Input of one forward call: T tokens at positions n_past .. n_past + T - 1. */

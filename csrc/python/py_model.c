@@ -318,6 +318,18 @@ static PyObject *model_reset(ModelObject *self, PyObject *unused)
     Py_RETURN_NONE;
 }
 
+static PyObject *model_truncate(ModelObject *self, PyObject *arg)
+{
+    long long n = PyLong_AsLongLong(arg);
+    if (n == -1 && PyErr_Occurred())
+        return NULL;
+    if (enter(self) < 0)
+        return NULL;
+    int ok = g3_model_truncate(self->m, n);
+    self->busy = 0;
+    return PyBool_FromLong(ok);
+}
+
 static PyObject *model_get_n_past(ModelObject *self, void *c)
 {
     return PyLong_FromLongLong(self->m ? self->m->n_past : 0);
@@ -332,6 +344,8 @@ static PyMethodDef model_methods[] = {
     {"forward", (PyCFunction)(void (*)(void))model_forward, METH_VARARGS | METH_KEYWORDS,
      "forward(ids, logits=1, embd=None, embd_mask=None)"},
     {"reset", (PyCFunction)model_reset, METH_NOARGS, "forget every cached position"},
+    {"truncate", (PyCFunction)model_truncate, METH_O,
+     "truncate(n) -> bool: keep the first n positions if the local rings allow it"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -1,0 +1,343 @@
+"""The user-facing model: loading, logits, generation, streaming and chat.
+
+The KV cache lives in C; this class keeps the token ids it holds (``_ids``) so that a new prompt
+that extends the cached one — the next turn of a chat, a longer prompt — only feeds the new tokens.
+The generate loop is Python (one C forward per token, GIL released inside), so Ctrl-C stops it
+between tokens and leaves the model usable.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from . import _core, chat as _chat
+from .config import Gemma3Config
+from .loader import build_core, is_hf_dir, load_gguf, load_hf_dir
+from .tokenizer import Tokenizer
+
+PREFILL_CHUNK = 512  # tokens per forward call while prefilling (interruptible between chunks)
+LOGITS_CHUNK = 128  # tokens per call when every position's logits are wanted
+
+
+@dataclass
+class GenerationConfig:
+    """Sampling settings (Hugging Face names). temperature <= 0 means greedy."""
+
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_k: int = 64
+    top_p: float = 0.95
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: Sequence[str] = ()
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    stop_token_ids: Sequence[int] | None = None
+
+    def validate(self, vocab: int) -> None:
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an integer >= 0, got {self.max_new_tokens!r}")
+        if not np.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
+        if isinstance(self.stop, str):
+            self.stop = (self.stop,)
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise ValueError("stop must be a list of non-empty strings")
+        for t in self.logit_bias:
+            if not 0 <= int(t) < vocab:
+                raise ValueError(f"logit_bias token id {t} is out of range (vocab {vocab})")
+
+
+class Model:
+    """A loaded Gemma 3 model. Create with :func:`gemma3.load`."""
+
+    def __init__(self, core: _core.Model, config: Gemma3Config, tokenizer: Tokenizer | None,
+                 path: str, owners: Any, max_seq_len: int):
+        self._core = core
+        self.config = config
+        self.tokenizer = tokenizer
+        self.path = path
+        self.max_seq_len = max_seq_len
+        self._owners = owners  # file mappings the weights point into
+        self._ids: list[int] = []
+        self._pending: list[int] = []
+
+    # -- cache bookkeeping -------------------------------------------------------------------
+    def _sync(self) -> None:
+        """Reconciles _ids with the C cache after an interrupted or failed call."""
+        n = self._core.n_past
+        if n == len(self._ids):
+            pass
+        elif n == len(self._ids) + len(self._pending):
+            self._ids += self._pending
+        else:
+            self._core.reset()
+            self._ids = []
+        self._pending = []
+
+    def reset(self) -> None:
+        """Forget the cached context."""
+        self._core.reset()
+        self._ids = []
+        self._pending = []
+
+    @property
+    def n_past(self) -> int:
+        """Positions in the KV cache."""
+        return self._core.n_past
+
+    def _feed(self, ids: Sequence[int], logits: int) -> np.ndarray | None:
+        """Runs ids through the model after the cached context. logits: 0 none, 1 last, 2 all."""
+        out = None
+        arr = np.asarray(ids, dtype=np.int32)
+        if len(self._ids) + len(arr) > self.max_seq_len:
+            raise ValueError(f"context overflow: {len(self._ids)} cached + {len(arr)} new tokens "
+                             f"exceed max_seq_len={self.max_seq_len}")
+        chunk = LOGITS_CHUNK if logits == 2 else PREFILL_CHUNK
+        parts = []
+        for s in range(0, len(arr), chunk):
+            piece = arr[s:s + chunk]
+            last = s + chunk >= len(arr)
+            mode = logits if (logits == 2 or last) else 0
+            self._pending = piece.tolist()
+            out = self._core.forward(piece, mode)
+            self._ids += self._pending
+            self._pending = []
+            if logits == 2:
+                parts.append(out)
+        if logits == 2:
+            return np.concatenate(parts) if parts else np.zeros((0, self.config.vocab_size),
+                                                                np.float32)
+        return out
+
+    def _prefill(self, ids: list[int]) -> np.ndarray:
+        """Makes the cache hold exactly ids and returns the last position's logits (vocab,)."""
+        self._sync()
+        if not ids:
+            raise ValueError("the prompt is empty: give at least one token (e.g. add_bos=True)")
+        self._check_ids(ids)
+        common = 0
+        for a, b in zip(self._ids, ids):
+            if a != b:
+                break
+            common += 1
+        common = min(common, len(ids) - 1)  # at least one token is fed to get logits
+        if common < len(self._ids) and not self._core.truncate(common):
+            common = 0
+            self.reset()
+        del self._ids[common:]
+        return self._feed(ids[common:], 1)[0]
+
+    def _check_ids(self, ids: Sequence[int]) -> None:
+        v = self.config.vocab_size
+        for i, t in enumerate(ids):
+            if not (isinstance(t, (int, np.integer)) and 0 <= t < v):
+                raise ValueError(f"token id {t!r} at index {i} is out of range for a vocabulary "
+                                 f"of {v}")
+
+    # -- public API --------------------------------------------------------------------------
+    def encode(self, prompt: str | Sequence[int], add_bos: bool = True) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this checkpoint has no tokenizer: pass token ids")
+            return self.tokenizer.encode(prompt, add_bos=add_bos)
+        ids = [int(t) for t in prompt]
+        self._check_ids(ids)
+        return ids
+
+    def logits(self, ids: Sequence[int] | np.ndarray | str, last_only: bool = False) -> np.ndarray:
+        """Logits of a sequence evaluated from an empty context.
+
+        Returns ``(n_tokens, vocab) float32``, or ``(vocab,)`` with ``last_only=True``.
+        A string is tokenized with BOS.
+        """
+        ids = self.encode(ids) if isinstance(ids, str) else [int(t) for t in np.asarray(ids).ravel()]
+        if not ids:
+            raise ValueError("logits() needs at least one token")
+        self._check_ids(ids)
+        self._sync()
+        self.reset()
+        if last_only:
+            return self._feed(ids, 1)[0]
+        return self._feed(ids, 2)
+
+    def _stop_ids(self, gc: GenerationConfig) -> set[int]:
+        if gc.stop_token_ids is not None:
+            return set(int(t) for t in gc.stop_token_ids)
+        ids = {self.config.eos_token_id}
+        if self.tokenizer is not None:
+            for t in (self.tokenizer.eos_id, self.tokenizer.eot_id):
+                if t is not None:
+                    ids.add(t)
+        return ids
+
+    def _generate_ids(self, prompt_ids: list[int], gc: GenerationConfig) -> Iterator[int]:
+        """Yields new token ids; the cache holds prompt + every yielded id but the last."""
+        gc.validate(self.config.vocab_size)
+        stop_ids = self._stop_ids(gc)
+        rng = _core.rng_seed(gc.seed if gc.seed is not None else random.getrandbits(64))
+        bias_ids = np.array(list(gc.logit_bias.keys()), np.int32) if gc.logit_bias else None
+        bias_vals = (np.array(list(gc.logit_bias.values()), np.float32) if gc.logit_bias
+                     else None)
+        if len(prompt_ids) + 1 > self.max_seq_len:
+            raise ValueError(f"context overflow: the prompt has {len(prompt_ids)} tokens and "
+                             f"max_seq_len is {self.max_seq_len}")
+        logits = self._prefill(prompt_ids)
+        history = list(prompt_ids)
+        for step in range(gc.max_new_tokens):
+            tok = _core.sample(logits, rng, temperature=gc.temperature, top_k=gc.top_k,
+                               top_p=gc.top_p, min_p=gc.min_p,
+                               repetition_penalty=gc.repetition_penalty,
+                               history=np.asarray(history, np.int32)
+                               if gc.repetition_penalty != 1.0 else None,
+                               bias_ids=bias_ids, bias_values=bias_vals)
+            if tok in stop_ids:
+                return
+            yield tok
+            history.append(tok)
+            if step + 1 == gc.max_new_tokens or len(self._ids) + 1 >= self.max_seq_len:
+                return
+            logits = self._feed([tok], 1)[0]
+
+    def stream(self, prompt: str | Sequence[int], **kwargs) -> Iterator[str]:
+        """Yields text pieces as they are generated (never a broken UTF-8 sequence).
+
+        Arguments as :meth:`generate`. Stop strings end the stream; their text is not yielded.
+        """
+        gc = GenerationConfig(**kwargs)
+        gc.validate(self.config.vocab_size)
+        if self.tokenizer is None:
+            raise ValueError("streaming text needs a tokenizer")
+        dec = self.tokenizer.stream_decoder()
+        held = ""  # text that could be the start of a stop string
+        longest = max((len(s) for s in gc.stop), default=0)
+        ids = self.encode(prompt)
+        for tok in self._generate_ids(ids, gc):
+            held += dec.push(tok)
+            if gc.stop:
+                cut = min((held.find(s) for s in gc.stop if s in held), default=-1)
+                if cut >= 0:
+                    if held[:cut]:
+                        yield held[:cut]
+                    return
+                safe = len(held) - (longest - 1)
+                if safe > 0:
+                    yield held[:safe]
+                    held = held[safe:]
+            elif held:
+                yield held
+                held = ""
+        held += dec.flush()
+        if gc.stop:
+            cut = min((held.find(s) for s in gc.stop if s in held), default=-1)
+            if cut >= 0:
+                held = held[:cut]
+        if held:
+            yield held
+
+    def generate(self, prompt: str | Sequence[int], *, max_new_tokens: int = 256,
+                 temperature: float = 1.0, top_k: int = 64, top_p: float = 0.95,
+                 min_p: float = 0.0, repetition_penalty: float = 1.0, seed: int | None = None,
+                 stop: Sequence[str] = (), logit_bias: dict[int, float] | None = None,
+                 stop_token_ids: Sequence[int] | None = None, return_ids: bool = False):
+        """Generates a continuation of ``prompt`` (text, tokenized with BOS, or token ids).
+
+        Defaults follow Gemma 3's published generation config (temperature 1, top-k 64,
+        top-p 0.95); ``temperature=0`` is greedy. Stops on ``<eos>``/``<end_of_turn>``, on any
+        of ``stop`` (the stop text is not included) or after ``max_new_tokens``.
+        Returns the text, or the new token ids with ``return_ids=True``.
+        """
+        kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                  top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
+                  stop=tuple(stop) if not isinstance(stop, str) else (stop,),
+                  logit_bias=dict(logit_bias or {}), stop_token_ids=stop_token_ids)
+        if return_ids:
+            gc = GenerationConfig(**kw)
+            return list(self._generate_ids(self.encode(prompt), gc))
+        return "".join(self.stream(prompt, **kw))
+
+    def chat(self, messages: list[dict[str, Any]], *, stream: bool = False, **kwargs):
+        """Replies to a conversation (``[{"role": "user"|"assistant"|"system", "content": ...}]``).
+
+        Uses the Gemma chat format; the KV cache of the previous turn is reused when the
+        conversation extends it. Returns the reply text, or an iterator of pieces with
+        ``stream=True``. Keyword arguments as :meth:`generate`.
+        """
+        ids = self.chat_ids(messages)
+        it = self.stream(ids, **kwargs)
+        return it if stream else "".join(it)
+
+    def chat_ids(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
+                 ) -> list[int]:
+        """Token ids of the rendered conversation (with BOS)."""
+        if self.tokenizer is None:
+            raise ValueError("chat needs a tokenizer")
+        segs, images = _chat.render(messages, add_generation_prompt)
+        if images:
+            raise NotImplementedError("this model has no vision tower; images need a vision "
+                                      "checkpoint")
+        ids = [self.tokenizer.bos_id]
+        for text, markup in segs:
+            ids += self.tokenizer.encode(text, add_bos=False, parse_special=markup)
+        return ids
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (f"<gemma3.Model {c.name or os.path.basename(self.path)!r}: {c.num_layers} layers, "
+                f"width {c.hidden_size}, vocab {c.vocab_size}, max_seq_len {self.max_seq_len}>")
+
+
+def load(path: str | os.PathLike | None = None, *, n_threads: int | None = None,
+         max_seq_len: int | None = None, dtype: str | None = None) -> Model:
+    """Loads a Gemma 3 checkpoint: a GGUF file, or a Hugging Face checkpoint directory.
+
+    With no path, the embedded default model (Gemma 3 270M, Q4_K_M) is used.
+    ``n_threads``: threads for compute (default: all cores). ``max_seq_len``: positions the
+    KV cache holds (default: the model's context length, at most 32768). ``dtype``: convert
+    weights on load ("q8_0", "q4_0", "q4_k", "q6_k", "f16", "bf16", "f32"); by default GGUF
+    weights are used as stored and HF weights as float32.
+    """
+    from ._default import default_model_path
+
+    if path is None:
+        path = default_model_path()
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(2, "no such checkpoint file or directory", path)
+    if n_threads is not None:
+        if not isinstance(n_threads, int) or n_threads < 1:
+            raise ValueError(f"n_threads must be a positive integer, got {n_threads!r}")
+        _core.set_num_threads(n_threads)
+    if is_hf_dir(path):
+        cfg, weights, _, owners = load_hf_dir(path, dtype)
+        tok_path = os.path.join(path, "tokenizer.json")
+        tokenizer = Tokenizer.from_hf_json(tok_path) if os.path.exists(tok_path) else None
+    else:
+        cfg, weights, md, owners = load_gguf(path, dtype)
+        tokenizer = (Tokenizer.from_gguf_metadata(md) if "tokenizer.ggml.tokens" in md
+                     else None)
+    if max_seq_len is None:
+        max_seq_len = min(cfg.context_length, 32768)
+    if not isinstance(max_seq_len, int) or max_seq_len < 1:
+        raise ValueError(f"max_seq_len must be a positive integer, got {max_seq_len!r}")
+    core = build_core(cfg, weights, max_seq_len)
+    return Model(core, cfg, tokenizer, path, owners, max_seq_len)
+
+
+def set_num_threads(n: int) -> None:
+    """Threads used by every model in this process (OpenMP and BLAS). 0 = all cores."""
+    _core.set_num_threads(int(n))
