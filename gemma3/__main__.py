@@ -1,0 +1,117 @@
+"""Command line: ``python -m gemma3 generate|chat|info ...``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", default=None, help="GGUF file or HF checkpoint directory "
+                   "(default: the embedded Gemma 3 270M)")
+    p.add_argument("--max-new-tokens", "-n", type=int, default=256)
+    p.add_argument("--temperature", "-t", type=float, default=1.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=64)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--max-seq-len", type=int, default=None)
+
+
+def _gen_kwargs(a) -> dict:
+    return dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
+                top_p=a.top_p, min_p=a.min_p, repetition_penalty=a.repetition_penalty,
+                seed=a.seed, stop=a.stop)
+
+
+def _load(a):
+    import gemma3
+
+    return gemma3.load(a.model, n_threads=a.threads, max_seq_len=a.max_seq_len)
+
+
+def cmd_generate(a) -> int:
+    model = _load(a)
+    prompt = a.prompt if a.prompt is not None else sys.stdin.read()
+    if a.chat:
+        pieces = model.chat([{"role": "user", "content": prompt}], stream=True, **_gen_kwargs(a))
+    else:
+        if not a.no_echo:
+            sys.stdout.write(prompt)
+        pieces = model.stream(prompt, **_gen_kwargs(a))
+    for piece in pieces:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def cmd_chat(a) -> int:
+    model = _load(a)
+    messages = []
+    if a.system:
+        messages.append({"role": "system", "content": a.system})
+    print("Chat with the model; an empty line or Ctrl-D ends, Ctrl-C stops a reply.",
+          file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        if not line.strip():
+            return 0
+        messages.append({"role": "user", "content": line})
+        reply = []
+        try:
+            for piece in model.chat(messages, stream=True, **_gen_kwargs(a)):
+                reply.append(piece)
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            sys.stdout.write(" [stopped]")
+        sys.stdout.write("\n")
+        messages.append({"role": "assistant", "content": "".join(reply)})
+
+
+def cmd_info(a) -> int:
+    import gemma3
+
+    path = a.model or gemma3.default_model_path()
+    print(gemma3.GGUFFile(path).summary())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m gemma3",
+                                 description="Run and study Gemma 3 on the CPU.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    g = sub.add_parser("generate", help="continue a prompt (streams the text)")
+    g.add_argument("prompt", nargs="?", help="prompt text (default: stdin)")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt as a user chat turn")
+    g.add_argument("--no-echo", action="store_true", help="do not print the prompt first")
+    _sampling_args(g)
+    g.set_defaults(func=cmd_generate)
+    c = sub.add_parser("chat", help="interactive chat")
+    c.add_argument("--system", default=None, help="system prompt")
+    _sampling_args(c)
+    c.set_defaults(func=cmd_chat)
+    i = sub.add_parser("info", help="print a GGUF file's metadata summary")
+    i.add_argument("--model", "-m", default=None)
+    i.set_defaults(func=cmd_info)
+    a = ap.parse_args(argv)
+    try:
+        return a.func(a)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, NotImplementedError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
