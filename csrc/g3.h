@@ -80,6 +80,8 @@ enum {
  * cannot compute with, `known` is 1 and `to_float` is NULL; for removed or unknown ids `known` is 0. */
 typedef void (*g3_to_float_fn)(const void *src, float *dst, int64_t n);
 typedef void (*g3_from_float_fn)(const float *src, void *dst, int64_t n);
+/* sum_i dequant(w)[i] * x[i] over one row of n elements (n % blck == 0), float activations. */
+typedef float (*g3_dot_f32_fn)(const void *w, const float *x, int64_t n);
 
 typedef struct {
     const char *name;        /* ggml name, e.g. "Q4_K" */
@@ -88,6 +90,7 @@ typedef struct {
     size_t type_size;        /* bytes per block */
     g3_to_float_fn to_float; /* scalar reference dequantization; n % blck == 0 */
     g3_from_float_fn from_float; /* reference quantization, or NULL */
+    g3_dot_f32_fn dot_f32;   /* fused dequantize-and-dot (SIMD where available), or NULL */
 } g3_type_traits;
 
 const g3_type_traits *g3_type_get(int type); /* never NULL; unknown ids give a known == 0 entry */
