@@ -41,8 +41,19 @@ void g3_weight_row(const g3_weight *W, int64_t r, float *dst)
 static g3_status matmul_small(const g3_weight *W, const float *x, int64_t T, float *y, g3_err *err)
 {
     const int64_t rows = W->rows, cols = W->cols;
-    const g3_to_float_fn to_float = g3_type_get(W->type)->to_float;
+    const g3_type_traits *tt = g3_type_get(W->type);
+    const g3_to_float_fn to_float = tt->to_float;
+    const g3_dot_f32_fn dot = tt->dot_f32;
     const int nt = g3_get_threads();
+    if (dot) { /* fused: no dequantized row is ever written */
+#pragma omp parallel for num_threads(nt) schedule(static)
+        for (int64_t r = 0; r < rows; r++) {
+            const uint8_t *w = W->data + (size_t)r * W->row_bytes;
+            for (int64_t t = 0; t < T; t++)
+                y[t * rows + r] = dot(w, x + t * cols, cols);
+        }
+        return G3_OK;
+    }
     float *scratch = malloc(sizeof(float) * (size_t)cols * G3_ROW_BLOCK * (size_t)nt);
     if (!scratch)
         return g3_fail(err, G3_ERR_NOMEM, "out of memory for matmul scratch");

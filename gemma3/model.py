@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import os
 import random
+import threading
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,6 +77,22 @@ class Model:
         self._owners = owners  # file mappings the weights point into
         self._ids: list[int] = []
         self._pending: list[int] = []
+        # One call at a time: a concurrent call gets RuntimeError instead of corrupting the cache.
+        # _epoch changes whenever a call replaces the cached context, so a stream that was
+        # paused while another call used the model notices and stops instead of going on from
+        # someone else's context.
+        self._lock = threading.Lock()
+        self._epoch = 0
+
+    @contextmanager
+    def _exclusive(self):
+        if not self._lock.acquire(blocking=False):
+            raise RuntimeError("this model is already running a call in another thread; use one "
+                               "model per thread or serialize the calls")
+        try:
+            yield
+        finally:
+            self._lock.release()
 
     # -- cache bookkeeping -------------------------------------------------------------------
     def _sync(self) -> None:
@@ -85,15 +103,19 @@ class Model:
         elif n == len(self._ids) + len(self._pending):
             self._ids += self._pending
         else:
-            self._core.reset()
-            self._ids = []
+            self._reset()
         self._pending = []
 
     def reset(self) -> None:
         """Forget the cached context."""
+        with self._exclusive():
+            self._reset()
+
+    def _reset(self) -> None:
         self._core.reset()
         self._ids = []
         self._pending = []
+        self._epoch += 1
 
     @property
     def n_past(self) -> int:
@@ -136,9 +158,10 @@ class Model:
                 break
             common += 1
         common = min(common, len(ids) - 1)  # at least one token is fed to get logits
+        self._epoch += 1
         if common < len(self._ids) and not self._core.truncate(common):
             common = 0
-            self.reset()
+            self._reset()
         del self._ids[common:]
         return self._feed(ids[common:], 1)[0]
 
@@ -169,11 +192,12 @@ class Model:
         if not ids:
             raise ValueError("logits() needs at least one token")
         self._check_ids(ids)
-        self._sync()
-        self.reset()
-        if last_only:
-            return self._feed(ids, 1)[0]
-        return self._feed(ids, 2)
+        with self._exclusive():
+            self._sync()
+            self._reset()
+            if last_only:
+                return self._feed(ids, 1)[0]
+            return self._feed(ids, 2)
 
     def _stop_ids(self, gc: GenerationConfig) -> set[int]:
         if gc.stop_token_ids is not None:
@@ -196,7 +220,9 @@ class Model:
         if len(prompt_ids) + 1 > self.max_seq_len:
             raise ValueError(f"context overflow: the prompt has {len(prompt_ids)} tokens and "
                              f"max_seq_len is {self.max_seq_len}")
-        logits = self._prefill(prompt_ids)
+        with self._exclusive():
+            logits = self._prefill(prompt_ids)
+            epoch = self._epoch
         history = list(prompt_ids)
         for step in range(gc.max_new_tokens):
             tok = _core.sample(logits, rng, temperature=gc.temperature, top_k=gc.top_k,
@@ -211,7 +237,12 @@ class Model:
             history.append(tok)
             if step + 1 == gc.max_new_tokens or len(self._ids) + 1 >= self.max_seq_len:
                 return
-            logits = self._feed([tok], 1)[0]
+            with self._exclusive():
+                if self._epoch != epoch:
+                    raise RuntimeError("the model was used by another call while this generation "
+                                       "was paused; the generation cannot continue")
+                self._sync()
+                logits = self._feed([tok], 1)[0]
 
     def stream(self, prompt: str | Sequence[int], **kwargs) -> Iterator[str]:
         """Yields text pieces as they are generated (never a broken UTF-8 sequence).
