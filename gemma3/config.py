@@ -8,8 +8,9 @@ Every value comes from the checkpoint. Where a key is absent the documented fall
   (layer i is global iff (i + 1) % pattern == 0), unless an explicit ``layer_types`` list exists;
 * no ``sliding_window`` key (or 0): every layer is global;
 * query scale: ``query_pre_attn_scalar ** -0.5`` when a config gives it, else head_dim ** -0.5
-  (GGUF files do not store it; llama.cpp uses (n_embd / n_head) ** -0.5 for the 62-layer 27B, and
-  so do we);
+  (llama.cpp's GGUF files do not store it; llama.cpp uses (n_embd / n_head) ** -0.5 for the
+  62-layer 27B, and so do we). Our extension: ``gemma3.query_pre_attn_scalar`` (f32), written by
+  gemma3/convert.py when the value differs from head_dim, wins when present;
 * global-layer linear RoPE scaling from ``rope.scaling.{type,factor}`` / ``rope_scaling``;
   local layers are never scaled;
 * no final-logit soft-capping unless the checkpoint declares it.
@@ -129,8 +130,13 @@ def from_gguf_metadata(md: dict[str, Any], vocab_size: int) -> Gemma3Config:
     if scaling_type == "none":
         factor = 1.0
     softcap = get("final_logit_softcapping", None)
-    # GGUF stores no query_pre_attn_scalar: llama.cpp's rule (27B: n_embd / n_head)
-    qpas = float(n_embd // n_head) if n_layer == 62 else float(head_dim)
+    # llama.cpp's GGUF has no query_pre_attn_scalar: its rule (27B: n_embd / n_head), unless our
+    # converter's extension key gemma3.query_pre_attn_scalar is present (gemma3/convert.py)
+    qpas = get("query_pre_attn_scalar", None)
+    if qpas is None:
+        qpas = float(n_embd // n_head) if n_layer == 62 else float(head_dim)
+    elif not (isinstance(qpas, (int, float)) and qpas > 0):
+        raise FormatError(f"gemma3.query_pre_attn_scalar must be a positive number, got {qpas!r}")
     return Gemma3Config(
         vocab_size=vocab_size,
         hidden_size=n_embd,
