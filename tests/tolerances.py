@@ -30,3 +30,36 @@ KQUANT_RMSE_OVER_STD = {"Q4_K": 0.095, "Q5_K": 0.047, "Q6_K": 0.023, "IQ4_NL": 0
 # ---- activation quantizers (Q8_K, Q8_1) ----------------------------------------------------------
 # q = nearest(x / d) on a 255-level grid with d = amax / 127 -> error <= d / 2 (+ float32 slack).
 Q8_ACT_SLACK_REL = 1e-6
+
+# ==== kernels, sampler and whole model (tests/test_kernels.py, tests/test_model.py) ==============
+# Kernels compute in float32 (with float64 sums where csrc says so); the twins in
+# tests/reference/gemma3_ref.py are float64. A float32 result carries a few roundings of its
+# inputs' magnitude (unit roundoff 2^-24 ~ 6e-8), so the bounds below are ~10-20 roundings,
+# relative to the largest magnitude in the row.
+RMSNORM_REL = 1e-6  # x * (1/sqrtf(mean + eps)) * w: 3 roundings + the float32 sqrt
+ROPE_REL = 1e-6  # same float32 angle as the twin; cos/sin rounded, a*c - b*s: 3 roundings
+GEGLU_REL = 2e-6  # tanhf (<= 2 ulp) inside a few float32 products
+SOFTMAX_ABS = 1e-6  # probabilities <= 1: expf (1 ulp) and one scaling
+# The sampler's distribution: float32 output of a float64 computation, values <= 1.
+SAMPLER_PROBS_ABS = 1e-6
+# Chi-square acceptance for draws vs the stated distribution: the 0.999 quantile for the test's
+# degrees of freedom is computed in the test; with a fixed seed the check is deterministic.
+CHI2_QUANTILE = 0.999
+
+# Whole model, float32 engine vs float32 transformers / float64 twin on the same weights. Every
+# matrix product is float32 on both sides; what differs is summation order (BLAS blocking vs
+# PyTorch's), which moves a logit by ~ sqrt(terms) * 2^-24 * |partial sums|. Measured on the tiny
+# models (logits ~N(0, 1)): 4e-6 vs transformers, 3e-6 vs the twin; the bound leaves ~10x room.
+TINY_LOGITS_ABS = 5e-5
+# The same checkpoint read from safetensors and from our GGUF conversion: identical weights and
+# config, so identical arithmetic; 1e-6 only allows for the float32 (1 + w) norm multiplier.
+GGUF_VS_SAFETENSORS_ABS = 1e-6
+# 270M (Q4_K_M dequantized to float32 on both sides; logits up to ~40 in magnitude, 18 layers,
+# 720 positions): measured max |Δ| 6e-5 over the top-16 logits of every position of every
+# fixture prompt. 1e-3 is ~15x that and still far below the smallest top1-top2 margins the
+# greedy fixtures rely on (0.048).
+REF_270M_LOGITS_ABS = 1e-3
+REF_270M_LOGSUMEXP_ABS = 1e-3
+# KL(ref || ours) of the softmax restricted to the reference's top-16 ids, per position.
+REF_270M_TOP16_KL = 1e-6
+# ==== end of kernels / model block ===============================================================
