@@ -353,15 +353,23 @@ static g3_status check_tensor_layout(g3_gguf *g, g3_err *err)
     idx = sorted_index(g, g->n_tensors, cmp_tensor_off);
     if (!idx)
         return g3_fail(err, G3_ERR_NOMEM, "out of memory");
-    for (uint64_t i = 1; i < g->n_tensors && !st; i++) {
-        const g3_gguf_tensor *a = &g->tensor[idx[i - 1]], *b = &g->tensor[idx[i]];
-        if (a->nbytes && b->nbytes && a->offset + a->nbytes > b->offset)
+    /* Compare each non-empty tensor with the non-empty one reaching furthest among those that start
+     * before it, not just with its sorted neighbour: an empty tensor in between must not hide an
+     * overlap. Ends are <= file size (checked above), so the sums cannot overflow. */
+    const g3_gguf_tensor *a = NULL;
+    for (uint64_t i = 0; i < g->n_tensors && !st; i++) {
+        const g3_gguf_tensor *b = &g->tensor[idx[i]];
+        if (!b->nbytes)
+            continue;
+        if (a && a->offset + a->nbytes > b->offset)
             st = g3_fail(err, G3_ERR_FORMAT,
                          "tensors '%s' [%llu, %llu) and '%s' [%llu, %llu) overlap",
                          show(a->name, nb, sizeof nb), (unsigned long long)a->offset,
                          (unsigned long long)(a->offset + a->nbytes),
                          show(b->name, nb2, sizeof nb2), (unsigned long long)b->offset,
                          (unsigned long long)(b->offset + b->nbytes));
+        if (!a || b->offset + b->nbytes > a->offset + a->nbytes)
+            a = b;
     }
     free(idx);
     return st;
@@ -383,6 +391,8 @@ static g3_status parse(g3_gguf *g, g3_err *err)
     c.off = 4;
     if ((st = READ(&c, g->version, "version")))
         return st;
+    if (g->version == 0)
+        return g3_fail(err, G3_ERR_FORMAT, "invalid GGUF version 0");
     if ((g->version & 0xFFFF) == 0)
         return g3_fail(err, G3_ERR_FORMAT,
                        "version field 0x%08x looks byte-swapped: big-endian GGUF files are not "
@@ -461,8 +471,14 @@ g3_status g3_gguf_open(const char *path, g3_gguf **out, g3_err *err)
         return g3_fail(err, G3_ERR_IO, "cannot open '%s': %s", path, strerror(errno));
     }
     struct stat sb;
-    if (fstat(fd, &sb) != 0 || !S_ISREG(sb.st_mode)) {
-        int e = S_ISDIR(sb.st_mode) ? EISDIR : (errno ? errno : EINVAL);
+    if (fstat(fd, &sb) != 0) {
+        int e = errno;
+        close(fd);
+        err->sys_errno = e;
+        return g3_fail(err, G3_ERR_IO, "cannot stat '%s': %s", path, strerror(e));
+    }
+    if (!S_ISREG(sb.st_mode)) {
+        int e = S_ISDIR(sb.st_mode) ? EISDIR : EINVAL; /* errno is not set here: choose one */
         close(fd);
         err->sys_errno = e;
         return g3_fail(err, G3_ERR_IO, "'%s' is not a regular file: %s", path, strerror(e));
