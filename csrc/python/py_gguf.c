@@ -218,17 +218,28 @@ static const g3_gguf_tensor *lookup(GGUFObject *self, PyObject *name)
 {
     if (gguf_check_open(self) < 0)
         return NULL;
-    Py_ssize_t n;
-    const char *s = PyUnicode_AsUTF8AndSize(name, &n);
-    if (!s)
+    if (!PyUnicode_Check(name)) {
+        PyErr_Format(PyExc_TypeError, "tensor name must be str, not %.100s",
+                     Py_TYPE(name)->tp_name);
         return NULL;
-    for (uint64_t i = 0; i < self->g->n_tensors; i++) {
-        const g3_gguf_tensor *t = &self->g->tensor[i];
-        if (t->name.len == (uint64_t)n && memcmp(t->name.ptr, s, (size_t)n) == 0)
-            return t;
     }
-    PyErr_Format(PyExc_KeyError, "no tensor named %R in this GGUF file", name);
-    return NULL;
+    /* names are listed with surrogateescape (str_from), so encode the same way: a name that is
+     * not valid UTF-8 in the file must still be found by the str we handed out */
+    PyObject *b = PyUnicode_AsEncodedString(name, "utf-8", "surrogateescape");
+    if (!b)
+        return NULL;
+    const char *s = PyBytes_AS_STRING(b);
+    uint64_t n = (uint64_t)PyBytes_GET_SIZE(b);
+    const g3_gguf_tensor *found = NULL;
+    for (uint64_t i = 0; i < self->g->n_tensors && !found; i++) {
+        const g3_gguf_tensor *t = &self->g->tensor[i];
+        if (t->name.len == n && memcmp(t->name.ptr, s, (size_t)n) == 0)
+            found = t;
+    }
+    Py_DECREF(b);
+    if (!found)
+        PyErr_Format(PyExc_KeyError, "no tensor named %R in this GGUF file", name);
+    return found;
 }
 
 static PyObject *gguf_raw(GGUFObject *self, PyObject *name)
