@@ -64,6 +64,19 @@ class GenerationConfig:
                 raise ValueError(f"logit_bias token id {t} is out of range (vocab {vocab})")
 
 
+def _as_ids(seq: Sequence[int] | np.ndarray) -> list[int]:
+    """Token ids as Python ints; floats, bools and strings raise ValueError (never truncated)."""
+    if not isinstance(seq, np.ndarray) and any(isinstance(t, (bool, np.bool_)) for t in seq):
+        raise ValueError("token ids must be integers, got a bool")
+    arr = np.asarray(seq)
+    if arr.size == 0:
+        return []
+    if arr.dtype.kind not in "iu" or arr.ndim != 1:
+        raise ValueError(f"token ids must be a 1-D sequence of integers, got dtype {arr.dtype} "
+                         f"and shape {arr.shape}")
+    return arr.tolist()
+
+
 class Model:
     """A loaded Gemma 3 model. Create with :func:`gemma3.load`."""
 
@@ -178,7 +191,7 @@ class Model:
             if self.tokenizer is None:
                 raise ValueError("this checkpoint has no tokenizer: pass token ids")
             return self.tokenizer.encode(prompt, add_bos=add_bos)
-        ids = [int(t) for t in prompt]
+        ids = _as_ids(prompt)
         self._check_ids(ids)
         return ids
 
@@ -188,7 +201,7 @@ class Model:
         Returns ``(n_tokens, vocab) float32``, or ``(vocab,)`` with ``last_only=True``.
         A string is tokenized with BOS.
         """
-        ids = self.encode(ids) if isinstance(ids, str) else [int(t) for t in np.asarray(ids).ravel()]
+        ids = self.encode(ids) if isinstance(ids, str) else _as_ids(np.asarray(ids).ravel())
         if not ids:
             raise ValueError("logits() needs at least one token")
         self._check_ids(ids)
