@@ -1,5 +1,5 @@
-/* py_quant.c — _core.dequantize / quantize / type_info: NumPy access to the block formats of
- * csrc/quant (traits table and reference kernels).
+/* py_quant.c — _core.dequantize / quantize / type_info / dot_f32 / matvec / isa: NumPy access to the
+ * block formats of csrc/quant (traits table, reference and ISA kernels).
  *
  * Exceptions: an unknown, removed or uncomputable type id raises gemma3.UnsupportedError naming the
  * type; a non-integer type id or non-array x raises TypeError; sizes that do not fit (buffer too
@@ -10,6 +10,7 @@
 #include "np.h"
 
 #include <math.h>
+#include <string.h>
 
 #include "quant/blocks.h"
 
@@ -65,23 +66,75 @@ static const g3_type_traits *parse_usable_type(g3_module_state *st, PyObject *ob
     return t;
 }
 
+/* The traits of the same type as t at an explicit ISA level: "auto" keeps t (the selected kernels),
+ * "ref"/"scalar", "avx2", "avx512" pick that level's table. NULL with ValueError for an unknown name
+ * or a level this CPU cannot run. */
+static const g3_type_traits *kernels_for_isa(const g3_type_traits *t, PyObject *type_obj,
+                                             const char *isa)
+{
+    int level;
+    if (strcmp(isa, "auto") == 0)
+        return t;
+    if (strcmp(isa, "ref") == 0 || strcmp(isa, "scalar") == 0)
+        level = G3_ISA_SCALAR;
+    else if (strcmp(isa, "avx2") == 0)
+        level = G3_ISA_AVX2;
+    else if (strcmp(isa, "avx512") == 0)
+        level = G3_ISA_AVX512;
+    else {
+        PyErr_Format(PyExc_ValueError,
+                     "isa must be 'auto', 'ref', 'scalar', 'avx2' or 'avx512', got '%.50s'", isa);
+        return NULL;
+    }
+    const g3_type_traits *lt = g3_type_get_isa((int)PyLong_AsLong(type_obj), level);
+    if (!lt)
+        PyErr_Format(PyExc_ValueError, "isa '%s' is not supported by this CPU (best: %s)", isa,
+                     g3_isa_name(g3_isa_cpu()));
+    return lt;
+}
+
+/* x as a 1-D, C-contiguous, aligned float32 ndarray; NULL with TypeError/ValueError otherwise. */
+static const float *parse_x(PyObject *xobj, npy_intp *n)
+{
+    if (!PyArray_Check(xobj)) {
+        PyErr_Format(PyExc_TypeError, "x must be a numpy.ndarray of float32, not %.100s",
+                     Py_TYPE(xobj)->tp_name);
+        return NULL;
+    }
+    PyArrayObject *x = (PyArrayObject *)xobj;
+    if (PyArray_TYPE(x) != NPY_FLOAT32 || !PyArray_ISNOTSWAPPED(x)) {
+        PyErr_Format(PyExc_TypeError, "x must have dtype float32 (native byte order)");
+        return NULL;
+    }
+    if (PyArray_NDIM(x) != 1 || !PyArray_IS_C_CONTIGUOUS(x) || !PyArray_ISALIGNED(x)) {
+        PyErr_Format(PyExc_ValueError, "x must be 1-D, C-contiguous and aligned");
+        return NULL;
+    }
+    *n = PyArray_DIM(x, 0);
+    return (const float *)PyArray_DATA(x);
+}
+
 PyDoc_STRVAR(dequantize_doc,
-"dequantize(type_id, data, n) -> ndarray\n--\n\n"
+"dequantize(type_id, data, n, isa='auto') -> ndarray\n--\n\n"
 "Decode the first n elements of a row of ggml type `type_id` held in `data` (any C-contiguous\n"
 "buffer: bytes, bytearray, memoryview, uint8 ndarray; extra trailing bytes are ignored).\n"
 "Returns y: (n,) float32. Raises gemma3.UnsupportedError for unknown/removed types or types we\n"
-"cannot decode; ValueError if n < 0, n is not a multiple of the block size, or data is too short.");
+"cannot decode; ValueError if n < 0, n is not a multiple of the block size, or data is too short.\n"
+"isa: 'auto' (the kernels selected at start-up), or 'ref'/'scalar', 'avx2', 'avx512' to run that\n"
+"level's kernel (ValueError if this CPU lacks it).");
 
 static PyObject *py_dequantize(PyObject *self, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"type_id", "data", "n", NULL};
+    static char *kwlist[] = {"type_id", "data", "n", "isa", NULL};
     g3_module_state *st = g3_py_state(self);
     PyObject *type_obj, *data, *out = NULL;
     Py_ssize_t n;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOn:dequantize", kwlist, &type_obj, &data, &n))
+    const char *isa = "auto";
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOn|s:dequantize", kwlist, &type_obj, &data, &n,
+                                     &isa))
         return NULL;
     const g3_type_traits *t = parse_usable_type(st, type_obj, 0);
-    if (!t)
+    if (!t || !(t = kernels_for_isa(t, type_obj, isa)))
         return NULL;
     if (n < 0)
         return PyErr_Format(PyExc_ValueError, "n must be >= 0, got %zd", n);
@@ -191,11 +244,165 @@ static PyObject *py_type_info(PyObject *self, PyObject *arg)
                          t->from_float ? Py_True : Py_False);
 }
 
+PyDoc_STRVAR(dot_f32_doc,
+"dot_f32(type_id, w, x, isa='auto') -> float\n--\n\n"
+"Fused dequantize-and-dot of one weight row: sum_i dequant(w)[i] * x[i] in float32.\n"
+"w: C-contiguous buffer (e.g. uint8 ndarray) holding at least one row of len(x) elements of\n"
+"type_id; x: (n,) float32, n a multiple of the block size. isa as for dequantize. Raises\n"
+"gemma3.UnsupportedError for types without a dot kernel, ValueError for bad sizes or an ISA\n"
+"this CPU lacks.");
+
+/* Shared argument checks of dot_f32 and matvec: type with a dot kernel at the asked ISA, x, and a
+ * buffer of at least rows rows of len(x) elements. On success the view must be released. */
+static const g3_type_traits *parse_dot_args(g3_module_state *st, PyObject *type_obj,
+                                            PyObject *wobj, PyObject *xobj, const char *isa,
+                                            Py_ssize_t rows, Py_buffer *view, const float **x,
+                                            npy_intp *n)
+{
+    const g3_type_traits *t = parse_usable_type(st, type_obj, 0);
+    if (!t || !(t = kernels_for_isa(t, type_obj, isa)))
+        return NULL;
+    if (!t->dot_f32) {
+        g3_err err;
+        g3_fail(&err, G3_ERR_UNSUPPORTED, "no dot_f32 kernel for ggml type %s", t->name);
+        g3_py_raise(st, G3_ERR_UNSUPPORTED, &err, NULL);
+        return NULL;
+    }
+    if (!(*x = parse_x(xobj, n)))
+        return NULL;
+    if (*n % t->blck != 0) {
+        PyErr_Format(PyExc_ValueError, "len(x)=%zd is not a multiple of the %s block size %lld",
+                     (Py_ssize_t)*n, t->name, (long long)t->blck);
+        return NULL;
+    }
+    if (PyObject_GetBuffer(wobj, view, PyBUF_C_CONTIGUOUS) < 0)
+        return NULL;
+    const size_t row = (size_t)(*n / t->blck) * t->type_size;
+    if (rows > 0 && row > (size_t)PY_SSIZE_T_MAX / (size_t)rows) {
+        PyBuffer_Release(view);
+        PyErr_SetString(PyExc_ValueError, "rows * row size overflows");
+        return NULL;
+    }
+    if ((size_t)view->len < row * (size_t)rows) {
+        PyErr_Format(PyExc_ValueError, "w too small: %zd rows of %s x %zd need %zu bytes, got %zd",
+                     rows, t->name, (Py_ssize_t)*n, row * (size_t)rows, view->len);
+        PyBuffer_Release(view);
+        return NULL;
+    }
+    return t;
+}
+
+static PyObject *py_dot_f32(PyObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"type_id", "w", "x", "isa", NULL};
+    PyObject *type_obj, *wobj, *xobj;
+    const char *isa = "auto";
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOO|s:dot_f32", kwlist, &type_obj, &wobj, &xobj,
+                                     &isa))
+        return NULL;
+    Py_buffer view;
+    const float *x;
+    npy_intp n;
+    const g3_type_traits *t =
+        parse_dot_args(g3_py_state(self), type_obj, wobj, xobj, isa, 1, &view, &x, &n);
+    if (!t)
+        return NULL;
+    float r;
+    Py_BEGIN_ALLOW_THREADS
+    r = t->dot_f32(view.buf, x, n);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&view);
+    return PyFloat_FromDouble((double)r);
+}
+
+PyDoc_STRVAR(matvec_doc,
+"matvec(type_id, w, rows, cols, x, isa='auto') -> ndarray\n--\n\n"
+"y = W @ x for W: (rows, cols) of type_id stored row after row in w, x: (cols,) float32;\n"
+"returns y: (rows,) float32, one dot_f32 per row on one thread (GIL released). For tests and\n"
+"benchmarks of the kernels; the model uses the threaded matmul. Errors as for dot_f32.");
+
+static PyObject *py_matvec(PyObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"type_id", "w", "rows", "cols", "x", "isa", NULL};
+    PyObject *type_obj, *wobj, *xobj;
+    Py_ssize_t rows, cols;
+    const char *isa = "auto";
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOnnO|s:matvec", kwlist, &type_obj, &wobj, &rows,
+                                     &cols, &xobj, &isa))
+        return NULL;
+    if (rows < 0)
+        return PyErr_Format(PyExc_ValueError, "rows must be >= 0, got %zd", rows);
+    Py_buffer view;
+    const float *x;
+    npy_intp n;
+    const g3_type_traits *t =
+        parse_dot_args(g3_py_state(self), type_obj, wobj, xobj, isa, rows, &view, &x, &n);
+    if (!t)
+        return NULL;
+    if (n != cols) {
+        PyBuffer_Release(&view);
+        return PyErr_Format(PyExc_ValueError, "len(x)=%zd does not match cols=%zd", (Py_ssize_t)n,
+                            cols);
+    }
+    npy_intp dims[1] = {rows};
+    PyObject *out = PyArray_SimpleNew(1, dims, NPY_FLOAT32);
+    if (!out) {
+        PyBuffer_Release(&view);
+        return NULL;
+    }
+    float *y = (float *)PyArray_DATA((PyArrayObject *)out);
+    const size_t row = (size_t)(n / t->blck) * t->type_size;
+    const uint8_t *w = view.buf;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t r = 0; r < rows; r++)
+        y[r] = t->dot_f32(w + (size_t)r * row, x, n);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&view);
+    return out;
+}
+
+PyDoc_STRVAR(isa_doc,
+"isa() -> dict\n--\n\n"
+"Kernel selection: {'cpu': best ISA this CPU runs, 'selected': the level in use (lowered by the\n"
+"G3_ISA environment variable, read once), 'env': G3_ISA or None, 'to_float': {type: isa},\n"
+"'dot_f32': {type: isa}} with ISA names 'scalar', 'avx2', 'avx512'.");
+
+static PyObject *py_isa(PyObject *self, PyObject *unused)
+{
+    PyObject *d = NULL, *tf = NULL, *dot = NULL;
+    const char *env = g3_isa_env();
+    if (!(tf = PyDict_New()) || !(dot = PyDict_New()))
+        goto error;
+    for (int type = 0; type < G3_TYPE_COUNT; type++) {
+        const g3_type_traits *t = g3_type_get(type);
+        for (int which = 0; which < 2; which++) {
+            const int isa = g3_type_kernel_isa(type, which);
+            if (isa < 0)
+                continue;
+            PyObject *v = PyUnicode_FromString(g3_isa_name(isa));
+            if (!v || PyDict_SetItemString(which ? dot : tf, t->name, v) < 0) {
+                Py_XDECREF(v);
+                goto error;
+            }
+            Py_DECREF(v);
+        }
+    }
+    d = Py_BuildValue("{s:s,s:s,s:z,s:O,s:O}", "cpu", g3_isa_name(g3_isa_cpu()), "selected",
+                      g3_isa_name(g3_isa_selected()), "env", env, "to_float", tf, "dot_f32", dot);
+error:
+    Py_XDECREF(tf);
+    Py_XDECREF(dot);
+    return d;
+}
+
 PyMethodDef g3_py_quant_methods[] = {
     {"dequantize", (PyCFunction)(void (*)(void))py_dequantize, METH_VARARGS | METH_KEYWORDS,
      dequantize_doc},
     {"quantize", (PyCFunction)(void (*)(void))py_quantize, METH_VARARGS | METH_KEYWORDS,
      quantize_doc},
     {"type_info", py_type_info, METH_O, type_info_doc},
+    {"dot_f32", (PyCFunction)(void (*)(void))py_dot_f32, METH_VARARGS | METH_KEYWORDS, dot_f32_doc},
+    {"matvec", (PyCFunction)(void (*)(void))py_matvec, METH_VARARGS | METH_KEYWORDS, matvec_doc},
+    {"isa", py_isa, METH_NOARGS, isa_doc},
     {NULL, NULL, 0, NULL},
 };

@@ -216,8 +216,67 @@ void g3_quant_q6_k_ref(const float *src, void *dst, int64_t n);
 void g3_quant_q8_k_ref(const float *src, void *dst, int64_t n);
 void g3_quant_iq4_nl_ref(const float *src, void *dst, int64_t n);
 
+/* ---- fused dequantize-and-dot, float32 activations (dot_ref.c) ------------------------------------
+ * sum_i dequant(w)[i] * x[i] over one row: w holds n / blck blocks (any alignment), x n floats,
+ * n % blck == 0. The references dequantize a block (or 32 elements of a float format) into a stack
+ * buffer with the to_float reference, so the products use exactly the reference weights. */
+float g3_dot_f32_f32_ref(const void *w, const float *x, int64_t n);
+float g3_dot_f16_f32_ref(const void *w, const float *x, int64_t n);
+float g3_dot_bf16_f32_ref(const void *w, const float *x, int64_t n);
+float g3_dot_q4_0_f32_ref(const void *w, const float *x, int64_t n);
+float g3_dot_q4_1_f32_ref(const void *w, const float *x, int64_t n);
+float g3_dot_q5_0_f32_ref(const void *w, const float *x, int64_t n);
+float g3_dot_q5_1_f32_ref(const void *w, const float *x, int64_t n);
+float g3_dot_q8_0_f32_ref(const void *w, const float *x, int64_t n);
+float g3_dot_q2_k_f32_ref(const void *w, const float *x, int64_t n);
+float g3_dot_q3_k_f32_ref(const void *w, const float *x, int64_t n);
+float g3_dot_q4_k_f32_ref(const void *w, const float *x, int64_t n);
+float g3_dot_q5_k_f32_ref(const void *w, const float *x, int64_t n);
+float g3_dot_q6_k_f32_ref(const void *w, const float *x, int64_t n);
+float g3_dot_iq4_nl_f32_ref(const void *w, const float *x, int64_t n);
+float g3_dot_iq4_xs_f32_ref(const void *w, const float *x, int64_t n);
+
+/* ---- ISA variants (dot_avx2.c: avx2+fma+f16c; dot_avx512.c: avx512f/bw/vl/dq+f16c) ---------------
+ * Only called after select_kernels() checked the CPU. to_float variants are bit-identical to the
+ * references (same d*q products, no FMA contraction); dot variants use those same weights and FMA
+ * them into several accumulators, so they differ from the reference only by summation order. */
+#define G3_ISA_KERNELS(isa)                                                                       \
+    void g3_dequant_f16_##isa(const void *src, float *dst, int64_t n);                            \
+    void g3_dequant_bf16_##isa(const void *src, float *dst, int64_t n);                           \
+    void g3_dequant_q4_0_##isa(const void *src, float *dst, int64_t n);                           \
+    void g3_dequant_q5_0_##isa(const void *src, float *dst, int64_t n);                           \
+    void g3_dequant_q8_0_##isa(const void *src, float *dst, int64_t n);                           \
+    void g3_dequant_q4_k_##isa(const void *src, float *dst, int64_t n);                           \
+    void g3_dequant_q6_k_##isa(const void *src, float *dst, int64_t n);                           \
+    float g3_dot_f32_f32_##isa(const void *w, const float *x, int64_t n);                         \
+    float g3_dot_f16_f32_##isa(const void *w, const float *x, int64_t n);                         \
+    float g3_dot_bf16_f32_##isa(const void *w, const float *x, int64_t n);                        \
+    float g3_dot_q4_0_f32_##isa(const void *w, const float *x, int64_t n);                        \
+    float g3_dot_q5_0_f32_##isa(const void *w, const float *x, int64_t n);                        \
+    float g3_dot_q8_0_f32_##isa(const void *w, const float *x, int64_t n);                        \
+    float g3_dot_q4_k_f32_##isa(const void *w, const float *x, int64_t n);                        \
+    float g3_dot_q6_k_f32_##isa(const void *w, const float *x, int64_t n);
+G3_ISA_KERNELS(avx2)
+G3_ISA_KERNELS(avx512)
+
+/* Kernel ISA levels, in increasing order of preference. */
+enum { G3_ISA_SCALAR = 0, G3_ISA_AVX2 = 1, G3_ISA_AVX512 = 2, G3_ISA_COUNT = 3 };
+
 /* The traits entry holding only the scalar references (traits.c), whatever g3_type_get selected:
  * the oracle that ISA variants are tested against. */
 const g3_type_traits *g3_type_get_ref(int type);
+
+/* The traits entry as it would be selected on a CPU whose best ISA is `isa` (types without a variant
+ * at that level keep the next lower one), or NULL if this CPU cannot run `isa`. */
+const g3_type_traits *g3_type_get_isa(int type, int isa);
+
+/* Kernel selection facts: the best ISA this CPU supports, the one selected (lowered by G3_ISA), the
+ * raw G3_ISA value (NULL if unset), and the ISA of the kernel picked for one slot of a type
+ * (which: 0 = to_float, 1 = dot_f32; -1 if the slot is NULL). */
+int g3_isa_cpu(void);
+int g3_isa_selected(void);
+const char *g3_isa_env(void);
+int g3_type_kernel_isa(int type, int which);
+const char *g3_isa_name(int isa);
 
 #endif /* G3_QUANT_BLOCKS_H */
