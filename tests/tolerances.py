@@ -63,3 +63,12 @@ REF_270M_LOGSUMEXP_ABS = 1e-3
 # KL(ref || ours) of the softmax restricted to the reference's top-16 ids, per position.
 REF_270M_TOP16_KL = 1e-6
 # ==== end of kernels / model block ===============================================================
+
+# ==== fused dequantize-and-dot block (tests/test_quant_dot.py) ===================================
+# dot_f32 vs the float64 dot of the reference dequantization, relative to sum |w_i x_i|. The weights
+# are exact (they are the reference's own d*q), so the only error is float32 summation: each partial
+# sum is a chain of at most ~100 roundings for n <= 2560 (SIMD lanes x 4 accumulators; the scalar
+# reference sums 32-element partials), each costing at most 2^-24 of the running magnitude.
+# 2^-16 = 256 roundings leaves 2.5x headroom; measured errors are ~1e-8 (a few roundings).
+DOT_F32_REL = 2.0**-16
+# ==== end of fused dequantize-and-dot block ======================================================
