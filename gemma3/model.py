@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from . import _core, chat as _chat
+from . import inspect as _inspect
 from .config import Gemma3Config
 from .loader import build_core, is_hf_dir, load_gguf, load_hf_dir
 from .tokenizer import Tokenizer
@@ -96,6 +97,7 @@ class Model:
         # someone else's context.
         self._lock = threading.Lock()
         self._epoch = 0
+        self._last_attn = None
 
     @contextmanager
     def _exclusive(self):
@@ -135,9 +137,17 @@ class Model:
         """Positions in the KV cache."""
         return self._core.n_past
 
-    def _feed(self, ids: Sequence[int], logits: int) -> np.ndarray | None:
-        """Runs ids through the model after the cached context. logits: 0 none, 1 last, 2 all."""
+    def _feed(self, ids: Sequence[int], logits: int, capture: dict | None = None
+              ) -> np.ndarray | None:
+        """Runs ids through the model after the cached context. logits: 0 none, 1 last, 2 all.
+        A capture dict (see inspect.CapturePlan) needs the ids in one call."""
         out = None
+        if capture is not None:
+            self._pending = [int(t) for t in ids]
+            out = self._core.forward(np.asarray(ids, dtype=np.int32), logits, capture=capture)
+            self._ids += self._pending
+            self._pending = []
+            return out
         arr = np.asarray(ids, dtype=np.int32)
         if len(self._ids) + len(arr) > self.max_seq_len:
             raise ValueError(f"context overflow: {len(self._ids)} cached + {len(arr)} new tokens "
@@ -159,8 +169,9 @@ class Model:
                                                                 np.float32)
         return out
 
-    def _prefill(self, ids: list[int]) -> np.ndarray:
-        """Makes the cache hold exactly ids and returns the last position's logits (vocab,)."""
+    def _prefill(self, ids: list[int], attn: tuple | None = None) -> np.ndarray:
+        """Makes the cache hold exactly ids and returns the last position's logits (vocab,).
+        With attn, self._last_attn receives the last position's attention (see _attn_capture)."""
         self._sync()
         if not ids:
             raise ValueError("the prompt is empty: give at least one token (e.g. add_bos=True)")
@@ -176,7 +187,14 @@ class Model:
             common = 0
             self._reset()
         del self._ids[common:]
-        return self._feed(ids[common:], 1)[0]
+        self._last_attn = None
+        if attn is None:
+            return self._feed(ids[common:], 1)[0]
+        rest = ids[common:]
+        if len(rest) > 1:  # everything but the last token as usual, the last one captured
+            self._feed(rest[:-1], 0)
+        cap, self._last_attn = self._attn_capture(attn, len(self._ids) + 1, 0)
+        return self._feed(rest[-1:], 1, cap)[0]
 
     def _check_ids(self, ids: Sequence[int]) -> None:
         v = self.config.vocab_size
@@ -222,8 +240,20 @@ class Model:
                     ids.add(t)
         return ids
 
-    def _generate_ids(self, prompt_ids: list[int], gc: GenerationConfig) -> Iterator[int]:
-        """Yields new token ids; the cache holds prompt + every yielded id but the last."""
+    def _attn_capture(self, attn: tuple | None, n_keys: int, q: int):
+        """Capture dict recording query row q's attention on the chosen layers/heads."""
+        if attn is None:
+            return None, None
+        layers, heads = attn
+        core = {L: {"heads": np.asarray(heads, np.int32), "q0": q, "q1": q + 1,
+                    "pattern": np.empty((len(heads), 1, n_keys), np.float32)} for L in layers}
+        return core, {L: d["pattern"][:, 0, :] for L, d in core.items()}
+
+    def _generate_ids(self, prompt_ids: list[int], gc: GenerationConfig,
+                      attn: tuple | None = None, attn_out: list | None = None) -> Iterator[int]:
+        """Yields new token ids; the cache holds prompt + every yielded id but the last.
+        With attn = (layers, heads), attn_out receives for each new token the attention
+        pattern {layer: (heads, n_ctx)} of the query that predicted it."""
         gc.validate(self.config.vocab_size)
         stop_ids = self._stop_ids(gc)
         rng = _core.rng_seed(gc.seed if gc.seed is not None else random.getrandbits(64))
@@ -234,8 +264,9 @@ class Model:
             raise ValueError(f"context overflow: the prompt has {len(prompt_ids)} tokens and "
                              f"max_seq_len is {self.max_seq_len}")
         with self._exclusive():
-            logits = self._prefill(prompt_ids)
+            logits = self._prefill(prompt_ids, attn)
             epoch = self._epoch
+            last_attn = self._last_attn
         history = list(prompt_ids)
         for step in range(gc.max_new_tokens):
             tok = _core.sample(logits, rng, temperature=gc.temperature, top_k=gc.top_k,
@@ -246,6 +277,8 @@ class Model:
                                bias_ids=bias_ids, bias_values=bias_vals)
             if tok in stop_ids:
                 return
+            if attn_out is not None:
+                attn_out.append(last_attn)
             yield tok
             history.append(tok)
             if step + 1 == gc.max_new_tokens or len(self._ids) + 1 >= self.max_seq_len:
@@ -255,7 +288,8 @@ class Model:
                     raise RuntimeError("the model was used by another call while this generation "
                                        "was paused; the generation cannot continue")
                 self._sync()
-                logits = self._feed([tok], 1)[0]
+                cap, last_attn = self._attn_capture(attn, len(self._ids) + 1, 0)
+                logits = self._feed([tok], 1, cap)[0]
 
     def stream(self, prompt: str | Sequence[int], **kwargs) -> Iterator[str]:
         """Yields text pieces as they are generated (never a broken UTF-8 sequence).
@@ -297,22 +331,118 @@ class Model:
                  temperature: float = 1.0, top_k: int = 64, top_p: float = 0.95,
                  min_p: float = 0.0, repetition_penalty: float = 1.0, seed: int | None = None,
                  stop: Sequence[str] = (), logit_bias: dict[int, float] | None = None,
-                 stop_token_ids: Sequence[int] | None = None, return_ids: bool = False):
+                 stop_token_ids: Sequence[int] | None = None, return_ids: bool = False,
+                 return_attention: bool = False, attention_layers: Sequence[int] | None = None,
+                 attention_heads: Sequence[int] | None = None):
         """Generates a continuation of ``prompt`` (text, tokenized with BOS, or token ids).
 
         Defaults follow Gemma 3's published generation config (temperature 1, top-k 64,
         top-p 0.95); ``temperature=0`` is greedy. Stops on ``<eos>``/``<end_of_turn>``, on any
         of ``stop`` (the stop text is not included) or after ``max_new_tokens``.
         Returns the text, or the new token ids with ``return_ids=True``.
+
+        With ``return_attention=True`` returns a :class:`Generation` (text, ids, attention) where
+        ``attention[i][layer]`` is the ``(heads, n_ctx)`` attention of the query that predicted
+        new token ``i`` over the whole context before it (``attention_layers``/``_heads`` select;
+        default all).
         """
         kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                   top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
                   stop=tuple(stop) if not isinstance(stop, str) else (stop,),
                   logit_bias=dict(logit_bias or {}), stop_token_ids=stop_token_ids)
+        if return_attention:
+            cfg = self.config
+            layers = list(range(cfg.num_layers)) if attention_layers is None else [
+                int(x) for x in attention_layers]
+            heads = list(range(cfg.num_heads)) if attention_heads is None else [
+                int(x) for x in attention_heads]
+            _inspect.CapturePlan.make(cfg, 1, [], layers, heads, None)  # validates
+            gc = GenerationConfig(**kw)
+            attn: list = []
+            ids = list(self._generate_ids(self.encode(prompt), gc, (layers, heads), attn))
+            text = self.tokenizer.decode(ids) if self.tokenizer is not None else ""
+            return Generation(text, ids, attn)
         if return_ids:
             gc = GenerationConfig(**kw)
             return list(self._generate_ids(self.encode(prompt), gc))
         return "".join(self.stream(prompt, **kw))
+
+    # -- looking inside ----------------------------------------------------------------------
+    @property
+    def kv_cache(self) -> _inspect.KVCache:
+        """The cached context's K/V per layer, in position order (see gemma3.inspect)."""
+        with self._exclusive():
+            self._sync()
+            return _inspect.KVCache(self)
+
+    def run_with_cache(self, text_or_ids: str | Sequence[int], names: Sequence[str] | None = None,
+                       layers: Sequence[int] | None = None, heads: Sequence[int] | None = None,
+                       query_range: tuple[int, int] | None = None, logits: str = "all"
+                       ) -> tuple[np.ndarray | None, dict[str, np.ndarray]]:
+        """Runs a prompt from an empty context recording activations (TransformerLens names,
+        listed in gemma3.inspect). Selects by ``names``, ``layers``, attention ``heads`` and a
+        ``query_range`` (rows of the attention maps). ``logits``: "all" (n_tokens, vocab),
+        "last" (vocab,) or "none". Returns (logits, cache dict)."""
+        ids = self.encode(text_or_ids) if isinstance(text_or_ids, str) else [
+            int(t) for t in text_or_ids]
+        if not ids:
+            raise ValueError("run_with_cache needs at least one token")
+        self._check_ids(ids)
+        if len(ids) > self.max_seq_len:
+            raise ValueError(f"context overflow: {len(ids)} tokens, max_seq_len "
+                             f"{self.max_seq_len}")
+        mode = {"all": 2, "last": 1, "none": 0}.get(logits)
+        if mode is None:
+            raise ValueError(f"logits must be 'all', 'last' or 'none', got {logits!r}")
+        plan = _inspect.CapturePlan.make(self.config, len(ids), names, layers, heads, query_range)
+        core, out = plan.buffers(self.config, len(ids), len(ids))
+        with self._exclusive():
+            self._sync()
+            self._reset()
+            lg = self._feed(ids, mode, core)
+        if mode == 1:
+            lg = lg[0]
+        return lg, out
+
+    def logit_lens(self, text_or_ids: str | Sequence[int], k: int = 5,
+                   layers: Sequence[int] | None = None) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        """Each layer's residual stream (after the block) through the final norm and the LM
+        head: ``{layer: (top_ids (n_tokens, k) int64, top_logprobs (n_tokens, k) float32)}``."""
+        layers = list(range(self.config.num_layers)) if layers is None else list(layers)
+        names = [f"blocks.{L}.hook_resid_post" for L in layers]
+        _, cache = self.run_with_cache(text_or_ids, names=names, logits="none")
+        out = {}
+        for L in layers:
+            resid = cache[f"blocks.{L}.hook_resid_post"]
+            ids, lps = [], []
+            for s in range(0, len(resid), LOGITS_CHUNK):
+                with self._exclusive():
+                    lg = self._core.head(resid[s:s + LOGITS_CHUNK], True)
+                i, lp = _top_k_logprobs(lg, k)
+                ids.append(i)
+                lps.append(lp)
+            out[L] = (np.concatenate(ids), np.concatenate(lps))
+        return out
+
+    def top_logprobs(self, text_or_ids: str | Sequence[int], k: int = 5
+                     ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k next-token log-probabilities at every position, computed chunk by chunk
+        (never a full (n_tokens, vocab) matrix): (ids (n, k) int64, logprobs (n, k) float32)."""
+        ids = self.encode(text_or_ids) if isinstance(text_or_ids, str) else [
+            int(t) for t in text_or_ids]
+        if not ids:
+            raise ValueError("top_logprobs needs at least one token")
+        self._check_ids(ids)
+        out_i, out_l = [], []
+        with self._exclusive():
+            self._sync()
+            self._reset()
+            for s in range(0, len(ids), LOGITS_CHUNK):
+                lg = self._feed(ids[s:s + LOGITS_CHUNK], 2)
+                i, lp = _top_k_logprobs(lg, k)
+                out_i.append(i)
+                out_l.append(lp)
+        return np.concatenate(out_i), np.concatenate(out_l)
 
     def chat(self, messages: list[dict[str, Any]], *, stream: bool = False, **kwargs):
         """Replies to a conversation (``[{"role": "user"|"assistant"|"system", "content": ...}]``).
@@ -343,6 +473,27 @@ class Model:
         c = self.config
         return (f"<gemma3.Model {c.name or os.path.basename(self.path)!r}: {c.num_layers} layers, "
                 f"width {c.hidden_size}, vocab {c.vocab_size}, max_seq_len {self.max_seq_len}>")
+
+
+@dataclass
+class Generation:
+    """Result of ``generate(..., return_attention=True)``."""
+
+    text: str
+    ids: list[int]
+    attention: list[dict[int, np.ndarray]]  # per new token: {layer: (heads, n_ctx)}
+
+
+def _top_k_logprobs(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    k = min(k, logits.shape[-1])
+    lp = _inspect.log_softmax(logits.astype(np.float64))
+    idx = np.argpartition(-lp, k - 1, axis=-1)[:, :k]
+    vals = np.take_along_axis(lp, idx, -1)
+    order = np.argsort(-vals, axis=-1, kind="stable")
+    return (np.take_along_axis(idx, order, -1).astype(np.int64),
+            np.take_along_axis(vals, order, -1).astype(np.float32))
 
 
 def load(path: str | os.PathLike | None = None, *, n_threads: int | None = None,

@@ -55,7 +55,7 @@ static g3_status scratch_alloc(scratch *s, const g3_config *c, int64_t T, int64_
     s->z = malloc(sizeof(float) * t * c->n_head * c->head_dim);
     s->g = malloc(sizeof(float) * t * c->n_ff);
     s->u = malloc(sizeof(float) * t * c->n_ff);
-    s->scores = malloc(sizeof(float) * (size_t)nt * (size_t)max_keys);
+    s->scores = malloc(sizeof(float) * (size_t)nt * (size_t)max_keys * 2); /* scores + raw copy */
     s->key_hi = malloc(sizeof(int64_t) * t);
     if (!s->x || !s->h || !s->q || !s->k || !s->v || !s->z || !s->g || !s->u || !s->scores ||
         !s->key_hi) {
@@ -77,16 +77,39 @@ static inline const float *kv_row(const g3_layer *L, const float *cache, const f
     return cache + slot * kvw + g * hd;
 }
 
-static void attention(const g3_model *m, const g3_layer *L, scratch *s, int64_t T, int nt)
+/* Records one query row's scores/probabilities over all key positions (0 outside [lo, hi]). */
+static void capture_row(const g3_layer_capture *cap, int64_t h, int64_t t, int64_t n_keys,
+                        int64_t lo, int64_t hi, const float *raw, const float *prob)
+{
+    if (t < cap->q0 || t >= cap->q1)
+        return;
+    for (int64_t s = 0; s < cap->n_heads_sel; s++) {
+        if (cap->heads[s] != h)
+            continue;
+        size_t row = ((size_t)s * (cap->q1 - cap->q0) + (t - cap->q0)) * n_keys;
+        for (int64_t j = 0; j < n_keys; j++) {
+            int in = j >= lo && j <= hi;
+            if (cap->pattern)
+                cap->pattern[row + j] = in ? prob[j - lo] : 0.0f;
+            if (cap->scores)
+                cap->scores[row + j] = in ? raw[j - lo] : -INFINITY;
+        }
+    }
+}
+
+static void attention(const g3_model *m, const g3_layer *L, scratch *s, int64_t T, int nt,
+                      const g3_layer_capture *cap)
 {
     const g3_config *c = &m->cfg;
     const int64_t hd = c->head_dim, kvw = c->n_head_kv * hd, qw = c->n_head * hd;
     const int64_t rep = c->n_head / c->n_head_kv, n_past = m->n_past;
     const int64_t max_keys = n_past + T;
+    const int want = cap && (cap->pattern || cap->scores) && cap->n_heads_sel > 0;
 #pragma omp parallel for collapse(2) num_threads(nt) schedule(dynamic, 1)
     for (int64_t t = 0; t < T; t++)
         for (int64_t h = 0; h < c->n_head; h++) {
-            float *sc = s->scores + (size_t)omp_get_thread_num() * max_keys;
+            /* each thread's slice holds the scores, then (when capturing) a raw copy */
+            float *sc = s->scores + (size_t)omp_get_thread_num() * max_keys * (want ? 2 : 1);
             const int64_t p = n_past + t, g = h / rep;
             int64_t lo = 0, hi = s->key_hi[t];
             if (!L->is_global && p - c->window + 1 > 0)
@@ -96,7 +119,14 @@ static void attention(const g3_model *m, const g3_layer *L, scratch *s, int64_t 
                 sc[j - lo] = g3_dot_f32(q, kv_row(L, L->k_cache, s->k, n_past, j, g, kvw, hd),
                                         hd) *
                              c->attn_scale;
+            float *raw = NULL;
+            if (want) {
+                raw = sc + max_keys;
+                memcpy(raw, sc, sizeof(float) * (hi - lo + 1));
+            }
             g3_softmax_f32(sc, hi - lo + 1);
+            if (want)
+                capture_row(cap, h, t, max_keys, lo, hi, raw, sc);
             float *z = s->z + t * qw + h * hd;
             memset(z, 0, sizeof(float) * hd);
             for (int64_t j = lo; j <= hi; j++)
@@ -158,22 +188,41 @@ static void norm_rows(const float *x, const float *w, float *y, int64_t T, int64
         g3_rmsnorm_f32(x + t * n, w, y + t * n, n, eps);
 }
 
+static void save(float *dst, const float *src, int64_t n)
+{
+    if (dst)
+        memcpy(dst, src, sizeof(float) * (size_t)n);
+}
+
 static g3_status layer_forward(g3_model *m, g3_layer *L, scratch *s, int64_t T, int nt,
-                               g3_err *err)
+                               const g3_layer_capture *cap, g3_err *err)
 {
     const g3_config *c = &m->cfg;
     const int64_t E = c->n_embd, F = c->n_ff;
+    const int64_t nq = T * c->n_head * c->head_dim, nkv = T * c->n_head_kv * c->head_dim;
     g3_status st;
+    if (cap)
+        save(cap->resid_pre, s->x, T * E);
     norm_rows(s->x, L->attn_norm, s->h, T, E, c->eps, nt);
     if ((st = g3_matmul(&L->q, s->h, T, s->q, err)) || (st = g3_matmul(&L->k, s->h, T, s->k, err)) ||
         (st = g3_matmul(&L->v, s->h, T, s->v, err)))
         return st;
     qk_norm_rope(m, L, s, T, nt);
-    attention(m, L, s, T, nt);
+    attention(m, L, s, T, nt, cap);
     store_kv(m, L, s, T);
+    if (cap) {
+        save(cap->q, s->q, nq);
+        save(cap->k, s->k, nkv);
+        save(cap->v, s->v, nkv);
+        save(cap->z, s->z, nq);
+    }
     if ((st = g3_matmul(&L->o, s->z, T, s->h, err)))
         return st;
     add_normed(s->x, s->h, L->post_attn_norm, T, E, c->eps, nt);
+    if (cap) {
+        save(cap->attn_out, s->h, T * E);
+        save(cap->resid_mid, s->x, T * E);
+    }
     norm_rows(s->x, L->ffn_norm, s->h, T, E, c->eps, nt);
     if ((st = g3_matmul(&L->gate, s->h, T, s->g, err)) ||
         (st = g3_matmul(&L->up, s->h, T, s->u, err)))
@@ -184,6 +233,10 @@ static g3_status layer_forward(g3_model *m, g3_layer *L, scratch *s, int64_t T, 
     if ((st = g3_matmul(&L->down, s->g, T, s->h, err)))
         return st;
     add_normed(s->x, s->h, L->post_ffn_norm, T, E, c->eps, nt);
+    if (cap) {
+        save(cap->mlp_out, s->h, T * E);
+        save(cap->resid_post, s->x, T * E);
+    }
     return G3_OK;
 }
 
@@ -237,8 +290,12 @@ g3_status g3_model_forward(g3_model *m, const g3_batch *b, g3_err *err)
         int next_same = t + 1 < T && in_img && b->embd_mask[t + 1] == b->embd_mask[t];
         s.key_hi[t] = next_same ? s.key_hi[t + 1] : m->n_past + t;
     }
+    const g3_capture *cap = b->capture;
     for (int64_t i = 0; i < c->n_layer && !st; i++)
-        st = layer_forward(m, &m->layers[i], &s, T, nt, err);
+        st = layer_forward(m, &m->layers[i], &s, T, nt, cap && cap->layers ? &cap->layers[i] : NULL,
+                           err);
+    if (!st && cap && cap->final_norm)
+        norm_rows(s.x, m->output_norm, cap->final_norm, T, E, c->eps, nt);
     if (!st && b->logits_mode) {
         const int64_t first = b->logits_mode == 1 ? T - 1 : 0, n = T - first;
         norm_rows(s.x + first * E, m->output_norm, s.h, n, E, c->eps, nt);

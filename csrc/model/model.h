@@ -64,6 +64,25 @@ void g3_model_reset(g3_model *m);
 int g3_model_truncate(g3_model *m, int64_t n);
 size_t g3_model_cache_bytes(const g3_model *m);
 
+/* Optional capture of one layer's internals, into caller-owned buffers (NULL = not captured).
+ * Attention maps cover the selected heads and query rows [q0, q1) of the batch, over every key
+ * position 0 .. n_past + T - 1: pattern holds probabilities (exactly 0 where masked), scores the
+ * scaled pre-softmax logits (-inf where masked). */
+typedef struct {
+    float *pattern, *scores;          /* (n_heads_sel, q1 - q0, n_past + T) */
+    const int32_t *heads;             /* (n_heads_sel) query heads to record */
+    int64_t n_heads_sel, q0, q1;
+    float *q, *z;                     /* (T, n_head, head_dim): post norm+RoPE query; attn output */
+    float *k, *v;                     /* (T, n_head_kv, head_dim): post norm+RoPE key; value */
+    float *resid_pre, *resid_mid, *resid_post; /* (T, n_embd) */
+    float *attn_out, *mlp_out;        /* (T, n_embd): what each sublayer adds to the residual */
+} g3_layer_capture;
+
+typedef struct {
+    g3_layer_capture *layers; /* (n_layer) or NULL */
+    float *final_norm;        /* (T, n_embd) the residual after the final norm, or NULL */
+} g3_capture;
+
 /* Input of one forward call: T tokens at positions n_past .. n_past + T - 1. */
 typedef struct {
     int64_t n_tokens;
@@ -72,6 +91,7 @@ typedef struct {
     const uint8_t *embd_mask;
     int logits_mode;      /* 0: none, 1: last position, 2: every position */
     float *logits;        /* (1 or T, n_vocab) */
+    const g3_capture *capture; /* optional */
 } g3_batch;
 
 g3_status g3_model_forward(g3_model *m, const g3_batch *b, g3_err *err);

@@ -14,6 +14,7 @@
 
 #include <string.h>
 
+#include "kernels/ops.h"
 #include "model/model.h"
 
 typedef struct {
@@ -242,21 +243,120 @@ static int enter(ModelObject *self)
     return 0;
 }
 
+/* Output buffer for a capture field: a writable C-contiguous float32 array of n elements. */
+static int capture_buffer(PyObject *d, const char *key, npy_intp n, float **out)
+{
+    PyObject *o = PyDict_GetItemString(d, key);
+    *out = NULL;
+    if (!o || o == Py_None)
+        return 0;
+    PyArrayObject *a = (PyArrayObject *)o;
+    if (!PyArray_Check(o) || PyArray_TYPE(a) != NPY_FLOAT32 || !PyArray_ISCARRAY(a) ||
+        PyArray_SIZE(a) != n) {
+        PyErr_Format(PyExc_ValueError,
+                     "capture buffer '%s' must be a writable C-contiguous float32 array of %zd "
+                     "values",
+                     key, (Py_ssize_t)n);
+        return -1;
+    }
+    *out = PyArray_DATA(a);
+    return 0;
+}
+
+/* capture = {layer: {"pattern", "scores", "q", "k", "v", "z", "resid_pre", "resid_mid",
+ *                    "resid_post", "attn_out", "mlp_out": float32 arrays, "heads": int32 array,
+ *                    "q0": int, "q1": int}, "final_norm": float32 (T, E)} */
+static int parse_capture(ModelObject *self, PyObject *capd, npy_intp T, g3_capture *cap,
+                         PyObject *keep)
+{
+    const g3_config *c = &self->m->cfg;
+    const npy_intp E = c->n_embd, K = self->m->n_past + T;
+    if (!PyDict_Check(capd)) {
+        PyErr_SetString(PyExc_TypeError, "capture must be a dict");
+        return -1;
+    }
+    cap->layers = PyMem_Calloc((size_t)c->n_layer, sizeof *cap->layers);
+    if (!cap->layers) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    if (capture_buffer(capd, "final_norm", T * E, &cap->final_norm) < 0)
+        return -1;
+    for (int64_t i = 0; i < c->n_layer; i++) {
+        PyObject *key = PyLong_FromLongLong(i);
+        PyObject *ld = key ? PyDict_GetItemWithError(capd, key) : NULL;
+        Py_XDECREF(key);
+        if (!ld) {
+            if (PyErr_Occurred())
+                return -1;
+            continue;
+        }
+        if (!PyDict_Check(ld)) {
+            PyErr_Format(PyExc_TypeError, "capture[%lld] must be a dict", (long long)i);
+            return -1;
+        }
+        g3_layer_capture *lc = &cap->layers[i];
+        PyObject *heads = PyDict_GetItemString(ld, "heads");
+        PyObject *q0 = PyDict_GetItemString(ld, "q0"), *q1 = PyDict_GetItemString(ld, "q1");
+        lc->q0 = q0 ? PyLong_AsLongLong(q0) : 0;
+        lc->q1 = q1 ? PyLong_AsLongLong(q1) : T;
+        if (PyErr_Occurred())
+            return -1;
+        if (lc->q0 < 0 || lc->q1 > T || lc->q0 > lc->q1) {
+            PyErr_Format(PyExc_ValueError, "query range [%lld, %lld) outside [0, %zd)",
+                         (long long)lc->q0, (long long)lc->q1, (Py_ssize_t)T);
+            return -1;
+        }
+        if (heads && heads != Py_None) {
+            PyArrayObject *h = (PyArrayObject *)PyArray_FROMANY(heads, NPY_INT32, 1, 1,
+                                                                NPY_ARRAY_IN_ARRAY);
+            if (!h || PyList_Append(keep, (PyObject *)h) < 0) {
+                Py_XDECREF(h);
+                return -1;
+            }
+            Py_DECREF(h);
+            lc->heads = PyArray_DATA(h);
+            lc->n_heads_sel = PyArray_DIM(h, 0);
+            for (npy_intp j = 0; j < lc->n_heads_sel; j++)
+                if (lc->heads[j] < 0 || lc->heads[j] >= c->n_head) {
+                    PyErr_Format(PyExc_ValueError, "head %d out of range (model has %lld heads)",
+                                 lc->heads[j], (long long)c->n_head);
+                    return -1;
+                }
+        }
+        const npy_intp att = lc->n_heads_sel * (lc->q1 - lc->q0) * K;
+        const npy_intp nq = T * c->n_head * c->head_dim, nkv = T * c->n_head_kv * c->head_dim;
+        if (capture_buffer(ld, "pattern", att, &lc->pattern) < 0 ||
+            capture_buffer(ld, "scores", att, &lc->scores) < 0 ||
+            capture_buffer(ld, "q", nq, &lc->q) < 0 || capture_buffer(ld, "z", nq, &lc->z) < 0 ||
+            capture_buffer(ld, "k", nkv, &lc->k) < 0 || capture_buffer(ld, "v", nkv, &lc->v) < 0 ||
+            capture_buffer(ld, "resid_pre", T * E, &lc->resid_pre) < 0 ||
+            capture_buffer(ld, "resid_mid", T * E, &lc->resid_mid) < 0 ||
+            capture_buffer(ld, "resid_post", T * E, &lc->resid_post) < 0 ||
+            capture_buffer(ld, "attn_out", T * E, &lc->attn_out) < 0 ||
+            capture_buffer(ld, "mlp_out", T * E, &lc->mlp_out) < 0)
+            return -1;
+    }
+    return 0;
+}
+
 /* forward(ids: int32 1-D, logits: 0|1|2, embd: float32 (T, E) or None, embd_mask: uint8 (T) or
- * None) -> float32 (rows, vocab) or None */
+ * None, capture: dict or None) -> float32 (rows, vocab) or None */
 static PyObject *model_forward(ModelObject *self, PyObject *args, PyObject *kw)
 {
-    static char *kwlist[] = {"ids", "logits", "embd", "embd_mask", NULL};
-    PyObject *ids_o, *embd_o = Py_None, *mask_o = Py_None;
+    static char *kwlist[] = {"ids", "logits", "embd", "embd_mask", "capture", NULL};
+    PyObject *ids_o, *embd_o = Py_None, *mask_o = Py_None, *cap_o = Py_None;
     int mode = 1;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|iOO", kwlist, &ids_o, &mode, &embd_o, &mask_o))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|iOOO", kwlist, &ids_o, &mode, &embd_o, &mask_o,
+                                     &cap_o))
         return NULL;
     if (mode < 0 || mode > 2)
         return PyErr_Format(PyExc_ValueError, "logits mode must be 0, 1 or 2, got %d", mode);
     if (enter(self) < 0)
         return NULL;
     PyArrayObject *ids = NULL, *embd = NULL, *mask = NULL, *out = NULL;
-    PyObject *ret = NULL;
+    PyObject *ret = NULL, *keep = NULL;
+    g3_capture cap = {NULL, NULL};
     const g3_config *c = &self->m->cfg;
     ids = (PyArrayObject *)PyArray_FROMANY(ids_o, NPY_INT32, 1, 1, NPY_ARRAY_IN_ARRAY);
     if (!ids)
@@ -276,6 +376,11 @@ static PyObject *model_forward(ModelObject *self, PyObject *args, PyObject *kw)
             goto done;
         }
     }
+    if (cap_o != Py_None) {
+        keep = PyList_New(0);
+        if (!keep || parse_capture(self, cap_o, T, &cap, keep) < 0)
+            goto done;
+    }
     if (mode) {
         npy_intp dims[2] = {mode == 1 ? 1 : T, c->n_vocab};
         out = (PyArrayObject *)PyArray_SimpleNew(2, dims, NPY_FLOAT32);
@@ -289,6 +394,7 @@ static PyObject *model_forward(ModelObject *self, PyObject *args, PyObject *kw)
         .embd_mask = mask ? PyArray_DATA(mask) : NULL,
         .logits_mode = mode,
         .logits = out ? PyArray_DATA(out) : NULL,
+        .capture = cap_o != Py_None ? &cap : NULL,
     };
     g3_err err = {{0}, 0};
     g3_status st;
@@ -302,6 +408,8 @@ static PyObject *model_forward(ModelObject *self, PyObject *args, PyObject *kw)
     out = NULL;
 done:
     self->busy = 0;
+    PyMem_Free(cap.layers);
+    Py_XDECREF(keep);
     Py_XDECREF(ids);
     Py_XDECREF(embd);
     Py_XDECREF(mask);
@@ -330,6 +438,92 @@ static PyObject *model_truncate(ModelObject *self, PyObject *arg)
     return PyBool_FromLong(ok);
 }
 
+/* head(x: float32 (n, E), normalize: bool) -> (n, vocab): the LM head (after the final norm when
+ * normalize), for the logit lens. */
+static PyObject *model_head(ModelObject *self, PyObject *args)
+{
+    PyObject *xo;
+    int normalize = 1;
+    if (!PyArg_ParseTuple(args, "O|p", &xo, &normalize))
+        return NULL;
+    if (enter(self) < 0)
+        return NULL;
+    const g3_config *c = &self->m->cfg;
+    PyObject *ret = NULL;
+    PyArrayObject *x = (PyArrayObject *)PyArray_FROMANY(xo, NPY_FLOAT32, 2, 2,
+                                                        NPY_ARRAY_IN_ARRAY | NPY_ARRAY_ENSURECOPY);
+    if (!x)
+        goto done;
+    if (PyArray_DIM(x, 1) != c->n_embd) {
+        PyErr_Format(PyExc_ValueError, "x must be (n, %lld) float32", (long long)c->n_embd);
+        goto done;
+    }
+    npy_intp dims[2] = {PyArray_DIM(x, 0), c->n_vocab};
+    PyArrayObject *out = (PyArrayObject *)PyArray_SimpleNew(2, dims, NPY_FLOAT32);
+    if (!out)
+        goto done;
+    g3_err err = {{0}, 0};
+    g3_status st = G3_OK;
+    float *xd = PyArray_DATA(x);
+    Py_BEGIN_ALLOW_THREADS
+    if (normalize)
+        for (npy_intp r = 0; r < dims[0]; r++)
+            g3_rmsnorm_f32(xd + r * c->n_embd, self->m->output_norm, xd + r * c->n_embd,
+                           c->n_embd, c->eps);
+    if (dims[0] > 0)
+        st = g3_matmul(&self->m->output, xd, dims[0], PyArray_DATA(out), &err);
+    Py_END_ALLOW_THREADS
+    if (st) {
+        Py_DECREF(out);
+        g3_py_raise(mstate((PyObject *)self), st, &err, NULL);
+        goto done;
+    }
+    ret = (PyObject *)out;
+done:
+    self->busy = 0;
+    Py_XDECREF(x);
+    return ret;
+}
+
+/* Read-only view of a cache buffer (n_slots, n_head_kv, head_dim) keeping the model alive. */
+static PyObject *cache_view(ModelObject *self, float *buf, int64_t n_slots)
+{
+    const g3_config *c = &self->m->cfg;
+    npy_intp dims[3] = {n_slots, c->n_head_kv, c->head_dim};
+    PyObject *a = PyArray_New(&PyArray_Type, 3, dims, NPY_FLOAT32, NULL, buf, 0,
+                              NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED, NULL);
+    if (!a)
+        return NULL;
+    Py_INCREF(self);
+    if (PyArray_SetBaseObject((PyArrayObject *)a, (PyObject *)self) < 0) {
+        Py_DECREF(a);
+        return NULL;
+    }
+    return a;
+}
+
+/* kv_buffers(layer) -> (k, v, is_global): the layer's whole cache; slot = position for global
+ * layers, position % n_slots for local rings. */
+static PyObject *model_kv_buffers(ModelObject *self, PyObject *arg)
+{
+    long long i = PyLong_AsLongLong(arg);
+    if (i == -1 && PyErr_Occurred())
+        return NULL;
+    if (!self->m)
+        return PyErr_Format(PyExc_RuntimeError, "model is not initialised");
+    if (i < 0 || i >= self->m->cfg.n_layer)
+        return PyErr_Format(PyExc_IndexError, "layer %lld out of range (%lld layers)", i,
+                            (long long)self->m->cfg.n_layer);
+    g3_layer *L = &self->m->layers[i];
+    PyObject *k = cache_view(self, L->k_cache, L->n_slots);
+    PyObject *v = k ? cache_view(self, L->v_cache, L->n_slots) : NULL;
+    if (!v) {
+        Py_XDECREF(k);
+        return NULL;
+    }
+    return Py_BuildValue("(NNO)", k, v, L->is_global ? Py_True : Py_False);
+}
+
 static PyObject *model_get_n_past(ModelObject *self, void *c)
 {
     return PyLong_FromLongLong(self->m ? self->m->n_past : 0);
@@ -344,6 +538,10 @@ static PyMethodDef model_methods[] = {
     {"forward", (PyCFunction)(void (*)(void))model_forward, METH_VARARGS | METH_KEYWORDS,
      "forward(ids, logits=1, embd=None, embd_mask=None)"},
     {"reset", (PyCFunction)model_reset, METH_NOARGS, "forget every cached position"},
+    {"head", (PyCFunction)model_head, METH_VARARGS,
+     "head(x (n, E), normalize=True) -> (n, vocab) logits of residual vectors"},
+    {"kv_buffers", (PyCFunction)model_kv_buffers, METH_O,
+     "kv_buffers(layer) -> (k, v, is_global): read-only views of the layer's cache"},
     {"truncate", (PyCFunction)model_truncate, METH_O,
      "truncate(n) -> bool: keep the first n positions if the local rings allow it"},
     {NULL, NULL, 0, NULL},
