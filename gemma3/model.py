@@ -65,11 +65,13 @@ class GenerationConfig:
                 raise ValueError(f"logit_bias token id {t} is out of range (vocab {vocab})")
 
 
-def _as_ids(seq: Sequence[int] | np.ndarray) -> list[int]:
+def _as_ids(seq: Sequence[int] | np.ndarray, flatten: bool = False) -> list[int]:
     """Token ids as Python ints; floats, bools and strings raise ValueError (never truncated)."""
     if not isinstance(seq, np.ndarray) and any(isinstance(t, (bool, np.bool_)) for t in seq):
         raise ValueError("token ids must be integers, got a bool")
     arr = np.asarray(seq)
+    if flatten:
+        arr = arr.ravel()
     if arr.size == 0:
         return []
     if arr.dtype.kind not in "iu" or arr.ndim != 1:
@@ -127,7 +129,7 @@ class Model:
             self._reset()
 
     def _reset(self) -> None:
-        self._core.reset()
+        self._core.reset(0)
         self._ids = []
         self._pending = []
         self._epoch += 1
@@ -219,7 +221,7 @@ class Model:
         Returns ``(n_tokens, vocab) float32``, or ``(vocab,)`` with ``last_only=True``.
         A string is tokenized with BOS.
         """
-        ids = self.encode(ids) if isinstance(ids, str) else _as_ids(np.asarray(ids).ravel())
+        ids = self.encode(ids) if isinstance(ids, str) else _as_ids(ids, flatten=True)
         if not ids:
             raise ValueError("logits() needs at least one token")
         self._check_ids(ids)
