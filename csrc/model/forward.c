@@ -26,6 +26,11 @@
 typedef struct {
     float *x, *h, *q, *k, *v, *z, *g, *u, *scores;
     int64_t *key_hi; /* (T) last key position visible to each query (image groups extend it) */
+    int64_t *pos;    /* (T) absolute position of each token in its sequence */
+    int64_t *first;  /* (T) batch index of the first token of its group */
+    int32_t *seq;    /* (T) sequence of each token */
+    int64_t *gend;   /* (T) position of the last token of its group */
+    int64_t max_keys; /* longest key range of any token */
 } scratch;
 
 static void scratch_free(scratch *s)
@@ -40,6 +45,10 @@ static void scratch_free(scratch *s)
     free(s->u);
     free(s->scores);
     free(s->key_hi);
+    free(s->pos);
+    free(s->first);
+    free(s->seq);
+    free(s->gend);
 }
 
 static g3_status scratch_alloc(scratch *s, const g3_config *c, int64_t T, int64_t max_keys,
@@ -57,8 +66,13 @@ static g3_status scratch_alloc(scratch *s, const g3_config *c, int64_t T, int64_
     s->u = malloc(sizeof(float) * t * c->n_ff);
     s->scores = malloc(sizeof(float) * (size_t)nt * (size_t)max_keys * 2); /* scores + raw copy */
     s->key_hi = malloc(sizeof(int64_t) * t);
+    s->pos = malloc(sizeof(int64_t) * t);
+    s->first = malloc(sizeof(int64_t) * t);
+    s->seq = malloc(sizeof(int32_t) * t);
+    s->gend = malloc(sizeof(int64_t) * t);
+    s->max_keys = max_keys;
     if (!s->x || !s->h || !s->q || !s->k || !s->v || !s->z || !s->g || !s->u || !s->scores ||
-        !s->key_hi) {
+        !s->key_hi || !s->pos || !s->first || !s->seq || !s->gend) {
         scratch_free(s);
         return g3_fail(err, G3_ERR_NOMEM, "out of memory for a %lld-token forward pass",
                        (long long)T);
@@ -66,7 +80,8 @@ static g3_status scratch_alloc(scratch *s, const g3_config *c, int64_t T, int64_
     return G3_OK;
 }
 
-/* Key or value row of kv-head g at absolute position pos (see the file comment). */
+/* Key or value row of kv-head g at absolute position pos of a sequence whose cache holds
+ * n_past positions; fresh points at the batch rows of that sequence (see the file comment). */
 static inline const float *kv_row(const g3_layer *L, const float *cache, const float *fresh,
                                   int64_t n_past, int64_t pos, int64_t g, int64_t kvw,
                                   int64_t hd)
@@ -97,27 +112,28 @@ static void capture_row(const g3_layer_capture *cap, int64_t h, int64_t t, int64
     }
 }
 
-static void attention(const g3_model *m, const g3_layer *L, scratch *s, int64_t T, int nt,
+static void attention(const g3_model *m, int64_t il, scratch *s, int64_t T, int nt,
                       const g3_layer_capture *cap)
 {
     const g3_config *c = &m->cfg;
+    const g3_layer *L = &m->layers[il];
     const int64_t hd = c->head_dim, kvw = c->n_head_kv * hd, qw = c->n_head * hd;
-    const int64_t rep = c->n_head / c->n_head_kv, n_past = m->n_past;
-    const int64_t max_keys = n_past + T;
+    const int64_t rep = c->n_head / c->n_head_kv, max_keys = s->max_keys;
     const int want = cap && (cap->pattern || cap->scores) && cap->n_heads_sel > 0;
 #pragma omp parallel for collapse(2) num_threads(nt) schedule(dynamic, 1)
     for (int64_t t = 0; t < T; t++)
         for (int64_t h = 0; h < c->n_head; h++) {
             /* each thread's slice holds the scores, then (when capturing) a raw copy */
-            float *sc = s->scores + (size_t)omp_get_thread_num() * max_keys * (want ? 2 : 1);
-            const int64_t p = n_past + t, g = h / rep;
+            float *sc = s->scores + (size_t)omp_get_thread_num() * max_keys * 2;
+            const g3_seq *sq = &m->seqs[s->seq[t]];
+            const int64_t p = s->pos[t], g = h / rep, n_past = sq->n_past;
+            const float *fk = s->k + s->first[t] * kvw, *fv = s->v + s->first[t] * kvw;
             int64_t lo = 0, hi = s->key_hi[t];
             if (!L->is_global && p - c->window + 1 > 0)
                 lo = p - c->window + 1;
             const float *q = s->q + t * qw + h * hd;
             for (int64_t j = lo; j <= hi; j++)
-                sc[j - lo] = g3_dot_f32(q, kv_row(L, L->k_cache, s->k, n_past, j, g, kvw, hd),
-                                        hd) *
+                sc[j - lo] = g3_dot_f32(q, kv_row(L, sq->k[il], fk, n_past, j, g, kvw, hd), hd) *
                              c->attn_scale;
             float *raw = NULL;
             if (want) {
@@ -126,23 +142,27 @@ static void attention(const g3_model *m, const g3_layer *L, scratch *s, int64_t 
             }
             g3_softmax_f32(sc, hi - lo + 1);
             if (want)
-                capture_row(cap, h, t, max_keys, lo, hi, raw, sc);
+                capture_row(cap, h, t, n_past + T, lo, hi, raw, sc);
             float *z = s->z + t * qw + h * hd;
             memset(z, 0, sizeof(float) * hd);
             for (int64_t j = lo; j <= hi; j++)
-                g3_axpy_f32(sc[j - lo], kv_row(L, L->v_cache, s->v, n_past, j, g, kvw, hd), z, hd);
+                g3_axpy_f32(sc[j - lo], kv_row(L, sq->v[il], fv, n_past, j, g, kvw, hd), z, hd);
         }
 }
 
-static void store_kv(const g3_model *m, g3_layer *L, const scratch *s, int64_t T)
+static void store_kv(const g3_model *m, int64_t il, const scratch *s, int64_t T)
 {
     const g3_config *c = &m->cfg;
+    const g3_layer *L = &m->layers[il];
     const int64_t kvw = c->n_head_kv * c->head_dim;
-    int64_t t0 = L->is_global ? 0 : (T > L->n_slots ? T - L->n_slots : 0);
-    for (int64_t t = t0; t < T; t++) {
-        int64_t pos = m->n_past + t, slot = L->is_global ? pos : pos % L->n_slots;
-        memcpy(L->k_cache + slot * kvw, s->k + t * kvw, sizeof(float) * kvw);
-        memcpy(L->v_cache + slot * kvw, s->v + t * kvw, sizeof(float) * kvw);
+    for (int64_t t = 0; t < T; t++) {
+        const g3_seq *sq = &m->seqs[s->seq[t]];
+        const int64_t pos = s->pos[t];
+        if (!L->is_global && s->gend[t] - pos >= L->n_slots)
+            continue; /* overwritten later in this same call: in a ring only the last survive */
+        int64_t slot = L->is_global ? pos : pos % L->n_slots;
+        memcpy(sq->k[il] + slot * kvw, s->k + t * kvw, sizeof(float) * kvw);
+        memcpy(sq->v[il] + slot * kvw, s->v + t * kvw, sizeof(float) * kvw);
     }
 }
 
@@ -154,7 +174,7 @@ static void qk_norm_rope(const g3_model *m, const g3_layer *L, scratch *s, int64
     const float *inv_freq = L->is_global ? m->inv_freq_global : m->inv_freq_local;
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (int64_t t = 0; t < T; t++) {
-        const int64_t pos = m->n_past + t;
+        const int64_t pos = s->pos[t];
         for (int64_t h = 0; h < c->n_head; h++) {
             float *q = s->q + (t * c->n_head + h) * hd;
             g3_rmsnorm_f32(q, L->q_norm, q, hd, c->eps);
@@ -194,10 +214,11 @@ static void save(float *dst, const float *src, int64_t n)
         memcpy(dst, src, sizeof(float) * (size_t)n);
 }
 
-static g3_status layer_forward(g3_model *m, g3_layer *L, scratch *s, int64_t T, int nt,
+static g3_status layer_forward(g3_model *m, int64_t il, scratch *s, int64_t T, int nt,
                                const g3_layer_capture *cap, g3_err *err)
 {
     const g3_config *c = &m->cfg;
+    const g3_layer *L = &m->layers[il];
     const int64_t E = c->n_embd, F = c->n_ff;
     const int64_t nq = T * c->n_head * c->head_dim, nkv = T * c->n_head_kv * c->head_dim;
     g3_status st;
@@ -208,8 +229,8 @@ static g3_status layer_forward(g3_model *m, g3_layer *L, scratch *s, int64_t T, 
         (st = g3_matmul(&L->v, s->h, T, s->v, err)))
         return st;
     qk_norm_rope(m, L, s, T, nt);
-    attention(m, L, s, T, nt, cap);
-    store_kv(m, L, s, T);
+    attention(m, il, s, T, nt, cap);
+    store_kv(m, il, s, T);
     if (cap) {
         save(cap->q, s->q, nq);
         save(cap->k, s->k, nkv);
@@ -245,11 +266,33 @@ static g3_status check_batch(const g3_model *m, const g3_batch *b, g3_err *err)
     const g3_config *c = &m->cfg;
     if (b->n_tokens < 1)
         return g3_fail(err, G3_ERR_ARG, "a forward pass needs at least one token");
-    if (m->n_past + b->n_tokens > c->max_seq)
-        return g3_fail(err, G3_ERR_STATE,
-                       "context overflow: %lld positions are cached and %lld more were given, "
-                       "but max_seq_len is %lld",
-                       (long long)m->n_past, (long long)b->n_tokens, (long long)c->max_seq);
+    const int64_t ng = b->group_len ? b->n_groups : 1;
+    if (ng < 1 || (b->group_len && !b->group_seq))
+        return g3_fail(err, G3_ERR_ARG, "a batch needs at least one group");
+    if (b->capture && ng != 1)
+        return g3_fail(err, G3_ERR_ARG, "capture works on single-sequence calls only");
+    int64_t total = 0;
+    for (int64_t g = 0; g < ng; g++) {
+        const int32_t sq = b->group_seq ? b->group_seq[g] : 0;
+        const int64_t len = b->group_len ? b->group_len[g] : b->n_tokens;
+        if (sq < 0 || sq >= m->n_seq)
+            return g3_fail(err, G3_ERR_ARG, "sequence %d does not exist (%d allocated)", sq,
+                           m->n_seq);
+        for (int64_t h = 0; h < g; h++)
+            if (b->group_seq[h] == sq)
+                return g3_fail(err, G3_ERR_ARG, "sequence %d appears twice in one batch", sq);
+        if (len < 1)
+            return g3_fail(err, G3_ERR_ARG, "group %lld is empty", (long long)g);
+        if (m->seqs[sq].n_past + len > c->max_seq)
+            return g3_fail(err, G3_ERR_STATE,
+                           "context overflow: %lld positions are cached and %lld more were given, "
+                           "but max_seq_len is %lld",
+                           (long long)m->seqs[sq].n_past, (long long)len, (long long)c->max_seq);
+        total += len;
+    }
+    if (total != b->n_tokens)
+        return g3_fail(err, G3_ERR_ARG, "group lengths add up to %lld, not %lld tokens",
+                       (long long)total, (long long)b->n_tokens);
     for (int64_t t = 0; t < b->n_tokens; t++) {
         if (b->embd && b->embd_mask && b->embd_mask[t])
             continue;
@@ -261,17 +304,49 @@ static g3_status check_batch(const g3_model *m, const g3_batch *b, g3_err *err)
     return G3_OK;
 }
 
+/* Per-token sequence, position, group start and last visible key. */
+static void plan_tokens(const g3_model *m, const g3_batch *b, scratch *s)
+{
+    const int64_t ng = b->group_len ? b->n_groups : 1, T = b->n_tokens;
+    int64_t t = 0;
+    for (int64_t g = 0; g < ng; g++) {
+        const int32_t sq = b->group_seq ? b->group_seq[g] : 0;
+        const int64_t len = b->group_len ? b->group_len[g] : T, start = t;
+        for (int64_t i = 0; i < len; i++, t++) {
+            s->seq[t] = sq;
+            s->first[t] = start;
+            s->pos[t] = m->seqs[sq].n_past + i;
+        }
+    }
+    for (t = T - 1; t >= 0; t--)
+        s->gend[t] = t + 1 < T && s->first[t + 1] == s->first[t] ? s->gend[t + 1] : s->pos[t];
+    /* a run of tokens with the same non-zero embd_mask value is one image: bidirectional */
+    for (t = T - 1; t >= 0; t--) {
+        int in_img = b->embd && b->embd_mask && b->embd_mask[t];
+        int next_same = t + 1 < T && in_img && s->first[t + 1] == s->first[t] &&
+                        b->embd_mask[t + 1] == b->embd_mask[t];
+        s->key_hi[t] = next_same ? s->key_hi[t + 1] : s->pos[t];
+    }
+}
+
 g3_status g3_model_forward(g3_model *m, const g3_batch *b, g3_err *err)
 {
     const g3_config *c = &m->cfg;
     g3_status st = check_batch(m, b, err);
     if (st)
         return st;
-    const int64_t T = b->n_tokens, E = c->n_embd;
+    const int64_t T = b->n_tokens, E = c->n_embd, ng = b->group_len ? b->n_groups : 1;
     const int nt = g3_get_threads();
+    int64_t max_keys = 0;
+    for (int64_t g = 0; g < ng; g++) {
+        const int32_t sq = b->group_seq ? b->group_seq[g] : 0;
+        int64_t k = m->seqs[sq].n_past + (b->group_len ? b->group_len[g] : T);
+        max_keys = k > max_keys ? k : max_keys;
+    }
     scratch s;
-    if ((st = scratch_alloc(&s, c, T, m->n_past + T, nt, err)))
+    if ((st = scratch_alloc(&s, c, T, max_keys, nt, err)))
         return st;
+    plan_tokens(m, b, &s);
 
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (int64_t t = 0; t < T; t++) {
@@ -284,36 +359,38 @@ g3_status g3_model_forward(g3_model *m, const g3_batch *b, g3_err *err)
                 x[i] *= c->embd_scale;
         }
     }
-    /* image groups: a run of tokens with embd_mask set forms one bidirectional block */
-    for (int64_t t = T - 1; t >= 0; t--) {
-        int in_img = b->embd && b->embd_mask && b->embd_mask[t];
-        int next_same = t + 1 < T && in_img && b->embd_mask[t + 1] == b->embd_mask[t];
-        s.key_hi[t] = next_same ? s.key_hi[t + 1] : m->n_past + t;
-    }
     const g3_capture *cap = b->capture;
     for (int64_t i = 0; i < c->n_layer && !st; i++)
-        st = layer_forward(m, &m->layers[i], &s, T, nt, cap && cap->layers ? &cap->layers[i] : NULL,
-                           err);
+        st = layer_forward(m, i, &s, T, nt, cap && cap->layers ? &cap->layers[i] : NULL, err);
     if (!st && cap && cap->final_norm)
         norm_rows(s.x, m->output_norm, cap->final_norm, T, E, c->eps, nt);
     if (!st && b->logits_mode) {
-        const int64_t first = b->logits_mode == 1 ? T - 1 : 0, n = T - first;
-        norm_rows(s.x + first * E, m->output_norm, s.h, n, E, c->eps, nt);
+        int64_t n = T;
+        if (b->logits_mode == 1) { /* the last token of every group */
+            n = 0;
+            for (int64_t t = 0; t < T; t++)
+                if (t + 1 == T || s.first[t + 1] != s.first[t])
+                    memcpy(s.x + (n++) * E, s.x + t * E, sizeof(float) * E);
+        }
+        norm_rows(s.x, m->output_norm, s.h, n, E, c->eps, nt);
         st = g3_matmul(&m->output, s.h, n, b->logits, err);
         if (!st && c->final_softcap > 0) {
-            const float cap = c->final_softcap;
+            const float cap_v = c->final_softcap;
             for (int64_t i = 0; i < n * c->n_vocab; i++)
-                b->logits[i] = cap * tanhf(b->logits[i] / cap);
+                b->logits[i] = cap_v * tanhf(b->logits[i] / cap_v);
         }
     }
     if (!st) {
-        m->n_past += T;
+        for (int64_t g = 0; g < ng; g++)
+            m->seqs[b->group_seq ? b->group_seq[g] : 0].n_past +=
+                b->group_len ? b->group_len[g] : T;
     } else if (st == G3_ERR_NOMEM) {
         /* a layer may have written part of this batch into the local rings, overwriting
          * positions the cached context still needs: start over rather than compute garbage */
-        g3_model_reset(m);
-        size_t n = strlen(err->msg);
-        snprintf(err->msg + n, sizeof err->msg - n, " (the KV cache was cleared)");
+        for (int64_t g = 0; g < ng; g++)
+            g3_model_reset(m, b->group_seq ? b->group_seq[g] : 0);
+        size_t len = strlen(err->msg);
+        snprintf(err->msg + len, sizeof err->msg - len, " (the KV cache was cleared)");
     }
     scratch_free(&s);
     return st;

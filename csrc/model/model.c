@@ -94,22 +94,68 @@ g3_status g3_model_check(const g3_model *m, g3_err *err)
     return G3_OK;
 }
 
-g3_status g3_model_alloc_cache(g3_model *m, g3_err *err)
+static void seq_free(const g3_model *m, g3_seq *q)
+{
+    if (q->k)
+        for (int64_t i = 0; i < m->cfg.n_layer; i++)
+            free(q->k[i]);
+    if (q->v)
+        for (int64_t i = 0; i < m->cfg.n_layer; i++)
+            free(q->v[i]);
+    free(q->k);
+    free(q->v);
+    memset(q, 0, sizeof *q);
+}
+
+static g3_status seq_alloc(const g3_model *m, g3_seq *q, g3_err *err)
 {
     const g3_config *c = &m->cfg;
     const size_t row = (size_t)(c->n_head_kv * c->head_dim);
+    memset(q, 0, sizeof *q);
+    q->k = calloc((size_t)c->n_layer, sizeof *q->k);
+    q->v = calloc((size_t)c->n_layer, sizeof *q->v);
+    if (!q->k || !q->v)
+        goto nomem;
     for (int64_t i = 0; i < c->n_layer; i++) {
-        g3_layer *L = &m->layers[i];
-        L->n_slots = L->is_global ? c->max_seq : (c->window < c->max_seq ? c->window : c->max_seq);
         /* calloc: pages are touched only as positions are written */
-        L->k_cache = calloc((size_t)L->n_slots * row, sizeof(float));
-        L->v_cache = calloc((size_t)L->n_slots * row, sizeof(float));
-        if (!L->k_cache || !L->v_cache)
-            return g3_fail(err, G3_ERR_NOMEM,
-                           "cannot allocate the KV cache (%zu bytes); lower max_seq_len",
-                           g3_model_cache_bytes(m));
+        q->k[i] = calloc((size_t)m->layers[i].n_slots * row, sizeof(float));
+        q->v[i] = calloc((size_t)m->layers[i].n_slots * row, sizeof(float));
+        if (!q->k[i] || !q->v[i])
+            goto nomem;
     }
-    m->n_past = 0;
+    return G3_OK;
+nomem:
+    seq_free(m, q);
+    return g3_fail(err, G3_ERR_NOMEM,
+                   "cannot allocate a KV cache of %zu bytes; lower max_seq_len",
+                   g3_model_cache_bytes(m));
+}
+
+g3_status g3_model_set_n_seq(g3_model *m, int n, g3_err *err)
+{
+    if (n < 1 || n > 4096)
+        return g3_fail(err, G3_ERR_ARG, "the number of sequences must be 1..4096, got %d", n);
+    for (int64_t i = 0; i < m->cfg.n_layer; i++) {
+        g3_layer *L = &m->layers[i];
+        const g3_config *c = &m->cfg;
+        L->n_slots = L->is_global ? c->max_seq : (c->window < c->max_seq ? c->window : c->max_seq);
+    }
+    if (n < m->n_seq) {
+        for (int s = n; s < m->n_seq; s++)
+            seq_free(m, &m->seqs[s]);
+        m->n_seq = n;
+        return G3_OK;
+    }
+    g3_seq *grown = realloc(m->seqs, sizeof *grown * (size_t)n);
+    if (!grown)
+        return g3_fail(err, G3_ERR_NOMEM, "out of memory");
+    m->seqs = grown;
+    for (int s = m->n_seq; s < n; s++) {
+        g3_status st = seq_alloc(m, &m->seqs[s], err);
+        if (st)
+            return st;
+        m->n_seq = s + 1;
+    }
     return G3_OK;
 }
 
@@ -126,20 +172,28 @@ size_t g3_model_cache_bytes(const g3_model *m)
     return total;
 }
 
-void g3_model_reset(g3_model *m) { m->n_past = 0; }
-
-int g3_model_truncate(g3_model *m, int64_t n)
+void g3_model_reset(g3_model *m, int seq)
 {
-    if (n < 0 || n > m->n_past)
+    for (int s = 0; s < m->n_seq; s++)
+        if (seq < 0 || s == seq)
+            m->seqs[s].n_past = 0;
+}
+
+int g3_model_truncate(g3_model *m, int seq, int64_t n)
+{
+    if (seq < 0 || seq >= m->n_seq)
+        return 0;
+    g3_seq *q = &m->seqs[seq];
+    if (n < 0 || n > q->n_past)
         return 0;
     /* a ring of W slots holds positions n_past - W .. n_past - 1; a query at position n needs
      * n - W + 1 .. n - 1, so only n >= n_past - 1 is safe once positions have wrapped */
     for (int64_t i = 0; i < m->cfg.n_layer; i++) {
         const g3_layer *L = &m->layers[i];
-        if (!L->is_global && m->n_past > L->n_slots && n < m->n_past - 1)
+        if (!L->is_global && q->n_past > L->n_slots && n < q->n_past - 1)
             return 0;
     }
-    m->n_past = n;
+    q->n_past = n;
     return 1;
 }
 
@@ -147,11 +201,9 @@ void g3_model_free(g3_model *m)
 {
     if (!m)
         return;
-    if (m->layers)
-        for (int64_t i = 0; i < m->cfg.n_layer; i++) {
-            free(m->layers[i].k_cache);
-            free(m->layers[i].v_cache);
-        }
+    for (int s = 0; s < m->n_seq; s++)
+        seq_free(m, &m->seqs[s]);
+    free(m->seqs);
     free(m->layers);
     free(m->inv_freq_global);
     free(m->inv_freq_local);

@@ -32,13 +32,18 @@ typedef struct {
     int is_global;
     g3_weight q, k, v, o, gate, up, down;
     const float *attn_norm, *q_norm, *k_norm, *post_attn_norm, *ffn_norm, *post_ffn_norm;
-    /* KV cache of this layer: (n_slots, n_head_kv, head_dim) float32 each. Keys are stored after
-     * q/k-norm and RoPE, values raw. Global layers: slot = position (n_slots = max_seq). Local
-     * layers: a ring, slot = position % n_slots with n_slots = min(window, max_seq): the last
-     * `window` positions are all a local layer ever reads. */
-    float *k_cache, *v_cache;
+    /* cache slots of this layer in every sequence: max_seq for global layers, a ring of
+     * min(window, max_seq) for local layers (the last `window` positions are all it reads) */
     int64_t n_slots;
 } g3_layer;
+
+/* The KV cache of one sequence. Per layer, k[i] and v[i] are (n_slots, n_head_kv, head_dim)
+ * float32; keys are stored after k-norm and RoPE, values raw. Global layers: slot = position;
+ * local layers: slot = position % n_slots. */
+typedef struct {
+    int64_t n_past; /* positions cached */
+    float **k, **v; /* (n_layer) */
+} g3_seq;
 
 typedef struct g3_model {
     g3_config cfg;
@@ -46,7 +51,8 @@ typedef struct g3_model {
     g3_weight output;   /* LM head; the tied embedding when the file has none */
     const float *output_norm;
     g3_layer *layers;   /* (n_layer) */
-    int64_t n_past;     /* positions already in the cache */
+    g3_seq *seqs;       /* (n_seq) independent caches; sequence 0 is the default */
+    int n_seq;
     float *inv_freq_global, *inv_freq_local; /* (head_dim / 2) */
 } g3_model;
 
@@ -55,14 +61,15 @@ typedef struct g3_model {
 g3_status g3_model_create(const g3_config *cfg, const uint8_t *is_global, g3_model **out,
                           g3_err *err);
 g3_status g3_model_check(const g3_model *m, g3_err *err);
-/* Allocates the KV cache (lazily-touched zeroed memory). */
-g3_status g3_model_alloc_cache(g3_model *m, g3_err *err);
+/* Sets the number of sequences with a KV cache (>= 1; lazily-touched zeroed memory). Existing
+ * sequences keep their contents. */
+g3_status g3_model_set_n_seq(g3_model *m, int n, g3_err *err);
 void g3_model_free(g3_model *m);
-void g3_model_reset(g3_model *m);
-/* Drops cached positions >= n when the local rings still hold what positions >= n will need:
- * n >= n_past - 1, or nothing has wrapped yet. Returns 1 on success, 0 if impossible. */
-int g3_model_truncate(g3_model *m, int64_t n);
-size_t g3_model_cache_bytes(const g3_model *m);
+void g3_model_reset(g3_model *m, int seq); /* seq < 0: every sequence */
+/* Drops cached positions >= n of a sequence when its local rings still hold what positions >= n
+ * will need: n >= n_past - 1, or nothing has wrapped yet. Returns 1 on success, 0 if not. */
+int g3_model_truncate(g3_model *m, int seq, int64_t n);
+size_t g3_model_cache_bytes(const g3_model *m); /* of one sequence */
 
 /* Optional capture of one layer's internals, into caller-owned buffers (NULL = not captured).
  * Attention maps cover the selected heads and query rows [q0, q1) of the batch, over every key
@@ -83,15 +90,21 @@ typedef struct {
     float *final_norm;        /* (T, n_embd) the residual after the final norm, or NULL */
 } g3_capture;
 
-/* Input of one forward call: T tokens at positions n_past .. n_past + T - 1. */
+/* Input of one forward call: T tokens in n_groups contiguous groups; group g holds group_len[g]
+ * tokens of sequence group_seq[g], at its positions n_past .. n_past + len - 1 (each sequence at
+ * most once per call). NULL group arrays mean one group: sequence 0, all T tokens. */
 typedef struct {
     int64_t n_tokens;
     const int32_t *ids;   /* (T) */
-    const float *embd;    /* optional (T, n_embd): rows used where embd_mask[t] != 0, unscaled */
+    const float *embd;    /* optional (T, n_embd): rows used where embd_mask[t] != 0, unscaled;
+                           * a run of equal non-zero mask values is one image: bidirectional */
     const uint8_t *embd_mask;
-    int logits_mode;      /* 0: none, 1: last position, 2: every position */
-    float *logits;        /* (1 or T, n_vocab) */
-    const g3_capture *capture; /* optional */
+    int64_t n_groups;
+    const int32_t *group_seq; /* (n_groups) */
+    const int64_t *group_len; /* (n_groups) */
+    int logits_mode;      /* 0: none, 1: last token of each group, 2: every token */
+    float *logits;        /* (n_groups or T, n_vocab) */
+    const g3_capture *capture; /* optional; single-group calls only */
 } g3_batch;
 
 g3_status g3_model_forward(g3_model *m, const g3_batch *b, g3_err *err);

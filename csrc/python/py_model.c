@@ -204,7 +204,7 @@ static int model_init(ModelObject *self, PyObject *args, PyObject *kw)
     for (int64_t i = 0; i < cfg.n_layer; i++)
         if (bind_layer(self, weights, i) < 0)
             goto done;
-    if ((st = g3_model_check(self->m, &err)) || (st = g3_model_alloc_cache(self->m, &err))) {
+    if ((st = g3_model_check(self->m, &err)) || (st = g3_model_set_n_seq(self->m, 1, &err))) {
         g3_py_raise(ms, st, &err, NULL);
         goto done;
     }
@@ -270,7 +270,7 @@ static int parse_capture(ModelObject *self, PyObject *capd, npy_intp T, g3_captu
                          PyObject *keep)
 {
     const g3_config *c = &self->m->cfg;
-    const npy_intp E = c->n_embd, K = self->m->n_past + T;
+    const npy_intp E = c->n_embd, K = self->m->seqs[0].n_past + T;
     if (!PyDict_Check(capd)) {
         PyErr_SetString(PyExc_TypeError, "capture must be a dict");
         return -1;
@@ -344,17 +344,18 @@ static int parse_capture(ModelObject *self, PyObject *capd, npy_intp T, g3_captu
  * None, capture: dict or None) -> float32 (rows, vocab) or None */
 static PyObject *model_forward(ModelObject *self, PyObject *args, PyObject *kw)
 {
-    static char *kwlist[] = {"ids", "logits", "embd", "embd_mask", "capture", NULL};
+    static char *kwlist[] = {"ids", "logits", "embd", "embd_mask", "capture", "seqs", "lens", NULL};
     PyObject *ids_o, *embd_o = Py_None, *mask_o = Py_None, *cap_o = Py_None;
+    PyObject *seqs_o = Py_None, *lens_o = Py_None;
     int mode = 1;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|iOOO", kwlist, &ids_o, &mode, &embd_o, &mask_o,
-                                     &cap_o))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|iOOOOO", kwlist, &ids_o, &mode, &embd_o, &mask_o,
+                                     &cap_o, &seqs_o, &lens_o))
         return NULL;
     if (mode < 0 || mode > 2)
         return PyErr_Format(PyExc_ValueError, "logits mode must be 0, 1 or 2, got %d", mode);
     if (enter(self) < 0)
         return NULL;
-    PyArrayObject *ids = NULL, *embd = NULL, *mask = NULL, *out = NULL;
+    PyArrayObject *ids = NULL, *embd = NULL, *mask = NULL, *out = NULL, *seqs = NULL, *lens = NULL;
     PyObject *ret = NULL, *keep = NULL;
     g3_capture cap = {NULL, NULL};
     const g3_config *c = &self->m->cfg;
@@ -376,13 +377,34 @@ static PyObject *model_forward(ModelObject *self, PyObject *args, PyObject *kw)
             goto done;
         }
     }
+    npy_intp n_groups = 1;
+    if ((seqs_o == Py_None) != (lens_o == Py_None)) {
+        PyErr_SetString(PyExc_ValueError, "seqs and lens go together");
+        goto done;
+    }
+    if (seqs_o != Py_None) {
+        seqs = (PyArrayObject *)PyArray_FROMANY(seqs_o, NPY_INT32, 1, 1, NPY_ARRAY_IN_ARRAY);
+        lens = seqs ? (PyArrayObject *)PyArray_FROMANY(lens_o, NPY_INT64, 1, 1, NPY_ARRAY_IN_ARRAY)
+                    : NULL;
+        if (!seqs || !lens)
+            goto done;
+        n_groups = PyArray_DIM(seqs, 0);
+        if (PyArray_DIM(lens, 0) != n_groups || n_groups < 1) {
+            PyErr_SetString(PyExc_ValueError, "seqs and lens must have the same non-zero length");
+            goto done;
+        }
+    }
     if (cap_o != Py_None) {
+        if (n_groups != 1) {
+            PyErr_SetString(PyExc_ValueError, "capture works on single-sequence calls only");
+            goto done;
+        }
         keep = PyList_New(0);
         if (!keep || parse_capture(self, cap_o, T, &cap, keep) < 0)
             goto done;
     }
     if (mode) {
-        npy_intp dims[2] = {mode == 1 ? 1 : T, c->n_vocab};
+        npy_intp dims[2] = {mode == 1 ? n_groups : T, c->n_vocab};
         out = (PyArrayObject *)PyArray_SimpleNew(2, dims, NPY_FLOAT32);
         if (!out)
             goto done;
@@ -395,6 +417,9 @@ static PyObject *model_forward(ModelObject *self, PyObject *args, PyObject *kw)
         .logits_mode = mode,
         .logits = out ? PyArray_DATA(out) : NULL,
         .capture = cap_o != Py_None ? &cap : NULL,
+        .n_groups = n_groups,
+        .group_seq = seqs ? PyArray_DATA(seqs) : NULL,
+        .group_len = lens ? PyArray_DATA(lens) : NULL,
     };
     g3_err err = {{0}, 0};
     g3_status st;
@@ -410,6 +435,8 @@ done:
     self->busy = 0;
     PyMem_Free(cap.layers);
     Py_XDECREF(keep);
+    Py_XDECREF(seqs);
+    Py_XDECREF(lens);
     Py_XDECREF(ids);
     Py_XDECREF(embd);
     Py_XDECREF(mask);
@@ -417,23 +444,52 @@ done:
     return ret;
 }
 
-static PyObject *model_reset(ModelObject *self, PyObject *unused)
+static PyObject *model_reset(ModelObject *self, PyObject *args)
 {
+    int seq = -1;
+    if (!PyArg_ParseTuple(args, "|i", &seq))
+        return NULL;
     if (enter(self) < 0)
         return NULL;
-    g3_model_reset(self->m);
+    g3_model_reset(self->m, seq);
     self->busy = 0;
     Py_RETURN_NONE;
 }
 
-static PyObject *model_truncate(ModelObject *self, PyObject *arg)
+static PyObject *model_set_n_seq(ModelObject *self, PyObject *arg)
 {
-    long long n = PyLong_AsLongLong(arg);
+    long n = PyLong_AsLong(arg);
     if (n == -1 && PyErr_Occurred())
         return NULL;
     if (enter(self) < 0)
         return NULL;
-    int ok = g3_model_truncate(self->m, n);
+    g3_err err = {{0}, 0};
+    g3_status st = g3_model_set_n_seq(self->m, (int)(n > 4096 ? 4097 : n), &err);
+    self->busy = 0;
+    if (st)
+        return g3_py_raise(mstate((PyObject *)self), st, &err, NULL);
+    Py_RETURN_NONE;
+}
+
+static PyObject *model_seq_n_past(ModelObject *self, PyObject *arg)
+{
+    long s = PyLong_AsLong(arg);
+    if (s == -1 && PyErr_Occurred())
+        return NULL;
+    if (!self->m || s < 0 || s >= self->m->n_seq)
+        return PyErr_Format(PyExc_IndexError, "no sequence %ld", s);
+    return PyLong_FromLongLong(self->m->seqs[s].n_past);
+}
+
+static PyObject *model_truncate(ModelObject *self, PyObject *arg)
+{
+    long long n;
+    int seq = 0;
+    if (!PyArg_ParseTuple(arg, "L|i", &n, &seq))
+        return NULL;
+    if (enter(self) < 0)
+        return NULL;
+    int ok = g3_model_truncate(self->m, seq, n);
     self->busy = 0;
     return PyBool_FromLong(ok);
 }
@@ -515,8 +571,8 @@ static PyObject *model_kv_buffers(ModelObject *self, PyObject *arg)
         return PyErr_Format(PyExc_IndexError, "layer %lld out of range (%lld layers)", i,
                             (long long)self->m->cfg.n_layer);
     g3_layer *L = &self->m->layers[i];
-    PyObject *k = cache_view(self, L->k_cache, L->n_slots);
-    PyObject *v = k ? cache_view(self, L->v_cache, L->n_slots) : NULL;
+    PyObject *k = cache_view(self, self->m->seqs[0].k[i], L->n_slots);
+    PyObject *v = k ? cache_view(self, self->m->seqs[0].v[i], L->n_slots) : NULL;
     if (!v) {
         Py_XDECREF(k);
         return NULL;
@@ -526,7 +582,12 @@ static PyObject *model_kv_buffers(ModelObject *self, PyObject *arg)
 
 static PyObject *model_get_n_past(ModelObject *self, void *c)
 {
-    return PyLong_FromLongLong(self->m ? self->m->n_past : 0);
+    return PyLong_FromLongLong(self->m ? self->m->seqs[0].n_past : 0);
+}
+
+static PyObject *model_get_n_seq(ModelObject *self, void *c)
+{
+    return PyLong_FromLong(self->m ? self->m->n_seq : 0);
 }
 
 static PyObject *model_get_cache_bytes(ModelObject *self, void *c)
@@ -537,19 +598,24 @@ static PyObject *model_get_cache_bytes(ModelObject *self, void *c)
 static PyMethodDef model_methods[] = {
     {"forward", (PyCFunction)(void (*)(void))model_forward, METH_VARARGS | METH_KEYWORDS,
      "forward(ids, logits=1, embd=None, embd_mask=None)"},
-    {"reset", (PyCFunction)model_reset, METH_NOARGS, "forget every cached position"},
+    {"reset", (PyCFunction)model_reset, METH_VARARGS,
+     "reset(seq=-1): forget the cached positions of one sequence (or all)"},
+    {"set_n_seq", (PyCFunction)model_set_n_seq, METH_O, "number of independent KV caches"},
+    {"seq_n_past", (PyCFunction)model_seq_n_past, METH_O, "positions cached in a sequence"},
     {"head", (PyCFunction)model_head, METH_VARARGS,
      "head(x (n, E), normalize=True) -> (n, vocab) logits of residual vectors"},
     {"kv_buffers", (PyCFunction)model_kv_buffers, METH_O,
      "kv_buffers(layer) -> (k, v, is_global): read-only views of the layer's cache"},
-    {"truncate", (PyCFunction)model_truncate, METH_O,
-     "truncate(n) -> bool: keep the first n positions if the local rings allow it"},
+    {"truncate", (PyCFunction)model_truncate, METH_VARARGS,
+     "truncate(n, seq=0) -> bool: keep the first n positions if the local rings allow it"},
     {NULL, NULL, 0, NULL},
 };
 
 static PyGetSetDef model_getset[] = {
     {"n_past", (getter)model_get_n_past, NULL, "positions in the KV cache", NULL},
-    {"cache_bytes", (getter)model_get_cache_bytes, NULL, "bytes reserved by the KV cache", NULL},
+    {"cache_bytes", (getter)model_get_cache_bytes, NULL,
+     "bytes reserved by one sequence's KV cache", NULL},
+    {"n_seq", (getter)model_get_n_seq, NULL, "sequences with a KV cache", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
