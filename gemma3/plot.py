@@ -54,7 +54,8 @@ def token_strings(model, ids: Sequence[int]) -> list[str]:
 
 
 def _is_local(model, layer: int) -> bool:
-    return model.config.layer_types[layer] == "sliding_attention" and model.config.sliding_window > 0
+    cfg = model.config
+    return cfg.layer_types[layer] == "sliding_attention" and cfg.sliding_window > 0
 
 
 def _display(tokens: Sequence[str]) -> list[str]:
