@@ -34,7 +34,7 @@ void g3_weight_row(const g3_weight *W, int64_t r, float *dst)
     g3_type_get(W->type)->to_float(W->data + (size_t)r * W->row_bytes, dst, W->cols);
 }
 
-#define G3_BLAS_MIN_TOKENS 8      /* below this, fused dequant+dot per row wins */
+#define G3_BLAS_MIN_TOKENS 32 /* below: the per-row kernel, so a token gets the same bits at any batch size */
 #define G3_ROW_BLOCK 16           /* rows dequantized together in the small-T path */
 #define G3_TILE_FLOATS (1 << 22)  /* 16 MiB float tile in the BLAS path */
 

@@ -369,6 +369,118 @@ class Model:
             return list(self._generate_ids(self.encode(prompt), gc))
         return "".join(self.stream(prompt, **kw))
 
+    # -- batches -----------------------------------------------------------------------------
+    def generate_batch(self, prompts: Sequence[str | Sequence[int]],
+                       settings: Sequence[dict[str, Any]] | None = None, *,
+                       return_ids: bool = False, **kwargs) -> list:
+        """Generates continuations of several prompts, decoding them together: one forward
+        call per step reads the weights once for every active sequence.
+
+        ``kwargs`` are :meth:`generate`'s sampling arguments, shared by all prompts;
+        ``settings`` optionally gives one dict per prompt overriding them (its own seed,
+        temperature, stop strings, max_new_tokens...). Each sequence stops on its own. Greedy
+        results equal one-by-one :meth:`generate` exactly. Returns texts (or id lists).
+        """
+        prompts = list(prompts)
+        if settings is not None and len(settings) != len(prompts):
+            raise ValueError(f"settings has {len(settings)} entries for {len(prompts)} prompts")
+        if not prompts:
+            return []
+        gcs = []
+        for i in range(len(prompts)):
+            kw = dict(kwargs)
+            kw.update(settings[i] if settings is not None else {})
+            if isinstance(kw.get("stop"), str):
+                kw["stop"] = (kw["stop"],)
+            kw.setdefault("stop", ())
+            gc = GenerationConfig(**{k: v for k, v in kw.items()})
+            gc.validate(self.config.vocab_size)
+            gcs.append(gc)
+        ids = [self.encode(p) for p in prompts]
+        for i, p in enumerate(ids):
+            if not p:
+                raise ValueError(f"prompt {i} is empty")
+            if len(p) + 1 > self.max_seq_len:
+                raise ValueError(f"context overflow: prompt {i} has {len(p)} tokens and "
+                                 f"max_seq_len is {self.max_seq_len}")
+        with self._exclusive():
+            return self._generate_batch(ids, gcs, return_ids)
+
+    def _generate_batch(self, ids: list[list[int]], gcs: list[GenerationConfig],
+                        return_ids: bool) -> list:
+        B = len(ids)
+        core = self._core
+        if core.n_seq < B + 1:
+            core.set_n_seq(B + 1)  # sequence 0 stays the interactive context
+        seqs = list(range(1, B + 1))
+        rngs = [_core.rng_seed(g.seed if g.seed is not None else random.getrandbits(64))
+                for g in gcs]
+        stops = [self._stop_ids(g) for g in gcs]
+        out: list[list[int]] = [[] for _ in range(B)]
+        texts = [""] * B
+        decs = [self.tokenizer.stream_decoder() if self.tokenizer is not None else None
+                for _ in range(B)]
+        done = [g.max_new_tokens == 0 for g in gcs]
+        logits = {}
+        try:
+            for i, s in enumerate(seqs):  # prefill one prompt at a time, as generate() does
+                core.reset(s)
+                if done[i]:
+                    continue
+                for c in range(0, len(ids[i]), PREFILL_CHUNK):
+                    piece = np.asarray(ids[i][c:c + PREFILL_CHUNK], np.int32)
+                    last = c + PREFILL_CHUNK >= len(ids[i])
+                    lg = core.forward(piece, 1 if last else 0, seqs=np.array([s], np.int32),
+                                      lens=np.array([len(piece)], np.int64))
+                logits[i] = lg[0]
+            while True:
+                feed = []
+                for i in range(B):
+                    if done[i]:
+                        continue
+                    g = gcs[i]
+                    hist = (np.asarray(ids[i] + out[i], np.int32)
+                            if g.repetition_penalty != 1.0 else None)
+                    bias_ids = (np.array(list(g.logit_bias), np.int32) if g.logit_bias else None)
+                    bias_vals = (np.array(list(g.logit_bias.values()), np.float32)
+                                 if g.logit_bias else None)
+                    tok = _core.sample(logits[i], rngs[i], temperature=g.temperature,
+                                       top_k=g.top_k, top_p=g.top_p, min_p=g.min_p,
+                                       repetition_penalty=g.repetition_penalty, history=hist,
+                                       bias_ids=bias_ids, bias_values=bias_vals)
+                    if tok in stops[i]:
+                        done[i] = True
+                        continue
+                    out[i].append(tok)
+                    if decs[i] is not None and g.stop:
+                        texts[i] += decs[i].push(tok)
+                        if any(st in texts[i] for st in g.stop):
+                            done[i] = True
+                            continue
+                    n_ctx = len(ids[i]) + len(out[i])
+                    if len(out[i]) >= g.max_new_tokens or n_ctx + 1 > self.max_seq_len:
+                        done[i] = True
+                        continue
+                    feed.append((i, tok))
+                if not feed:
+                    break
+                lg = core.forward(np.array([t for _, t in feed], np.int32), 1,
+                                  seqs=np.array([seqs[i] for i, _ in feed], np.int32),
+                                  lens=np.ones(len(feed), np.int64))
+                for row, (i, _) in enumerate(feed):
+                    logits[i] = lg[row]
+        finally:
+            for s in seqs:
+                core.reset(s)
+        if return_ids:
+            return out
+        results = []
+        for i in range(B):
+            text = self.tokenizer.decode(out[i]) if self.tokenizer is not None else ""
+            cut = min((text.find(st) for st in gcs[i].stop if st in text), default=-1)
+            results.append(text[:cut] if cut >= 0 else text)
+        return results
+
     # -- looking inside ----------------------------------------------------------------------
     @property
     def kv_cache(self) -> _inspect.KVCache:
