@@ -172,6 +172,25 @@ size_t g3_model_cache_bytes(const g3_model *m)
     return total;
 }
 
+g3_status g3_model_copy_seq(g3_model *m, int src, int dst, g3_err *err)
+{
+    if (src < 0 || src >= m->n_seq || dst < 0 || dst >= m->n_seq)
+        return g3_fail(err, G3_ERR_ARG, "sequences %d and %d must be in 0..%d", src, dst,
+                       m->n_seq - 1);
+    if (src == dst)
+        return G3_OK;
+    const g3_seq *a = &m->seqs[src];
+    g3_seq *b = &m->seqs[dst];
+    const size_t row = (size_t)(m->cfg.n_head_kv * m->cfg.head_dim) * sizeof(float);
+    for (int64_t i = 0; i < m->cfg.n_layer; i++) {
+        int64_t used = a->n_past < m->layers[i].n_slots ? a->n_past : m->layers[i].n_slots;
+        memcpy(b->k[i], a->k[i], (size_t)used * row);
+        memcpy(b->v[i], a->v[i], (size_t)used * row);
+    }
+    b->n_past = a->n_past;
+    return G3_OK;
+}
+
 void g3_model_reset(g3_model *m, int seq)
 {
     for (int s = 0; s < m->n_seq; s++)

@@ -70,6 +70,8 @@ void g3_model_reset(g3_model *m, int seq); /* seq < 0: every sequence */
  * will need: n >= n_past - 1, or nothing has wrapped yet. Returns 1 on success, 0 if not. */
 int g3_model_truncate(g3_model *m, int seq, int64_t n);
 size_t g3_model_cache_bytes(const g3_model *m); /* of one sequence */
+/* Makes sequence dst hold the same cached context as src (copies the used slots). */
+g3_status g3_model_copy_seq(g3_model *m, int src, int dst, g3_err *err);
 
 /* Optional capture of one layer's internals, into caller-owned buffers (NULL = not captured).
  * Attention maps cover the selected heads and query rows [q0, q1) of the batch, over every key

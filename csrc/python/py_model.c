@@ -471,6 +471,23 @@ static PyObject *model_set_n_seq(ModelObject *self, PyObject *arg)
     Py_RETURN_NONE;
 }
 
+static PyObject *model_copy_seq(ModelObject *self, PyObject *args)
+{
+    int src, dst;
+    if (!PyArg_ParseTuple(args, "ii", &src, &dst))
+        return NULL;
+    if (enter(self) < 0)
+        return NULL;
+    g3_err err = {{0}, 0};
+    g3_status st;
+    Py_BEGIN_ALLOW_THREADS st = g3_model_copy_seq(self->m, src, dst, &err);
+    Py_END_ALLOW_THREADS
+    self->busy = 0;
+    if (st)
+        return g3_py_raise(mstate((PyObject *)self), st, &err, NULL);
+    Py_RETURN_NONE;
+}
+
 static PyObject *model_seq_n_past(ModelObject *self, PyObject *arg)
 {
     long s = PyLong_AsLong(arg);
@@ -602,6 +619,8 @@ static PyMethodDef model_methods[] = {
      "reset(seq=-1): forget the cached positions of one sequence (or all)"},
     {"set_n_seq", (PyCFunction)model_set_n_seq, METH_O, "number of independent KV caches"},
     {"seq_n_past", (PyCFunction)model_seq_n_past, METH_O, "positions cached in a sequence"},
+    {"copy_seq", (PyCFunction)model_copy_seq, METH_VARARGS,
+     "copy_seq(src, dst): dst gets src's cached context"},
     {"head", (PyCFunction)model_head, METH_VARARGS,
      "head(x (n, E), normalize=True) -> (n, vocab) logits of residual vectors"},
     {"kv_buffers", (PyCFunction)model_kv_buffers, METH_O,
