@@ -1,9 +1,11 @@
-"""Command line: ``python -m gemma3 generate|chat|info ...``."""
+"""Command line: ``python -m gemma3 generate|chat|info|inspect ...``."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+
+import numpy as np
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -85,6 +87,46 @@ def cmd_info(a) -> int:
     return 0
 
 
+def cmd_inspect(a) -> int:
+    model = _load(a)
+    cfg = model.config
+    if not 0 <= a.layer < cfg.num_layers:
+        raise ValueError(f"--layer {a.layer} out of range (the model has {cfg.num_layers})")
+    if not 0 <= a.head < cfg.num_heads:
+        raise ValueError(f"--head {a.head} out of range (the model has {cfg.num_heads} heads)")
+    ids = model.encode(a.text)
+    name = f"blocks.{a.layer}.attn.hook_pattern"
+    _, cache = model.run_with_cache(ids, names=[name], heads=[a.head], logits="none")
+    p = cache[name][0]  # (T, T)
+    local = cfg.layer_types[a.layer] == "sliding_attention" and cfg.sliding_window > 0
+    window = cfg.sliding_window if local else None
+    from . import plot
+
+    toks = plot.token_strings(model, ids)
+    kind = f"local, window {window}" if local else "global"
+    print(f"layer {a.layer} ({kind}), head {a.head}: {len(ids)} tokens; top attended keys "
+          f"per query")
+    k = max(1, a.top)
+    for i in range(len(ids)):
+        best = np.argsort(-p[i, :i + 1], kind="stable")[:k]
+        keys = ", ".join(f"{j} {toks[j]!r} {p[i, j]:.2f}" for j in best)
+        print(f"  {i:4d} {toks[i]!r:>16}  ->  {keys}")
+    if a.out:
+        try:
+            fig = plot.attention_heatmap(p, toks, layer=a.layer, head=a.head, window=window)
+        except ImportError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        fig.savefig(a.out, dpi=120)
+        print(f"wrote {a.out}")
+    if a.html:
+        page = plot.attention_html(p, toks, title=f"layer {a.layer} head {a.head} ({kind})")
+        with open(a.html, "w", encoding="utf-8") as f:
+            f.write(page)
+        print(f"wrote {a.html}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m gemma3",
                                  description="Run and study Gemma 3 on the CPU.")
@@ -102,6 +144,17 @@ def main(argv: list[str] | None = None) -> int:
     i = sub.add_parser("info", help="print a GGUF file's metadata summary")
     i.add_argument("--model", "-m", default=None)
     i.set_defaults(func=cmd_info)
+    s = sub.add_parser("inspect", help="attention pattern of one layer/head: heatmap, summary")
+    s.add_argument("text", help="prompt text (tokenized with BOS)")
+    s.add_argument("--layer", type=int, required=True)
+    s.add_argument("--head", type=int, default=0)
+    s.add_argument("--out", default=None, help="save the heatmap here (PNG, needs matplotlib)")
+    s.add_argument("--html", default=None, help="also write a standalone HTML attention view")
+    s.add_argument("--top", type=int, default=3, help="keys listed per query (default 3)")
+    s.add_argument("--model", "-m", default=None)
+    s.add_argument("--threads", type=int, default=None)
+    s.add_argument("--max-seq-len", type=int, default=None)
+    s.set_defaults(func=cmd_inspect)
     a = ap.parse_args(argv)
     try:
         return a.func(a)
