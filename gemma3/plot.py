@@ -19,6 +19,7 @@ import html as _html
 import json
 import os
 import tempfile
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -362,5 +363,7 @@ def show_html(html: str, height: int = 260) -> Any:
         return path
     frame = (f'<iframe srcdoc="{_html.escape(html, quote=True)}" '
              f'style="width:100%;height:{int(height)}px;border:1px solid #ddd"></iframe>')
-    display(HTML(frame))
+    with warnings.catch_warnings():  # IPython suggests IFrame, which needs a URL, not a page
+        warnings.simplefilter("ignore", UserWarning)
+        display(HTML(frame))
     return None
