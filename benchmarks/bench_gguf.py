@@ -76,7 +76,8 @@ def main():
     print(f"# {cpu_flags()}; {os.cpu_count()} cpus; numpy {np.__version__}; gguf {version('gguf')}")
     print(f"# {args.path}: {size / 2**20:.1f} MiB, tensor data {tensor_bytes / 2**20:.1f} MiB")
     print(f"# median of {args.runs} runs (gguf: {args.peer_runs}) after a warm-up; warm page cache")
-    hdr = f"{'open':22} {'median ms':>10} {'vs gguf':>9} {'RSS growth MiB':>15} {'% of tensors':>13}"
+    hdr = (f"{'open':22} {'median ms':>10} {'vs gguf':>9} {'RSS growth MiB':>15} "
+           f"{'% of tensors':>13}")
     print(hdr)
     print("-" * len(hdr))
     rows = {}

@@ -123,8 +123,9 @@ def test_dequantize_every_tensor_bit_identical(model_pair):
             got = flat[r : r + step].reshape(ref.shape)
             if not np.array_equal(got.view(np.uint32), ref.view(np.uint32)):
                 bad = np.argwhere(got.view(np.uint32) != ref.view(np.uint32))
+                at = tuple(bad[0])
                 pytest.fail(f"{t.name} ({t.tensor_type.name}) rows {r}+: {len(bad)} mismatches, "
-                            f"first at {bad[0].tolist()}: {got[tuple(bad[0])]} vs {ref[tuple(bad[0])]}")
+                            f"first at {list(at)}: {got[at]} vs {ref[at]}")
 
 
 @needs_model

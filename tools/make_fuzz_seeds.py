@@ -42,8 +42,8 @@ def seeds(rng: np.random.Generator) -> dict[str, bytes]:
         w.add("gemma3.block_count", 1)
         for i, ty in enumerate(types):
             shape = [(256,), (2, 256), (1, 2, 256), (1, 1, 1, 256)][i % 4]
-            w.add_tensor(f"blk.0.{ty.lower()}.weight", rng.standard_normal(shape).astype(np.float32),
-                         type=ty)
+            x = rng.standard_normal(shape).astype(np.float32)
+            w.add_tensor(f"blk.0.{ty.lower()}.weight", x, type=ty)
         out[f"tensors_align{align}"] = w.to_bytes()
 
     # types without a quantizer here: raw random blocks (any bit pattern must decode safely)
