@@ -5,8 +5,9 @@
  * elements for the float formats, whose "block" is one element) is decoded into a stack buffer by
  * the to_float reference of ref.c, so the weights are exactly the reference dequantization. Every
  * 32 elements are summed into a float partial, partials into a per-chunk sum, chunk sums into the
- * total: the longest chain of float32 roundings is 32 + chunk / 32 + n / chunk additions, short enough for the dot tolerance of
- * tests/tolerances.py (DOT_F32_REL). No FMA: ISO C mode keeps products and sums separately rounded.
+ * total: the longest chain of float32 roundings is 32 + chunk / 32 + n / chunk additions, short
+ * enough for the dot tolerance of tests/tolerances.py (DOT_F32_REL). No FMA: ISO C mode keeps
+ * products and sums separately rounded.
  */
 #include "quant/blocks.h"
 
