@@ -155,6 +155,11 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--threads", type=int, default=None)
     s.add_argument("--max-seq-len", type=int, default=None)
     s.set_defaults(func=cmd_inspect)
+    from . import eval as _eval
+
+    e = sub.add_parser("eval", help="run an evaluation task file (JSON Lines; see gemma3.eval)")
+    _eval.add_arguments(e)
+    e.set_defaults(func=_eval.run_cli)
     a = ap.parse_args(argv)
     try:
         return a.func(a)

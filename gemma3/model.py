@@ -481,6 +481,39 @@ class Model:
             results.append(text[:cut] if cut >= 0 else text)
         return results
 
+    # -- scoring (gemma3.eval) ------------------------------------------------------------------
+    def loglikelihood(self, context: str | Sequence[int], continuation: str | Sequence[int]
+                      ) -> tuple[float, bool]:
+        """(sum log-probability of ``continuation`` given ``context``, whether greedy decoding
+        would produce it). Text is tokenized as lm-eval-harness does (see gemma3.eval); runs on
+        extra KV sequences, leaving the interactive context alone."""
+        from . import eval as _eval
+
+        return _eval.loglikelihood(self, context, continuation)
+
+    def loglikelihood_batch(self, requests: Sequence[tuple[Any, Any]], **kwargs
+                            ) -> list[tuple[float, bool]]:
+        """:meth:`loglikelihood` of many (context, continuation) pairs, several per forward call;
+        pairs with the same context (multiple-choice answers) share its KV cache."""
+        from . import eval as _eval
+
+        return _eval.loglikelihood_batch(self, requests, **kwargs)
+
+    def loglikelihood_rolling(self, text: str | Sequence[int], max_length: int | None = None
+                              ) -> float:
+        """Log-likelihood of a whole text in disjoint windows (lm-eval-harness semantics)."""
+        from . import eval as _eval
+
+        return _eval.loglikelihood_rolling(self, text, max_length)
+
+    def perplexity(self, text: str | Sequence[int], n_ctx: int, stride: int | None = None,
+                   protocol: str = "llama.cpp"):
+        """Token perplexity and bits per byte under ``protocol`` "llama.cpp" (llama-perplexity)
+        or "hf" (the Hugging Face strided-window recipe); returns gemma3.eval.Perplexity."""
+        from . import eval as _eval
+
+        return _eval.perplexity(self, text, n_ctx, stride, protocol)
+
     # -- looking inside ----------------------------------------------------------------------
     @property
     def kv_cache(self) -> _inspect.KVCache:
