@@ -14,9 +14,12 @@ continuation, then every continuation is fed in the same calls. Only the rows th
 continuation token get logits (at most ``LOGITS_ROWS`` rows per call), and each row is reduced to
 its target's log-probability right away, so a ``(n_tokens, vocab)`` matrix never exists.
 
-The forward pass computes each row independently of the other rows in its call and of the thread
-count, so batching changes no number: ``loglikelihood_batch`` returns bit-identical values to
-scoring the requests one at a time.
+Batching changes numbers only by float32 rounding: calls of fewer than 32 tokens run a per-row
+kernel whose bits do not depend on the batch or the thread count, larger calls go through BLAS
+sgemm, whose rounding depends on the call's shape and thread count (about 1e-7 relative on a
+log-probability). The eval job therefore cuts the task file into fixed shards by input position,
+so a record is always scored in the same calls: with the same ``--threads`` its result is
+bit-identical whether the run was interrupted, which worker ran it, or Ray did.
 
 Tokenization of a text pair follows lm-eval-harness (``TemplateLM._encode_pair``): whitespace at
 the end of the context is moved to the front of the continuation (``"Q: 2+2 = "``, ``"4"`` is
@@ -460,10 +463,10 @@ def _text(model: Model, v):
 
 
 def run_records(model: Model, recs: Sequence[dict]) -> list[dict]:
-    """Results of a shard of records, in order. Each result depends only on its record (scoring
-    is bit-identical however requests are batched; generation is greedy-batched), so any
-    sharding gives the same results. Also returns, in each result's "_tokens", the tokens the
-    record put through the model (for tokens/s; removed before writing)."""
+    """Results of a shard of records, in order: the scoring requests of all its records are
+    batched together, generation records decode together (generate_batch). Each result also
+    carries "_tokens", the tokens its record put through the model (for tokens/s; removed before
+    writing)."""
     out: list = [None] * len(recs)
     ll = [i for i, r in enumerate(recs) if r["type"] in ("loglikelihood", "multiple_choice")]
     pairs, owner = [], []
@@ -691,33 +694,40 @@ def run_job(tasks: str, out: str, model_path: str | None = None, workers: int | 
     if stray:
         raise ValueError(f"{out} holds results for ids not in {tasks} (e.g. {stray[0]}): use "
                          f"another --out")
-    todo = [r for r in recs if json.dumps(r["id"]) not in done]
+    # fixed shards of the input (not of what is left), so a resumed run batches each record
+    # exactly as an uninterrupted one; a shard with any result missing is rerun whole
+    shards = [sh for sh in _shards(recs) if any(json.dumps(r["id"]) not in done for r in sh)]
+    n_left = sum(json.dumps(r["id"]) not in done for sh in shards for r in sh)
     n_cpu = os.cpu_count() or 1
     if workers is None:
         workers = n_cpu
-    workers = max(1, min(int(workers), max(1, len(_shards(todo)))))
+    workers = max(1, min(int(workers), max(1, len(shards))))
     if threads is None:
         threads = max(1, n_cpu // workers)
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(recs), initial=len(recs) - len(todo), unit="rec", desc="eval")
+        bar = tqdm(total=len(recs), initial=len(recs) - n_left, unit="rec", desc="eval")
     t0 = time.perf_counter()
     n_tokens = 0
     with open(out, "a", encoding="utf-8") as f:
         def write(results: list[dict]) -> None:
             nonlocal n_tokens
+            new = 0
             for res in results:
                 n_tokens += res.pop("_tokens", 0)
+                key = json.dumps(res["id"])
+                if key in done:  # written before an interruption
+                    continue
                 f.write(json.dumps(res) + "\n")
-                done[json.dumps(res["id"])] = res
+                done[key] = res
+                new += 1
             f.flush()
             os.fsync(f.fileno())
             if bar is not None:
-                bar.update(len(results))
+                bar.update(new)
 
-        shards = _shards(todo)
         if ray_address is not None and ray_address is not False:
             _run_ray(shards, write, model_path, workers, threads, ray_address,
                      ray_init_kwargs or {})

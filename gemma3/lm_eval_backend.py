@@ -30,17 +30,20 @@ from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
 from . import eval as _eval
-from .model import load
+from .model import Model, load
 
 
 @register_model("gemma3")
 class Gemma3LM(TemplateLM):
     def __init__(self, path: str | None = None, threads: int | None = None,
                  max_seq_len: int | None = None, max_length: int | None = None,
-                 seqs: int | None = None, batch_size: int | str | None = None, **kwargs) -> None:
+                 seqs: int | None = None, batch_size: int | str | None = None,
+                 model: Model | None = None, **kwargs) -> None:
         super().__init__()
-        self.model = load(path, n_threads=int(threads) if threads else None,
-                          max_seq_len=int(max_seq_len) if max_seq_len else None)
+        if model is None:  # model: an already loaded gemma3.Model (Python use only)
+            model = load(path, n_threads=int(threads) if threads else None,
+                         max_seq_len=int(max_seq_len) if max_seq_len else None)
+        self.model = model
         if self.model.tokenizer is None:
             raise ValueError("the gemma3 lm-eval backend needs a checkpoint with a tokenizer")
         self.tokenizer = self.model.tokenizer
