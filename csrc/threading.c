@@ -102,6 +102,41 @@ static g3_status matmul_blas(const g3_weight *W, const float *x, int64_t T, floa
     return G3_OK;
 }
 
+g3_status g3_matmul_multi(int n, const g3_weight *const *W, const float *x, int64_t T,
+                          float *const *y, g3_err *err)
+{
+    int fused = T < G3_BLAS_MIN_TOKENS;
+    int64_t total = 0;
+    for (int i = 0; i < n; i++) {
+        fused = fused && g3_type_get(W[i]->type)->dot_f32 && W[i]->cols == W[0]->cols;
+        total += W[i]->rows;
+    }
+    if (!fused) {
+        for (int i = 0; i < n; i++) {
+            g3_status st = g3_matmul(W[i], x, T, y[i], err);
+            if (st)
+                return st;
+        }
+        return G3_OK;
+    }
+    /* one parallel region over the rows of every matrix (q/k/v, gate/up share their input) */
+    const int64_t cols = W[0]->cols;
+    const int nt = g3_get_threads();
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t gr = 0; gr < total; gr++) {
+        int i = 0;
+        int64_t r = gr;
+        while (r >= W[i]->rows)
+            r -= W[i++]->rows;
+        const g3_weight *w = W[i];
+        const g3_dot_f32_fn dot = g3_type_get(w->type)->dot_f32;
+        const uint8_t *row = w->data + (size_t)r * w->row_bytes;
+        for (int64_t t = 0; t < T; t++)
+            y[i][t * w->rows + r] = dot(row, x + t * cols, cols);
+    }
+    return G3_OK;
+}
+
 g3_status g3_matmul(const g3_weight *W, const float *x, int64_t T, float *y, g3_err *err)
 {
     if (T >= G3_BLAS_MIN_TOKENS)

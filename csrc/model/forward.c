@@ -23,6 +23,21 @@
 #include "kernels/ops.h"
 #include "model/model.h"
 
+g3_profile g3_prof;
+const char *const g3_prof_names[G3_PROF_N] = {
+    "embed", "norms", "qkv_proj", "qk_norm_rope", "attention", "o_proj", "gate_up_proj", "geglu",
+    "down_proj", "lm_head",
+};
+
+/* Times a statement into g3_prof when profiling is on (one branch otherwise). */
+#define PROF(cat, stmt)                                                                            \
+    do {                                                                                           \
+        double t0_ = g3_prof.enabled ? omp_get_wtime() : 0.0;                                      \
+        stmt;                                                                                      \
+        if (g3_prof.enabled)                                                                       \
+            g3_prof.seconds[cat] += omp_get_wtime() - t0_;                                         \
+    } while (0)
+
 typedef struct {
     float *x, *h, *q, *k, *v, *z, *g, *u, *scores;
     int64_t *key_hi; /* (T) last key position visible to each query (image groups extend it) */
@@ -214,6 +229,15 @@ static void save(float *dst, const float *src, int64_t n)
         memcpy(dst, src, sizeof(float) * (size_t)n);
 }
 
+/* g = gelu(g) * u over n values, flat so a single decoded token still uses every thread */
+static void geglu_rows(float *g, const float *u, int64_t n, int nt)
+{
+    const int64_t chunk = 512;
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t i0 = 0; i0 < n; i0 += chunk)
+        g3_geglu_f32(g + i0, u + i0, g + i0, i0 + chunk < n ? chunk : n - i0);
+}
+
 static g3_status layer_forward(g3_model *m, int64_t il, scratch *s, int64_t T, int nt,
                                const g3_layer_capture *cap, g3_err *err)
 {
@@ -221,39 +245,42 @@ static g3_status layer_forward(g3_model *m, int64_t il, scratch *s, int64_t T, i
     const g3_layer *L = &m->layers[il];
     const int64_t E = c->n_embd, F = c->n_ff;
     const int64_t nq = T * c->n_head * c->head_dim, nkv = T * c->n_head_kv * c->head_dim;
-    g3_status st;
+    g3_status st = G3_OK;
     if (cap)
         save(cap->resid_pre, s->x, T * E);
-    norm_rows(s->x, L->attn_norm, s->h, T, E, c->eps, nt);
-    if ((st = g3_matmul(&L->q, s->h, T, s->q, err)) || (st = g3_matmul(&L->k, s->h, T, s->k, err)) ||
-        (st = g3_matmul(&L->v, s->h, T, s->v, err)))
+    PROF(G3_PROF_NORM, norm_rows(s->x, L->attn_norm, s->h, T, E, c->eps, nt));
+    const g3_weight *qkv[3] = {&L->q, &L->k, &L->v};
+    float *qkv_out[3] = {s->q, s->k, s->v};
+    PROF(G3_PROF_QKV, st = g3_matmul_multi(3, qkv, s->h, T, qkv_out, err));
+    if (st)
         return st;
-    qk_norm_rope(m, L, s, T, nt);
-    attention(m, il, s, T, nt, cap);
-    store_kv(m, il, s, T);
+    PROF(G3_PROF_ROPE, qk_norm_rope(m, L, s, T, nt));
+    PROF(G3_PROF_ATTN, attention(m, il, s, T, nt, cap); store_kv(m, il, s, T));
     if (cap) {
         save(cap->q, s->q, nq);
         save(cap->k, s->k, nkv);
         save(cap->v, s->v, nkv);
         save(cap->z, s->z, nq);
     }
-    if ((st = g3_matmul(&L->o, s->z, T, s->h, err)))
+    PROF(G3_PROF_OPROJ, st = g3_matmul(&L->o, s->z, T, s->h, err));
+    if (st)
         return st;
-    add_normed(s->x, s->h, L->post_attn_norm, T, E, c->eps, nt);
+    PROF(G3_PROF_NORM, add_normed(s->x, s->h, L->post_attn_norm, T, E, c->eps, nt));
     if (cap) {
         save(cap->attn_out, s->h, T * E);
         save(cap->resid_mid, s->x, T * E);
     }
-    norm_rows(s->x, L->ffn_norm, s->h, T, E, c->eps, nt);
-    if ((st = g3_matmul(&L->gate, s->h, T, s->g, err)) ||
-        (st = g3_matmul(&L->up, s->h, T, s->u, err)))
+    PROF(G3_PROF_NORM, norm_rows(s->x, L->ffn_norm, s->h, T, E, c->eps, nt));
+    const g3_weight *gu[2] = {&L->gate, &L->up};
+    float *gu_out[2] = {s->g, s->u};
+    PROF(G3_PROF_GATE_UP, st = g3_matmul_multi(2, gu, s->h, T, gu_out, err));
+    if (st)
         return st;
-#pragma omp parallel for num_threads(nt) schedule(static)
-    for (int64_t t = 0; t < T; t++)
-        g3_geglu_f32(s->g + t * F, s->u + t * F, s->g + t * F, F);
-    if ((st = g3_matmul(&L->down, s->g, T, s->h, err)))
+    PROF(G3_PROF_GEGLU, geglu_rows(s->g, s->u, T * F, nt));
+    PROF(G3_PROF_DOWN, st = g3_matmul(&L->down, s->g, T, s->h, err));
+    if (st)
         return st;
-    add_normed(s->x, s->h, L->post_ffn_norm, T, E, c->eps, nt);
+    PROF(G3_PROF_NORM, add_normed(s->x, s->h, L->post_ffn_norm, T, E, c->eps, nt));
     if (cap) {
         save(cap->mlp_out, s->h, T * E);
         save(cap->resid_post, s->x, T * E);
@@ -348,6 +375,7 @@ g3_status g3_model_forward(g3_model *m, const g3_batch *b, g3_err *err)
         return st;
     plan_tokens(m, b, &s);
 
+    double t_embed = g3_prof.enabled ? omp_get_wtime() : 0.0;
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (int64_t t = 0; t < T; t++) {
         float *x = s.x + t * E;
@@ -358,6 +386,11 @@ g3_status g3_model_forward(g3_model *m, const g3_batch *b, g3_err *err)
             for (int64_t i = 0; i < E; i++)
                 x[i] *= c->embd_scale;
         }
+    }
+    if (g3_prof.enabled) {
+        g3_prof.seconds[G3_PROF_EMBED] += omp_get_wtime() - t_embed;
+        g3_prof.forwards++;
+        g3_prof.tokens += T;
     }
     const g3_capture *cap = b->capture;
     for (int64_t i = 0; i < c->n_layer && !st; i++)
@@ -372,8 +405,8 @@ g3_status g3_model_forward(g3_model *m, const g3_batch *b, g3_err *err)
                 if (t + 1 == T || s.first[t + 1] != s.first[t])
                     memcpy(s.x + (n++) * E, s.x + t * E, sizeof(float) * E);
         }
-        norm_rows(s.x, m->output_norm, s.h, n, E, c->eps, nt);
-        st = g3_matmul(&m->output, s.h, n, b->logits, err);
+        PROF(G3_PROF_LM_HEAD, norm_rows(s.x, m->output_norm, s.h, n, E, c->eps, nt);
+             st = g3_matmul(&m->output, s.h, n, b->logits, err));
         if (!st && c->final_softcap > 0) {
             const float cap_v = c->final_softcap;
             for (int64_t i = 0; i < n * c->n_vocab; i++)

@@ -113,8 +113,25 @@ g3_status g3_model_forward(g3_model *m, const g3_batch *b, g3_err *err);
 
 /* y (T, W->rows) = x (T, W->cols) @ W^T; parallel (threading.c). */
 g3_status g3_matmul(const g3_weight *W, const float *x, int64_t T, float *y, g3_err *err);
+/* n products sharing the input x (same cols): y[i] = x @ W[i]^T, one parallel region when the
+ * per-row kernel is used. */
+g3_status g3_matmul_multi(int n, const g3_weight *const *W, const float *x, int64_t T,
+                          float *const *y, g3_err *err);
 /* Dequantizes row r of W into dst (W->cols floats). */
 void g3_weight_row(const g3_weight *W, int64_t r, float *dst);
+
+/* Optional per-op timing of forward passes (seconds accumulated while enabled). */
+enum {
+    G3_PROF_EMBED, G3_PROF_NORM, G3_PROF_QKV, G3_PROF_ROPE, G3_PROF_ATTN, G3_PROF_OPROJ,
+    G3_PROF_GATE_UP, G3_PROF_GEGLU, G3_PROF_DOWN, G3_PROF_LM_HEAD, G3_PROF_N
+};
+typedef struct {
+    int enabled;
+    double seconds[G3_PROF_N];
+    int64_t forwards, tokens;
+} g3_profile;
+extern g3_profile g3_prof;
+extern const char *const g3_prof_names[G3_PROF_N];
 
 /* threading.c: the one place thread counts are set (OpenMP and BLAS). */
 void g3_set_threads(int n);

@@ -4,6 +4,9 @@
 
 #include "kernels/ops.h"
 #include "kernels/sample.h"
+#include "model/model.h"
+
+#include <omp.h>
 
 #include <math.h>
 #include <string.h>
@@ -256,7 +259,40 @@ static PyObject *py_rng_seed(PyObject *mod, PyObject *arg)
     return a;
 }
 
+/* read_bandwidth(array) -> seconds for one parallel streaming read of the whole array (sum of
+ * float32 with wide loads; the STREAM-like probe the benchmarks compare decode against) */
+static PyObject *py_read_bandwidth(PyObject *mod, PyObject *arg)
+{
+    PyArrayObject *a = (PyArrayObject *)PyArray_FROMANY(arg, NPY_FLOAT32, 1, 1, NPY_ARRAY_IN_ARRAY);
+    if (!a)
+        return NULL;
+    const float *d = PyArray_DATA(a);
+    const int64_t n = PyArray_DIM(a, 0);
+    double t = 0.0, total = 0.0;
+    enum { CHUNK = 4096 }; /* 16 KiB of ones stays in L1 while the array streams through */
+    float *ones = PyMem_Malloc(sizeof(float) * CHUNK);
+    if (!ones) {
+        Py_DECREF(a);
+        return PyErr_NoMemory();
+    }
+    for (int i = 0; i < CHUNK; i++)
+        ones[i] = 1.0f;
+    Py_BEGIN_ALLOW_THREADS
+    t = omp_get_wtime();
+    const int nt = g3_get_threads();
+#pragma omp parallel for num_threads(nt) reduction(+ : total) schedule(static)
+    for (int64_t i0 = 0; i0 < n; i0 += CHUNK)
+        total += g3_dot_f32(d + i0, ones, i0 + CHUNK < n ? CHUNK : n - i0);
+    t = omp_get_wtime() - t;
+    Py_END_ALLOW_THREADS
+    PyMem_Free(ones);
+    Py_DECREF(a);
+    return Py_BuildValue("(dd)", t, total);
+}
+
 PyMethodDef g3_py_kernel_methods[] = {
+    {"read_bandwidth", py_read_bandwidth, METH_O,
+     "read_bandwidth(float32 array) -> (seconds, checksum) of a parallel streaming read"},
     {"rmsnorm", py_rmsnorm, METH_VARARGS, "rmsnorm(x (..., n), w (n), eps) -> float32"},
     {"rope", py_rope, METH_VARARGS, "rope(x (T, H, D), positions (T), base, freq_scale)"},
     {"geglu", py_geglu, METH_VARARGS, "geglu(gate, up) -> gelu_tanh(gate) * up"},

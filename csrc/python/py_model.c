@@ -672,7 +672,36 @@ static PyObject *py_get_threads(PyObject *mod, PyObject *unused)
     return PyLong_FromLong(g3_get_threads());
 }
 
+/* profile(enable: bool | None) -> dict of seconds per op since the last reset (resets it) */
+static PyObject *py_profile(PyObject *mod, PyObject *args)
+{
+    int enable = -1;
+    if (!PyArg_ParseTuple(args, "|p", &enable))
+        return NULL;
+    PyObject *d = PyDict_New();
+    for (int i = 0; d && i < G3_PROF_N; i++) {
+        PyObject *v = PyFloat_FromDouble(g3_prof.seconds[i]);
+        if (!v || PyDict_SetItemString(d, g3_prof_names[i], v) < 0)
+            Py_CLEAR(d);
+        Py_XDECREF(v);
+    }
+    if (d) {
+        PyObject *f = PyLong_FromLongLong(g3_prof.forwards), *t = PyLong_FromLongLong(g3_prof.tokens);
+        if (!f || !t || PyDict_SetItemString(d, "forwards", f) < 0 ||
+            PyDict_SetItemString(d, "tokens", t) < 0)
+            Py_CLEAR(d);
+        Py_XDECREF(f);
+        Py_XDECREF(t);
+    }
+    int was = g3_prof.enabled;
+    memset(&g3_prof, 0, sizeof g3_prof);
+    g3_prof.enabled = enable < 0 ? was : enable;
+    return d;
+}
+
 static PyMethodDef thread_methods[] = {
+    {"profile", py_profile, METH_VARARGS,
+     "profile(enable=None) -> per-op seconds of forward passes since the last call (resets)"},
     {"set_num_threads", py_set_threads, METH_O, "threads for OpenMP and BLAS (0 = all cores)"},
     {"get_num_threads", py_get_threads, METH_NOARGS, "current thread count"},
     {NULL, NULL, 0, NULL},
