@@ -1,0 +1,225 @@
+"""llama-bench-style table: gemma3 vs llama.cpp on the same GGUF, same threads, same run.
+
+    python benchmarks/bench_generate.py [--model PATH] [--threads 1 2] [--depths 0 4096]
+                                        [--reps 3] [--no-peer]
+
+Columns: pp512 (prompt processing, tokens/s over a 512-token batch) and tg128 (generation,
+tokens/s over 128 single-token steps), each after `depth` tokens already in the cache; median of
+--reps runs after a warm-up. The peer is llama.cpp through llama-cpp-python (its version is
+printed), with the same thread count, batch 512 and an F16 KV cache (its default).
+
+Also printed: decode memory traffic (bytes of weights read per token x tokens/s) next to a
+streaming-read probe of this machine, and gemma3's per-op breakdown of one decode step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+
+import numpy as np
+
+# Spinning OpenMP threads fight BLAS threads and other processes; see gemma3/__init__.py.
+import gemma3
+from gemma3 import _core
+
+PP, TG = 512, 128
+
+
+def cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    fl = set(line.split(":")[1].split())
+                    keep = ["avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni",
+                            "avx512_bf16"]
+                    return " ".join(k for k in keep if k in fl)
+    except OSError:
+        pass
+    return platform.machine()
+
+
+def tokens_for(n: int, vocab: int, seed: int) -> list[int]:
+    rng = np.random.default_rng(seed)
+    return [2] + rng.integers(1000, min(vocab, 200000), n - 1).tolist()
+
+
+# ---------------------------------------------------------------------------------------------
+# gemma3
+
+def g3_run(model, depth: int, reps: int):
+    ctx = tokens_for(depth + PP + TG + 8, model.config.vocab_size, 1)
+    pp, tg = [], []
+    for r in range(reps + 1):  # first round is the warm-up
+        core = model._core
+        core.reset(0)
+        if depth:
+            for s in range(0, depth, 512):
+                core.forward(np.asarray(ctx[s:min(s + 512, depth)], np.int32), 0)
+        t = time.perf_counter()
+        core.forward(np.asarray(ctx[depth:depth + PP], np.int32), 1)
+        t_pp = time.perf_counter() - t
+        # tg: single-token steps after depth (cache truncated back to depth)
+        core.reset(0)
+        if depth:
+            for s in range(0, depth, 512):
+                core.forward(np.asarray(ctx[s:min(s + 512, depth)], np.int32), 0)
+        else:
+            core.forward(np.asarray(ctx[:1], np.int32), 1)
+        t = time.perf_counter()
+        for i in range(TG):
+            lg = core.forward(np.asarray([ctx[depth + 1 + i]], np.int32), 1)
+            int(lg[0].argmax())  # what a greedy loop does with the logits
+        t_tg = time.perf_counter() - t
+        if r:
+            pp.append(PP / t_pp)
+            tg.append(TG / t_tg)
+    return statistics.median(pp), statistics.median(tg)
+
+
+def g3_breakdown(model, steps: int = 32) -> dict[str, float]:
+    core = model._core
+    core.reset(0)
+    core.forward(np.asarray(tokens_for(16, model.config.vocab_size, 3), np.int32), 1)
+    _core.profile(True)
+    for i in range(steps):
+        core.forward(np.asarray([1000 + i], np.int32), 1)
+    p = _core.profile(False)
+    return {k: v / steps for k, v in p.items() if k not in ("forwards", "tokens")}
+
+
+# ---------------------------------------------------------------------------------------------
+# llama.cpp
+
+def llama_open(path: str, threads: int, n_ctx: int):
+    import llama_cpp
+
+    return llama_cpp.Llama(model_path=path, n_threads=threads, n_threads_batch=threads,
+                           n_ctx=n_ctx, n_batch=512, n_ubatch=512, logits_all=False,
+                           verbose=False)
+
+
+def llama_run(llm, depth: int, reps: int, vocab: int):
+    import llama_cpp
+
+    ctx = tokens_for(depth + PP + TG + 8, vocab, 1)
+    pp, tg = [], []
+
+    def clear():
+        llm.reset()
+        mem = llama_cpp.llama_get_memory(llm.ctx) if hasattr(llama_cpp, "llama_get_memory") \
+            else None
+        if mem is not None:
+            llama_cpp.llama_memory_clear(mem, True)
+        else:
+            llama_cpp.llama_kv_cache_clear(llm.ctx)
+
+    for r in range(reps + 1):
+        clear()
+        if depth:
+            llm.eval(ctx[:depth])
+        t = time.perf_counter()
+        llm.eval(ctx[depth:depth + PP])
+        t_pp = time.perf_counter() - t
+        clear()
+        llm.eval(ctx[:depth] if depth else ctx[:1])
+        t = time.perf_counter()
+        for i in range(TG):
+            llm.eval([ctx[depth + 1 + i]])
+        t_tg = time.perf_counter() - t
+        if r:
+            pp.append(PP / t_pp)
+            tg.append(TG / t_tg)
+    return statistics.median(pp), statistics.median(tg)
+
+
+# ---------------------------------------------------------------------------------------------
+
+def bandwidth_probe(threads: int, mib: int = 1024, reps: int = 5) -> float:
+    _core.set_num_threads(threads)
+    a = np.ones(mib * 2**18, np.float32)
+    _core.read_bandwidth(a)
+    return a.nbytes / statistics.median(_core.read_bandwidth(a)[0] for _ in range(reps)) / 1e9
+
+
+def weight_bytes_per_token(path: str) -> int:
+    f = gemma3.GGUFFile(path)
+    return sum(t.nbytes for t in f.tensors.values())
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--depths", type=int, nargs="+", default=[0, 4096])
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--no-peer", action="store_true")
+    a = ap.parse_args(argv)
+    path = str(a.model or gemma3.default_model_path())
+    n_ctx = max(a.depths) + PP + TG + 16
+    peer = None
+    if not a.no_peer:
+        try:
+            import llama_cpp
+
+            peer = f"llama.cpp via llama-cpp-python {llama_cpp.__version__}"
+        except ImportError:
+            print("llama-cpp-python is not installed: `pip install llama-cpp-python` to compare",
+                  file=sys.stderr)
+    print(f"model: {path}")
+    print(f"cpu: {os.cpu_count()} cores, flags: {cpu_flags()}; gemma3 kernels: "
+          f"{_core.isa()['selected']}; peer: {peer or 'none'}")
+    print(f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')} "
+          f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT')}; load average {os.getloadavg()}")
+    rows = []
+    tg2 = None
+    for th in a.threads:
+        gemma3.set_num_threads(th)
+        model = gemma3.load(path, max_seq_len=n_ctx)
+        llm = llama_open(path, th, n_ctx) if peer else None
+        for d in a.depths:
+            g_pp, g_tg = g3_run(model, d, a.reps)
+            l_pp, l_tg = llama_run(llm, d, a.reps, model.config.vocab_size) if llm else (None,
+                                                                                          None)
+            rows.append((th, d, g_pp, l_pp, g_tg, l_tg))
+            if d == 0 and th == max(a.threads):
+                tg2 = g_tg
+            print(f"  measured threads={th} depth={d}", file=sys.stderr)
+        if th == max(a.threads):
+            breakdown = g3_breakdown(model)
+        del model, llm
+
+    def ratio(x, y):
+        return f"{x / y:6.2f}x" if x and y else "     -"
+
+    def num(x):
+        return f"{x:9.1f}" if x else "        -"
+
+    print()
+    print("| threads | depth | test  | gemma3 t/s | llama.cpp t/s | ratio |")
+    print("|--------:|------:|:------|-----------:|--------------:|------:|")
+    for th, d, g_pp, l_pp, g_tg, l_tg in rows:
+        print(f"| {th:7d} | {d:5d} | pp{PP} | {num(g_pp)}  | {num(l_pp)}     | {ratio(g_pp, l_pp)} |")
+        print(f"| {th:7d} | {d:5d} | tg{TG} | {num(g_tg)}  | {num(l_tg)}     | {ratio(g_tg, l_tg)} |")
+    bpt = weight_bytes_per_token(path)
+    bw = bandwidth_probe(max(a.threads))
+    if tg2:
+        ach = bpt * tg2 / 1e9
+        print(f"\ndecode memory traffic: {bpt / 2**20:.1f} MiB of weights per token x {tg2:.1f} t/s "
+              f"= {ach:.2f} GB/s; streaming-read probe ({max(a.threads)} threads, 1 GiB): "
+              f"{bw:.2f} GB/s -> {100 * ach / bw:.0f}% of the roofline "
+              f"(roofline {bw * 1e9 / bpt:.1f} t/s)")
+    tot = sum(breakdown.values())
+    print(f"\ngemma3 decode step ({max(a.threads)} threads, depth 16): {tot * 1e3:.2f} ms")
+    for k, v in sorted(breakdown.items(), key=lambda kv: -kv[1]):
+        print(f"  {k:14s} {v * 1e3:7.3f} ms  {100 * v / tot:5.1f}%")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
