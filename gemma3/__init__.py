@@ -3,8 +3,16 @@
 The C core (``gemma3._core``) is private; this package re-exports the public API.
 """
 
-from ._core import FormatError, UnsupportedError
-from ._default import default_model_path
+import os as _os
+
+# OpenMP threads that spin after a parallel region take the CPU from OpenBLAS's threads and from
+# other processes; on a busy 2-core machine decode ran 3-4x slower with the default spin. Keep the
+# spin short unless the user chose a policy (must be set before libgomp loads with _core).
+if "OMP_WAIT_POLICY" not in _os.environ and "GOMP_SPINCOUNT" not in _os.environ:
+    _os.environ["GOMP_SPINCOUNT"] = "20000"
+
+from ._core import FormatError, UnsupportedError  # noqa: E402
+from ._default import default_model_path  # noqa: E402
 from .config import Gemma3Config
 from .gguf import GGUFFile, GGUFWriter, TensorInfo
 from .model import GenerationConfig, Model, load, set_num_threads

@@ -616,10 +616,34 @@ class Model:
             ids += self.tokenizer.encode(text, add_bos=False, parse_special=markup)
         return ids
 
+    def close(self) -> None:
+        """Releases the weights and the KV cache (and the file mapping once no view of the
+        cache or the file is alive). The model cannot be used afterwards."""
+        with self._exclusive():
+            self._core = _Closed()
+            self._owners = None
+            self._ids = []
+
+    def __enter__(self) -> Model:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def __repr__(self) -> str:
         c = self.config
         return (f"<gemma3.Model {c.name or os.path.basename(self.path)!r}: {c.num_layers} layers, "
                 f"width {c.hidden_size}, vocab {c.vocab_size}, max_seq_len {self.max_seq_len}>")
+
+
+class _Closed:
+    """Stands in for the C model after close(): every use raises a clear error."""
+
+    n_past = 0
+    n_seq = 0
+
+    def __getattr__(self, name):
+        raise RuntimeError("this model was closed")
 
 
 @dataclass
@@ -674,10 +698,32 @@ def load(path: str | os.PathLike | None = None, *, n_threads: int | None = None,
                      else None)
     if max_seq_len is None:
         max_seq_len = min(cfg.context_length, 32768)
-    if not isinstance(max_seq_len, int) or max_seq_len < 1:
+    if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 1:
         raise ValueError(f"max_seq_len must be a positive integer, got {max_seq_len!r}")
+    check_cache_fits(cfg, max_seq_len)
     core = build_core(cfg, weights, max_seq_len)
     return Model(core, cfg, tokenizer, path, owners, max_seq_len)
+
+
+def kv_cache_bytes(cfg: Gemma3Config, max_seq_len: int) -> int:
+    """Bytes one sequence's KV cache reserves: float32 K and V; global layers hold every
+    position, local layers a ring of min(window, max_seq_len) slots."""
+    per_pos = 2 * 4 * cfg.num_kv_heads * cfg.head_dim
+    n_global = len(cfg.global_layers)
+    local = min(cfg.sliding_window, max_seq_len) if cfg.sliding_window else max_seq_len
+    return per_pos * (n_global * max_seq_len + (cfg.num_layers - n_global) * local)
+
+
+def check_cache_fits(cfg: Gemma3Config, max_seq_len: int, n_seq: int = 1) -> None:
+    """MemoryError before allocating when the KV cache could never fit in this machine's RAM."""
+    need = n_seq * kv_cache_bytes(cfg, max_seq_len)
+    try:
+        ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return
+    if need > ram:
+        raise MemoryError(f"a KV cache for max_seq_len={max_seq_len} needs {need / 2**30:.1f} GiB "
+                          f"but this machine has {ram / 2**30:.1f} GiB of RAM; lower max_seq_len")
 
 
 def set_num_threads(n: int) -> None:

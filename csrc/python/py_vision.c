@@ -1,0 +1,340 @@
+/* py_vision.c — _core.VisionTower: binds the SigLIP tower + projector weights given by
+ * gemma3/vision.py and encodes images with the GIL released.
+ *
+ * VisionTower(config: dict, weights: dict)
+ *   config: image_size, patch_size, n_embd, n_ff, n_layer, n_head, n_mm_tokens, n_embd_text, eps
+ *   weights: matrices as (type_id, rows, cols, ndarray) — patch_embd (n_embd, 3 p p),
+ *     blk.{i}.{attn_q, attn_k, attn_v, attn_out, ffn_up (fc1), ffn_down (fc2)},
+ *     mm.input_projection (n_embd_text, n_embd); float32 vectors — patch_embd.bias,
+ *     position_embd (n_patches * n_embd), blk.{i}.{ln1, ln2}.{weight, bias},
+ *     blk.{i}.{attn_q, attn_k, attn_v, attn_out, ffn_up, ffn_down}.bias, post_ln.{weight, bias},
+ *     mm.soft_emb_norm (the full multiplier 1 + w).
+ * The arrays are kept referenced for the tower's lifetime (they may be views of a file mapping).
+ * One call at a time: a second thread entering while an encode runs gets RuntimeError.
+ */
+#include "py.h"
+#include "np.h"
+
+#include <string.h>
+
+#include "vision/siglip.h"
+
+typedef struct {
+    PyObject_HEAD
+    g3_vision *v;
+    PyObject *keep; /* arrays whose memory the tower points into */
+    int busy;
+} VisionObject;
+
+static g3_module_state *vstate(PyObject *self) { return g3_py_state_from_type(Py_TYPE(self)); }
+
+static int get_int(PyObject *d, const char *key, int64_t *out)
+{
+    PyObject *o = PyDict_GetItemString(d, key);
+    if (!o) {
+        PyErr_Format(PyExc_KeyError, "vision config is missing '%s'", key);
+        return -1;
+    }
+    long long x = PyLong_AsLongLong(o);
+    if (x == -1 && PyErr_Occurred())
+        return -1;
+    *out = x;
+    return 0;
+}
+
+static int bind_mat(VisionObject *self, PyObject *weights, const char *name, g3_weight *w)
+{
+    PyObject *item = PyDict_GetItemString(weights, name);
+    g3_module_state *ms = vstate((PyObject *)self);
+    if (!item) {
+        PyErr_Format(ms->FormatError, "missing vision tensor '%s'", name);
+        return -1;
+    }
+    int type;
+    long long rows, cols;
+    PyObject *arr;
+    if (!PyArg_ParseTuple(item, "iLLO!;weights entries are (type_id, rows, cols, ndarray)", &type,
+                          &rows, &cols, &PyArray_Type, &arr))
+        return -1;
+    PyArrayObject *a = (PyArrayObject *)arr;
+    const g3_type_traits *tt = g3_type_get(type);
+    if (!tt->known || !tt->to_float || rows < 1 || cols < 1) {
+        PyErr_Format(ms->UnsupportedError,
+                     "vision tensor '%s': unsupported type id %d or shape (%lld, %lld)", name, type,
+                     rows, cols);
+        return -1;
+    }
+    size_t rb = g3_row_size(type, cols);
+    if (!rb || !PyArray_IS_C_CONTIGUOUS(a) || (size_t)PyArray_NBYTES(a) != rb * (size_t)rows) {
+        PyErr_Format(ms->FormatError,
+                     "vision tensor '%s': %zd bytes given, (%lld, %lld) of %s needs %zu "
+                     "contiguous bytes",
+                     name, (Py_ssize_t)PyArray_NBYTES(a), rows, cols, tt->name, rb * (size_t)rows);
+        return -1;
+    }
+    if (PyList_Append(self->keep, arr) < 0)
+        return -1;
+    w->type = type;
+    w->rows = rows;
+    w->cols = cols;
+    w->row_bytes = rb;
+    w->data = PyArray_DATA(a);
+    return 0;
+}
+
+static int bind_vec(VisionObject *self, PyObject *weights, const char *name, int64_t n,
+                    const float **out)
+{
+    PyObject *arr = PyDict_GetItemString(weights, name);
+    if (!arr) {
+        PyErr_Format(vstate((PyObject *)self)->FormatError, "missing vision tensor '%s'", name);
+        return -1;
+    }
+    PyArrayObject *a = (PyArrayObject *)arr;
+    if (!PyArray_Check(arr) || PyArray_TYPE(a) != NPY_FLOAT32 || !PyArray_IS_C_CONTIGUOUS(a) ||
+        PyArray_SIZE(a) != n) {
+        PyErr_Format(vstate((PyObject *)self)->FormatError,
+                     "vision tensor '%s' must be a contiguous float32 array of %lld values", name,
+                     (long long)n);
+        return -1;
+    }
+    if (PyList_Append(self->keep, arr) < 0)
+        return -1;
+    *out = PyArray_DATA(a);
+    return 0;
+}
+
+static int bind_layer(VisionObject *self, PyObject *w, int64_t i)
+{
+    g3_vision_layer *L = &self->v->layers[i];
+    const int64_t D = self->v->cfg.n_embd, F = self->v->cfg.n_ff;
+    char n[64];
+#define MAT(field, nm) (snprintf(n, sizeof n, "blk.%lld." nm, (long long)i), bind_mat(self, w, n, &L->field))
+#define VEC(field, nm, len)                                                                        \
+    (snprintf(n, sizeof n, "blk.%lld." nm, (long long)i), bind_vec(self, w, n, len, &L->field))
+    if (MAT(q, "attn_q") || MAT(k, "attn_k") || MAT(v, "attn_v") || MAT(o, "attn_out") ||
+        MAT(fc1, "ffn_up") || MAT(fc2, "ffn_down") || VEC(q_b, "attn_q.bias", D) ||
+        VEC(k_b, "attn_k.bias", D) || VEC(v_b, "attn_v.bias", D) ||
+        VEC(o_b, "attn_out.bias", D) || VEC(fc1_b, "ffn_up.bias", F) ||
+        VEC(fc2_b, "ffn_down.bias", D) || VEC(ln1_w, "ln1.weight", D) ||
+        VEC(ln1_b, "ln1.bias", D) || VEC(ln2_w, "ln2.weight", D) || VEC(ln2_b, "ln2.bias", D))
+        return -1;
+#undef MAT
+#undef VEC
+    return 0;
+}
+
+static int vision_init(VisionObject *self, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"config", "weights", NULL};
+    PyObject *cd, *w;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!O!", kwlist, &PyDict_Type, &cd, &PyDict_Type,
+                                     &w))
+        return -1;
+    if (self->v) {
+        PyErr_SetString(PyExc_RuntimeError, "VisionTower already initialised");
+        return -1;
+    }
+    g3_vision_config c;
+    memset(&c, 0, sizeof c);
+    PyObject *eps = PyDict_GetItemString(cd, "eps");
+    c.eps = eps ? (float)PyFloat_AsDouble(eps) : 1e-6f;
+    if (PyErr_Occurred() || get_int(cd, "image_size", &c.image_size) ||
+        get_int(cd, "patch_size", &c.patch_size) || get_int(cd, "n_embd", &c.n_embd) ||
+        get_int(cd, "n_ff", &c.n_ff) || get_int(cd, "n_layer", &c.n_layer) ||
+        get_int(cd, "n_head", &c.n_head) || get_int(cd, "n_mm_tokens", &c.n_mm_tokens) ||
+        get_int(cd, "n_embd_text", &c.n_embd_text))
+        return -1;
+    g3_module_state *ms = vstate((PyObject *)self);
+    g3_err err = {{0}, 0};
+    g3_status st = g3_vision_create(&c, &self->v, &err);
+    if (st) {
+        g3_py_raise(ms, st, &err, NULL);
+        return -1;
+    }
+    g3_vision *v = self->v;
+    const int64_t D = c.n_embd;
+    self->keep = PyList_New(0);
+    if (!self->keep || bind_mat(self, w, "patch_embd", &v->patch) < 0 ||
+        bind_vec(self, w, "patch_embd.bias", D, &v->patch_b) < 0 ||
+        bind_vec(self, w, "position_embd", v->n_patches * D, &v->pos) < 0 ||
+        bind_vec(self, w, "post_ln.weight", D, &v->post_w) < 0 ||
+        bind_vec(self, w, "post_ln.bias", D, &v->post_b) < 0 ||
+        bind_vec(self, w, "mm.soft_emb_norm", D, &v->mm_norm) < 0 ||
+        bind_mat(self, w, "mm.input_projection", &v->mm_proj) < 0)
+        goto fail;
+    for (int64_t i = 0; i < c.n_layer; i++)
+        if (bind_layer(self, w, i) < 0)
+            goto fail;
+    if ((st = g3_vision_check(v, &err))) {
+        g3_py_raise(ms, st, &err, NULL);
+        goto fail;
+    }
+    return 0;
+fail:
+    g3_vision_free(self->v);
+    self->v = NULL;
+    Py_CLEAR(self->keep);
+    return -1;
+}
+
+static void vision_dealloc(VisionObject *self)
+{
+    PyTypeObject *tp = Py_TYPE(self);
+    g3_vision_free(self->v);
+    Py_XDECREF(self->keep);
+    tp->tp_free((PyObject *)self);
+    Py_DECREF(tp);
+}
+
+/* Writable C-contiguous float32 array of exactly n elements, or None. */
+static int out_buffer(PyObject *o, const char *what, npy_intp n, float **out)
+{
+    *out = NULL;
+    if (!o || o == Py_None)
+        return 0;
+    PyArrayObject *a = (PyArrayObject *)o;
+    if (!PyArray_Check(o) || PyArray_TYPE(a) != NPY_FLOAT32 || !PyArray_ISCARRAY(a) ||
+        PyArray_SIZE(a) != n) {
+        PyErr_Format(PyExc_ValueError,
+                     "%s must be a writable C-contiguous float32 array of %zd values", what,
+                     (Py_ssize_t)n);
+        return -1;
+    }
+    *out = PyArray_DATA(a);
+    return 0;
+}
+
+/* encode(pixels (n, 3, S, S) float32, hidden=None | (n, P, D), attn_layer=-1,
+ *        attn=None | (n, heads, P, P)) -> (n, n_mm_tokens, n_embd_text) float32 */
+static PyObject *vision_encode(VisionObject *self, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"pixels", "hidden", "attn_layer", "attn", NULL};
+    PyObject *px_o, *hid_o = Py_None, *attn_o = Py_None;
+    long long attn_layer = -1;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|OLO", kwlist, &px_o, &hid_o, &attn_layer,
+                                     &attn_o))
+        return NULL;
+    if (!self->v)
+        return PyErr_Format(PyExc_RuntimeError, "VisionTower is not initialised");
+    if (self->busy)
+        return PyErr_Format(PyExc_RuntimeError,
+                            "this vision tower is already encoding in another thread");
+    const g3_vision *v = self->v;
+    const g3_vision_config *c = &v->cfg;
+    PyArrayObject *px = (PyArrayObject *)PyArray_FROMANY(px_o, NPY_FLOAT32, 4, 4,
+                                                         NPY_ARRAY_IN_ARRAY);
+    if (!px)
+        return NULL;
+    PyArrayObject *out = NULL;
+    PyObject *ret = NULL;
+    const npy_intp n = PyArray_DIM(px, 0), P = v->n_patches, D = c->n_embd;
+    if (PyArray_DIM(px, 1) != 3 || PyArray_DIM(px, 2) != c->image_size ||
+        PyArray_DIM(px, 3) != c->image_size) {
+        PyErr_Format(PyExc_ValueError,
+                     "pixel_values must be (n, 3, %lld, %lld) float32, got shape (%zd, %zd, %zd, "
+                     "%zd)",
+                     (long long)c->image_size, (long long)c->image_size, PyArray_DIM(px, 0),
+                     PyArray_DIM(px, 1), PyArray_DIM(px, 2), PyArray_DIM(px, 3));
+        goto done;
+    }
+    if (attn_layer >= c->n_layer || (attn_o != Py_None && attn_layer < 0)) {
+        PyErr_Format(PyExc_ValueError, "attention layer %lld out of range (the tower has %lld)",
+                     attn_layer, (long long)c->n_layer);
+        goto done;
+    }
+    float *hid, *att;
+    if (out_buffer(hid_o, "hidden", n * P * D, &hid) < 0 ||
+        out_buffer(attn_o, "attn", n * c->n_head * P * P, &att) < 0)
+        goto done;
+    npy_intp dims[3] = {n, c->n_mm_tokens, c->n_embd_text};
+    out = (PyArrayObject *)PyArray_SimpleNew(3, dims, NPY_FLOAT32);
+    if (!out)
+        goto done;
+    {
+        const float *pd = PyArray_DATA(px);
+        float *od = PyArray_DATA(out);
+        const size_t img = (size_t)3 * c->image_size * c->image_size;
+        const size_t oimg = (size_t)c->n_mm_tokens * c->n_embd_text;
+        g3_err err = {{0}, 0};
+        g3_status st = G3_OK;
+        self->busy = 1;
+        Py_BEGIN_ALLOW_THREADS
+        for (npy_intp i = 0; i < n && !st; i++) {
+            g3_vision_capture cap = {
+                .hidden = hid ? hid + (size_t)i * P * D : NULL,
+                .attn_layer = att ? attn_layer : -1,
+                .attn = att ? att + (size_t)i * c->n_head * P * P : NULL,
+            };
+            st = g3_vision_encode(v, pd + i * img, od + i * oimg, &cap, &err);
+        }
+        Py_END_ALLOW_THREADS
+        self->busy = 0;
+        if (st) {
+            g3_py_raise(vstate((PyObject *)self), st, &err, NULL);
+            goto done;
+        }
+    }
+    ret = (PyObject *)out;
+    out = NULL;
+done:
+    Py_XDECREF(px);
+    Py_XDECREF(out);
+    return ret;
+}
+
+static PyObject *vision_get(VisionObject *self, void *which)
+{
+    if (!self->v)
+        return PyErr_Format(PyExc_RuntimeError, "VisionTower is not initialised");
+    const g3_vision *v = self->v;
+    switch ((int)(intptr_t)which) {
+    case 0:
+        return PyLong_FromLongLong(v->n_patches);
+    case 1:
+        return PyLong_FromLongLong(v->cfg.n_mm_tokens);
+    default:
+        return PyLong_FromLongLong(v->pool);
+    }
+}
+
+static PyMethodDef vision_methods[] = {
+    {"encode", (PyCFunction)(void (*)(void))vision_encode, METH_VARARGS | METH_KEYWORDS,
+     "encode(pixels (n, 3, S, S), hidden=None, attn_layer=-1, attn=None) -> (n, M, n_embd_text)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef vision_getset[] = {
+    {"n_patches", (getter)vision_get, NULL, "patches per image", (void *)0},
+    {"n_mm_tokens", (getter)vision_get, NULL, "projected tokens per image", (void *)1},
+    {"pool", (getter)vision_get, NULL, "average-pooling kernel (patches per token side)",
+     (void *)2},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyType_Slot vision_slots[] = {
+    {Py_tp_init, vision_init},
+    {Py_tp_new, PyType_GenericNew},
+    {Py_tp_dealloc, vision_dealloc},
+    {Py_tp_methods, vision_methods},
+    {Py_tp_getset, vision_getset},
+    {Py_tp_doc, "VisionTower(config, weights): the C SigLIP tower + projector (private)"},
+    {0, NULL},
+};
+
+static PyType_Spec vision_spec = {
+    .name = "gemma3._core.VisionTower",
+    .basicsize = sizeof(VisionObject),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_IMMUTABLETYPE,
+    .slots = vision_slots,
+};
+
+int g3_py_vision_init(PyObject *module, g3_module_state *st)
+{
+    PyObject *tp = PyType_FromModuleAndSpec(module, &vision_spec, NULL);
+    if (!tp)
+        return -1;
+    int rc = PyModule_AddObjectRef(module, "VisionTower", tp);
+    Py_DECREF(tp);
+    return rc;
+}
