@@ -1,0 +1,398 @@
+"""The Gemma 3 vision encoder: SigLIP tower + multimodal projector, loaded from a Hugging Face
+multimodal checkpoint directory or from a llama.cpp ``mmproj`` GGUF.
+
+``VisionTower.encode(pixel_values (n, 3, S, S) float32 in [-1, 1]) -> (n, M, n_embd_text)``
+with M = ``mm_tokens_per_image`` (256 for the released models: a 64 x 64 patch grid average-pooled
+4 x 4 to 16 x 16 tokens, row-major). Math in csrc/vision/siglip.c; references
+transformers-gemma3.md §3.1-3.2 and llama-cpp-gemma3.md §6.1, §6.3.
+
+Conventions settled here, for both formats:
+
+* matrices are ``(rows, cols)`` with ``y = W x`` (HF Linear ``[out, in]``; GGUF ``ne = [in, out]``);
+* the patch convolution ``(D, 3, p, p)`` is flattened to ``(D, 3 p p)`` in (channel, row, col)
+  order — what the C im2col writes for a patch;
+* the projector RMSNorm is bound as the full multiplier ``1 + w``: HF stores ``w``
+  (``Gemma3RMSNorm``), llama.cpp's converter stores ``1 + w`` in ``mm.soft_emb_norm.weight``;
+* the projection ``x @ P`` with HF's ``mm_input_projection_weight`` P of shape
+  ``(D, n_embd_text)`` is bound as ``P^T`` ``(n_embd_text, D)``; the mmproj tensor
+  ``mm.input_projection.weight`` (``ne = [n_embd_text, D]``) holds the same P and is transposed
+  the same way;
+* mmproj ``ffn_up``/``ffn_down`` are HF ``fc1``/``fc2``; old files had them the other way and are
+  recognised as llama.cpp does (``ffn_down`` whose ``ne[0]`` is the width is really fc1). When the
+  MLP is square (``n_ff == width``) the two layouts cannot be told apart and the current one is
+  assumed.
+* token ids (``<start_of_image>``, ``<end_of_image>``, ``<image_soft_token>``) come from the HF
+  config, or from our mmproj extension keys ``clip.gemma3.{boi,eoi,image}_token_id`` (llama.cpp
+  ignores them), else from the tokenizer, else the Gemma 3 defaults 255999 / 256000 / 262144.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from . import _core
+from ._core import FormatError, UnsupportedError
+
+__all__ = ["VisionConfig", "VisionTower", "load_hf_vision", "load_mmproj", "token_grid",
+           "token_boxes", "HF_VISION_PREFIXES", "HF_PROJECTOR_PREFIXES"]
+
+# prefixes in HF checkpoints (transformers-gemma3.md §2.9); transformers 5 folds SiglipVisionModel's
+# `vision_model.` away and its save_pretrained writes `vision_tower.embeddings...`
+HF_VISION_PREFIXES = ("model.vision_tower.vision_model.", "vision_tower.vision_model.",
+                      "model.vision_tower.", "vision_tower.")  # the last two: transformers >= 5
+HF_PROJECTOR_PREFIXES = ("model.multi_modal_projector.", "multi_modal_projector.")
+# the SigLIP configuration of every released Gemma 3 (convert_gemma3_weights.py _VISION_CONFIG);
+# SiglipVisionConfig's own class defaults (768/3072/12/12/224/16) never apply
+GEMMA3_VISION_DEFAULTS = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
+                              num_attention_heads=16, image_size=896, patch_size=14,
+                              layer_norm_eps=1e-6)
+BOI_ID, EOI_ID, IMAGE_ID = 255999, 256000, 262144
+
+# HF SigLIP layer names -> ours (mmproj names without the "v.blk.N." prefix)
+_HF_LAYER = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+             "self_attn.v_proj": "attn_v", "self_attn.out_proj": "attn_out",
+             "mlp.fc1": "ffn_up", "mlp.fc2": "ffn_down", "layer_norm1": "ln1",
+             "layer_norm2": "ln2"}
+_MATS = ("attn_q", "attn_k", "attn_v", "attn_out", "ffn_up", "ffn_down")
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """Hyper-parameters of the SigLIP tower and the Gemma 3 projector."""
+
+    image_size: int = 896
+    patch_size: int = 14
+    hidden_size: int = 1152
+    intermediate_size: int = 4304
+    num_layers: int = 27
+    num_heads: int = 16
+    layer_norm_eps: float = 1e-6
+    mm_tokens_per_image: int = 256
+    text_hidden_size: int = 2560
+    boi_token_id: int = BOI_ID
+    eoi_token_id: int = EOI_ID
+    image_token_id: int = IMAGE_ID
+
+    @property
+    def patches_per_side(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def tokens_per_side(self) -> int:
+        return int(self.mm_tokens_per_image ** 0.5)  # as the reference projector
+
+    @property
+    def pool(self) -> int:
+        return self.patches_per_side // self.tokens_per_side
+
+    def to_core(self) -> dict[str, Any]:
+        return {"image_size": self.image_size, "patch_size": self.patch_size,
+                "n_embd": self.hidden_size, "n_ff": self.intermediate_size,
+                "n_layer": self.num_layers, "n_head": self.num_heads,
+                "n_mm_tokens": self.mm_tokens_per_image, "n_embd_text": self.text_hidden_size,
+                "eps": self.layer_norm_eps}
+
+
+class VisionTower:
+    """The loaded tower + projector. ``encode`` releases the GIL and runs on the threads set by
+    :func:`gemma3.set_num_threads`."""
+
+    def __init__(self, config: VisionConfig, weights: dict[str, Any], owners: Any = None,
+                 path: str = ""):
+        self.config = config
+        self.path = path
+        self._owners = owners
+        self._core = _core.VisionTower(config.to_core(), weights)
+
+    def _pixels(self, pixel_values: Any) -> np.ndarray:
+        s = self.config.image_size
+        px = np.asarray(pixel_values)
+        if px.ndim == 3:
+            px = px[None]
+        if px.ndim != 4 or px.shape[1:] != (3, s, s):
+            raise ValueError(f"pixel_values must be (n, 3, {s}, {s}) float32 in [-1, 1], got "
+                             f"shape {px.shape}")
+        if px.dtype.kind != "f":
+            raise ValueError(f"pixel_values must be floating point, got {px.dtype}")
+        px = np.ascontiguousarray(px, dtype=np.float32)
+        if not np.isfinite(px).all():
+            raise ValueError("pixel_values contain NaN or infinity")
+        return px
+
+    def encode(self, pixel_values: Any) -> np.ndarray:
+        """``pixel_values (n, 3, S, S)`` (or one ``(3, S, S)``) float32 in [-1, 1] ->
+        ``(n, mm_tokens_per_image, n_embd_text)`` float32: the projected soft-token embeddings
+        (unscaled; they replace the ``<image_soft_token>`` rows of the text input)."""
+        return self._core.encode(self._pixels(pixel_values))
+
+    def encode_with_hidden(self, pixel_values: Any) -> tuple[np.ndarray, np.ndarray]:
+        """-> (projected ``(n, M, n_embd_text)``, tower last hidden state ``(n, P, width)``, after
+        the post LayerNorm: what HF's ``SiglipVisionModel`` returns as ``last_hidden_state``)."""
+        px = self._pixels(pixel_values)
+        c = self.config
+        hidden = np.empty((len(px), c.patches_per_side ** 2, c.hidden_size), np.float32)
+        out = self._core.encode(px, hidden)
+        return out, hidden
+
+    def attention(self, pixel_values: Any, layer: int) -> np.ndarray:
+        """Attention probabilities of one tower layer for one image:
+        ``(heads, P, P)`` float32, P = patches (4096 for the real tower: 1 GiB at 16 heads).
+        Rows are query patches, columns key patches, both row-major over the patch grid."""
+        px = self._pixels(pixel_values)
+        if len(px) != 1:
+            raise ValueError("attention() takes one image")
+        c = self.config
+        if not isinstance(layer, (int, np.integer)) or not 0 <= layer < c.num_layers:
+            raise ValueError(f"layer must be in [0, {c.num_layers}), got {layer!r}")
+        P = c.patches_per_side ** 2
+        buf = np.empty((1, c.num_heads, P, P), np.float32)
+        self._core.encode(px, None, int(layer), buf)
+        return buf[0]
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (f"<gemma3.VisionTower {c.num_layers} layers, width {c.hidden_size}, "
+                f"{c.image_size}px / {c.patch_size}, {c.mm_tokens_per_image} tokens -> "
+                f"{c.text_hidden_size}>")
+
+
+# -- the grid helper ---------------------------------------------------------------------------
+def token_grid(values: Any, tokens_per_side: int | None = None) -> np.ndarray:
+    """Reshapes per-token values ``(..., M)`` to the image's token grid ``(..., s, s)`` with
+    s = sqrt(M): token t covers grid row t // s, column t % s (row-major, top-left first), e.g.
+    a text token's attention over the 256 soft tokens of one image -> a 16 x 16 heatmap."""
+    v = np.asarray(values)
+    s = tokens_per_side or int(round(math.sqrt(v.shape[-1])))
+    if s * s != v.shape[-1]:
+        raise ValueError(f"{v.shape[-1]} tokens do not form a square grid")
+    return v.reshape(*v.shape[:-1], s, s)
+
+
+def token_boxes(size: tuple[int, int], tokens_per_side: int = 16,
+                box: tuple[int, int, int, int] | None = None) -> np.ndarray:
+    """Picture region of each soft token: ``(M, 4)`` float64 ``(x0, y0, x1, y1)`` in the
+    original picture's pixels. ``size = (width, height)`` of the picture; ``box`` the region the
+    encoded image covers (a pan & scan crop's box; default the whole picture). The encoder sees
+    the region resized to a square, so each token covers an equal (1/s x 1/s) cell of it."""
+    w, h = size
+    x0, y0, x1, y1 = box if box is not None else (0, 0, w, h)
+    s = tokens_per_side
+    t = np.arange(s * s)
+    r, c = t // s, t % s
+    cw, ch = (x1 - x0) / s, (y1 - y0) / s
+    return np.stack([x0 + c * cw, y0 + r * ch, x0 + (c + 1) * cw, y0 + (r + 1) * ch], axis=1)
+
+
+# -- loading -----------------------------------------------------------------------------------
+def _matrix(a: np.ndarray, dtype: str | None):
+    from .loader import _convert_matrix, _matrix_entry
+
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    tid, data = _convert_matrix(a, dtype)
+    return _matrix_entry(tid, a.shape, data)
+
+
+def _vec(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(np.asarray(a, dtype=np.float32).reshape(-1))
+
+
+def _find_prefix(names, prefixes: tuple[str, ...], probe: str) -> str | None:
+    return next((p for p in prefixes if f"{p}{probe}" in names), None)
+
+
+def _token_ids(hf: dict[str, Any]) -> dict[str, int]:
+    def pick(*keys, default):
+        for k in keys:
+            if hf.get(k) is not None:
+                return int(hf[k])
+        return default
+
+    return dict(boi_token_id=pick("boi_token_id", "boi_token_index", default=BOI_ID),
+                eoi_token_id=pick("eoi_token_id", "eoi_token_index", default=EOI_ID),
+                image_token_id=pick("image_token_id", "image_token_index", default=IMAGE_ID))
+
+
+def load_hf_vision(path: str, hf: dict[str, Any], where: dict[str, Any], text_hidden: int,
+                   dtype: str | None = None) -> VisionTower | None:
+    """The tower of a Hugging Face ``Gemma3ForConditionalGeneration`` directory (Hub
+    ``vision_tower.vision_model.*`` / ``multi_modal_projector.*``, ``model.``-prefixed, or
+    transformers 5's ``vision_tower.*`` names); ``where`` maps tensor names to their open safetensors shard. None when the checkpoint
+    has no vision tower (a text-only model)."""
+    names = set(where)
+    vp = _find_prefix(names, HF_VISION_PREFIXES, "embeddings.patch_embedding.weight")
+    if vp is None:
+        return None
+    pp = _find_prefix(names, HF_PROJECTOR_PREFIXES, "mm_input_projection_weight")
+    if pp is None:
+        raise FormatError(f"{path}: a vision tower but no multi_modal_projector."
+                          "mm_input_projection_weight")
+    vc = dict(GEMMA3_VISION_DEFAULTS)
+    vc.update({k: v for k, v in (hf.get("vision_config") or {}).items() if v is not None})
+    act = vc.get("hidden_act", "gelu_pytorch_tanh")
+    if act not in ("gelu_pytorch_tanh", "gelu_new", "gelu_fast"):
+        raise UnsupportedError(f"{path}: vision hidden_act {act!r}; SigLIP in Gemma 3 uses "
+                               "gelu_pytorch_tanh")
+    if vc.get("vision_use_head"):
+        pass  # the pooling head is never used by Gemma 3 (last_hidden_state feeds the projector)
+    cfg = VisionConfig(image_size=int(vc["image_size"]), patch_size=int(vc["patch_size"]),
+                       hidden_size=int(vc["hidden_size"]),
+                       intermediate_size=int(vc["intermediate_size"]),
+                       num_layers=int(vc["num_hidden_layers"]),
+                       num_heads=int(vc["num_attention_heads"]),
+                       layer_norm_eps=float(vc["layer_norm_eps"]),
+                       mm_tokens_per_image=int(hf.get("mm_tokens_per_image", 256)),
+                       text_hidden_size=int(text_hidden), **_token_ids(hf))
+
+    def get(name):
+        if name not in where:
+            raise FormatError(f"{path}: tensor {name!r} is missing")
+        return where[name].array(name)
+
+    D = cfg.hidden_size
+    low = dtype.lower() if dtype else None
+    w: dict[str, Any] = {}
+    pw = get(f"{vp}embeddings.patch_embedding.weight")
+    if pw.shape != (D, 3, cfg.patch_size, cfg.patch_size):
+        raise FormatError(f"{path}: patch_embedding is {pw.shape}, config says "
+                          f"({D}, 3, {cfg.patch_size}, {cfg.patch_size})")
+    w["patch_embd"] = _matrix(pw.reshape(D, -1), None)  # F32 like llama.cpp (row of 588)
+    w["patch_embd.bias"] = _vec(get(f"{vp}embeddings.patch_embedding.bias"))
+    w["position_embd"] = _vec(get(f"{vp}embeddings.position_embedding.weight"))
+    for i in range(cfg.num_layers):
+        for hname, ours in _HF_LAYER.items():
+            base = f"{vp}encoder.layers.{i}.{hname}"
+            if ours in _MATS:
+                w[f"blk.{i}.{ours}"] = _matrix(get(f"{base}.weight"), low)
+            else:
+                w[f"blk.{i}.{ours}.weight"] = _vec(get(f"{base}.weight"))
+            w[f"blk.{i}.{ours}.bias"] = _vec(get(f"{base}.bias"))
+    w["post_ln.weight"] = _vec(get(f"{vp}post_layernorm.weight"))
+    w["post_ln.bias"] = _vec(get(f"{vp}post_layernorm.bias"))
+    w["mm.soft_emb_norm"] = _vec(get(f"{pp}mm_soft_emb_norm.weight") + 1.0)  # HF stores w
+    proj = get(f"{pp}mm_input_projection_weight")
+    if proj.shape != (D, text_hidden):
+        raise FormatError(f"{path}: mm_input_projection_weight is {proj.shape}, expected "
+                          f"({D}, {text_hidden})")
+    w["mm.input_projection"] = _matrix(proj.T, low)
+    return VisionTower(cfg, w, owners=None, path=path)
+
+
+def _md_int(md: dict[str, Any], key: str, default: int | None = None) -> int:
+    v = md.get(key, default)
+    if v is None:
+        raise FormatError(f"mmproj metadata key {key!r} is missing")
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+        raise FormatError(f"mmproj metadata key {key!r} must be a non-negative integer, got {v!r}")
+    return int(v)
+
+
+def load_mmproj(path: str | os.PathLike, text_hidden: int | None = None,
+                dtype: str | None = None, tokenizer: Any = None) -> VisionTower:
+    """A llama.cpp ``mmproj`` GGUF (``general.architecture = "clip"``, projector ``gemma3``).
+    Tensors stay in the file mapping where they can be used as stored (the projection, which
+    needs a transpose, is converted). ``text_hidden`` checks the projection width against the
+    text model's."""
+    from .gguf import GGUFFile
+
+    path = os.fspath(path)
+    f = GGUFFile(path)
+    md = f.metadata
+    if md.get("general.architecture") != "clip":
+        raise UnsupportedError(f"{path}: general.architecture is "
+                               f"{md.get('general.architecture')!r}, an mmproj file says 'clip'")
+    ptype = md.get("clip.projector_type", md.get("clip.vision.projector_type"))
+    if ptype != "gemma3":
+        raise UnsupportedError(f"{path}: projector type {ptype!r}; only 'gemma3' is supported")
+    if md.get("clip.has_vision_encoder") is False:
+        raise FormatError(f"{path}: clip.has_vision_encoder is false")
+    k = "clip.vision."
+    image = _md_int(md, k + "image_size")
+    patch = _md_int(md, k + "patch_size")
+    if not patch or image % patch:
+        raise FormatError(f"{path}: image_size {image} is not a multiple of patch_size {patch}")
+    merge = _md_int(md, k + "projector.scale_factor", 4)
+    side = image // patch
+    if not merge or side % merge:
+        raise FormatError(f"{path}: projector.scale_factor {merge} does not divide the {side} "
+                          "patches per side")
+    proj_dim = _md_int(md, k + "projection_dim", 0)
+    ids = {}
+    for name, default, text in (("boi_token_id", BOI_ID, "<start_of_image>"),
+                                ("eoi_token_id", EOI_ID, "<end_of_image>"),
+                                ("image_token_id", IMAGE_ID, "<image_soft_token>")):
+        v = md.get(f"clip.gemma3.{name}")
+        if v is None and tokenizer is not None:
+            v = tokenizer.token_to_id(text)
+        ids[name] = int(v) if v is not None else default
+    if "mm.input_projection.weight" not in f.tensors:
+        raise FormatError(f"{path}: tensor 'mm.input_projection.weight' is missing")
+    pshape = f.tensors["mm.input_projection.weight"].shape  # (D, n_embd_text), as HF's P
+    n_text = pshape[-1]
+    if proj_dim and proj_dim != n_text:
+        raise FormatError(f"{path}: projection_dim {proj_dim} but mm.input_projection is "
+                          f"{pshape}")
+    if text_hidden is not None and n_text != text_hidden:
+        raise FormatError(f"{path}: the projector outputs width {n_text} but the text model's "
+                          f"width is {text_hidden}: mmproj and text GGUF do not belong together")
+    cfg = VisionConfig(image_size=image, patch_size=patch,
+                       hidden_size=_md_int(md, k + "embedding_length"),
+                       intermediate_size=_md_int(md, k + "feed_forward_length"),
+                       num_layers=_md_int(md, k + "block_count"),
+                       num_heads=_md_int(md, k + "attention.head_count"),
+                       layer_norm_eps=float(md.get(k + "attention.layer_norm_epsilon", 1e-6)),
+                       mm_tokens_per_image=(side // merge) ** 2, text_hidden_size=n_text, **ids)
+    D, F = cfg.hidden_size, cfg.intermediate_size
+    low = dtype.lower() if dtype else None
+
+    def t(name):
+        if name not in f.tensors:
+            raise FormatError(f"{path}: tensor {name!r} is missing")
+        return f.tensors[name]
+
+    def vec(name):
+        t(name)
+        return _vec(f.dequantize(name))
+
+    def mat(name, shape):
+        ti = t(name)
+        rows, cols = shape
+        if ti.n_elements != rows * cols or ti.shape[0] != rows:
+            raise FormatError(f"{path}: tensor {name!r} has shape {ti.shape}, expected "
+                              f"({rows}, {cols})")
+        computable = _core.type_info(ti.type_id)[4]
+        if low is None and computable:
+            return (ti.type_id, rows, cols, f.raw(name))
+        if not computable:
+            raise UnsupportedError(f"{path}: tensor {name!r} has type {ti.type}, which this "
+                                   "version cannot compute with")
+        return _matrix(f.dequantize(name).reshape(rows, cols), low)
+
+    w: dict[str, Any] = {}
+    w["patch_embd"] = mat("v.patch_embd.weight", (D, 3 * patch * patch))
+    w["patch_embd.bias"] = vec("v.patch_embd.bias")
+    w["position_embd"] = vec("v.position_embd.weight")
+    for i in range(cfg.num_layers):
+        b = f"v.blk.{i}."
+        up, down = "ffn_up", "ffn_down"
+        dshape = t(b + "ffn_down.weight").shape
+        if F != D and dshape[-1] == D:  # old mmproj: fc1/fc2 stored under swapped names
+            up, down = down, up
+        for ours in _MATS:
+            src = {"ffn_up": up, "ffn_down": down}.get(ours, ours)
+            shape = {"ffn_up": (F, D), "ffn_down": (D, F)}.get(ours, (D, D))
+            w[f"blk.{i}.{ours}"] = mat(b + src + ".weight", shape)
+            w[f"blk.{i}.{ours}.bias"] = vec(b + src + ".bias")
+        for ln in ("ln1", "ln2"):
+            w[f"blk.{i}.{ln}.weight"] = vec(b + ln + ".weight")
+            w[f"blk.{i}.{ln}.bias"] = vec(b + ln + ".bias")
+    w["post_ln.weight"] = vec("v.post_ln.weight")
+    w["post_ln.bias"] = vec("v.post_ln.bias")
+    w["mm.soft_emb_norm"] = vec("mm.soft_emb_norm.weight")  # llama.cpp stored 1 + w already
+    proj = f.dequantize("mm.input_projection.weight").reshape(D, n_text)
+    w["mm.input_projection"] = _matrix(proj.T, low)
+    return VisionTower(cfg, w, owners=f, path=path)
