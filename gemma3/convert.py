@@ -32,7 +32,7 @@ from .gguf import GGUFWriter
 from .loader import HF_LAYER, NORMS, _find_hf_prefix
 from .safetensors import SafetensorsFile
 
-__all__ = ["hf_to_gguf", "tokenizer_metadata"]
+__all__ = ["hf_to_gguf", "hf_to_mmproj_gguf", "tokenizer_metadata"]
 
 # llama.cpp's llama_ftype for the all-one-type files this writes (general.file_type)
 _FILE_TYPE = {"F32": 0, "F16": 1, "Q4_0": 2, "Q8_0": 7, "Q4_K": 15, "Q6_K": 18, "BF16": 32}
@@ -246,4 +246,104 @@ def hf_to_gguf(hf_dir: str | os.PathLike, out_path: str | os.PathLike, dtype: st
                    None)
     if lm_head and not tc.get("tie_word_embeddings", hf.get("tie_word_embeddings", True)):
         matrix("output.weight", get(lm_head)[:n_vocab])
+    w.write(out_path)
+
+
+# ---- vision: llama.cpp mmproj --------------------------------------------------------------------
+# Layout of llama.cpp's Gemma3VisionModel converter (llama-cpp-gemma3.md §6.1): general.architecture
+# "clip", projector "gemma3", tensors v.* / mm.*, HF fc1 -> ffn_up and fc2 -> ffn_down (current
+# files), mm.soft_emb_norm stored as 1 + w, mm.input_projection the HF (D, n_embd_text) matrix as
+# is (ne = [n_embd_text, D]); patch and position embeddings F32. Our extension keys
+# clip.gemma3.{boi,eoi,image}_token_id record the token ids (llama.cpp ignores them).
+_MMPROJ_LAYER = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+                 "self_attn.v_proj": "attn_v", "self_attn.out_proj": "attn_out",
+                 "mlp.fc1": "ffn_up", "mlp.fc2": "ffn_down", "layer_norm1": "ln1",
+                 "layer_norm2": "ln2"}
+
+
+def hf_to_mmproj_gguf(hf_dir: str | os.PathLike, out_path: str | os.PathLike,
+                      dtype: str = "F16", swap_ffn: bool = False) -> None:
+    """Writes the vision tower + projector of a Hugging Face ``Gemma3ForConditionalGeneration``
+    directory as a llama.cpp ``mmproj`` GGUF (pair it with :func:`hf_to_gguf`'s text file).
+
+    ``dtype``: type of the encoder matrices and of the projection ("F16" as llama.cpp, "F32",
+    "BF16", "Q8_0"; rows that are not a multiple of the block stay F32). ``swap_ffn`` writes the
+    old layout (fc1 under ffn_down) that llama.cpp still reads, for compatibility tests.
+    """
+    from .vision import (GEMMA3_VISION_DEFAULTS, HF_PROJECTOR_PREFIXES, HF_VISION_PREFIXES,
+                         _find_prefix, _token_ids)
+
+    d = Path(hf_dir)
+    cfg_path = d / "config.json"
+    if not cfg_path.is_file():
+        raise FormatError(f"{d}: no config.json in this checkpoint directory")
+    hf = json.loads(cfg_path.read_text())
+    dtype = dtype.upper()
+    if dtype not in _FILE_TYPE:
+        raise ValueError(f"dtype must be one of {sorted(_FILE_TYPE)}, got {dtype!r}")
+    where = _open_shards(d)
+    vp = _find_prefix(where, HF_VISION_PREFIXES, "embeddings.patch_embedding.weight")
+    pp = _find_prefix(where, HF_PROJECTOR_PREFIXES, "mm_input_projection_weight")
+    if vp is None or pp is None:
+        raise FormatError(f"{d}: no vision tower / multi_modal_projector in this checkpoint")
+
+    def get(name: str) -> np.ndarray:
+        if name not in where:
+            raise FormatError(f"{d}: tensor {name!r} is missing")
+        return np.ascontiguousarray(where[name].array(name), dtype=np.float32)
+
+    vc = dict(GEMMA3_VISION_DEFAULTS)
+    vc.update({k: v for k, v in (hf.get("vision_config") or {}).items() if v is not None})
+    proj = get(f"{pp}mm_input_projection_weight")
+    side = vc["image_size"] // vc["patch_size"]
+    merge = side // int(int(hf.get("mm_tokens_per_image", 256)) ** 0.5)
+    w = GGUFWriter()
+    w.add("general.architecture", "clip")
+    w.add("general.name", hf.get("_name_or_path") or d.name)
+    w.add("general.file_type", _FILE_TYPE[dtype], type="UINT32")
+    w.add("clip.projector_type", "gemma3")
+    w.add("clip.has_vision_encoder", True)
+    w.add("clip.has_text_encoder", False)
+    w.add("clip.use_gelu", True)
+    k = "clip.vision."
+    w.add(k + "image_size", int(vc["image_size"]), type="UINT32")
+    w.add(k + "patch_size", int(vc["patch_size"]), type="UINT32")
+    w.add(k + "embedding_length", int(vc["hidden_size"]), type="UINT32")
+    w.add(k + "feed_forward_length", int(vc["intermediate_size"]), type="UINT32")
+    w.add(k + "block_count", int(vc["num_hidden_layers"]), type="UINT32")
+    w.add(k + "attention.head_count", int(vc["num_attention_heads"]), type="UINT32")
+    w.add(k + "attention.layer_norm_epsilon", float(vc["layer_norm_eps"]), type="FLOAT32")
+    w.add(k + "projection_dim", int(proj.shape[1]), type="UINT32")
+    w.add(k + "image_mean", [0.5, 0.5, 0.5], elem_type="FLOAT32")
+    w.add(k + "image_std", [0.5, 0.5, 0.5], elem_type="FLOAT32")
+    if merge != 4:
+        w.add(k + "projector.scale_factor", int(merge), type="UINT32")
+    for name, v in _token_ids(hf).items():
+        w.add(f"clip.gemma3.{name}", int(v), type="UINT32")
+
+    def matrix(name: str, arr: np.ndarray) -> None:
+        t = dtype
+        if t not in ("F32", "F16", "BF16") and arr.shape[-1] % 32:
+            t = "F32"
+        w.add_tensor(name, arr, type=t)
+
+    def f32(name: str, arr: np.ndarray) -> None:
+        w.add_tensor(name, arr, type="F32")
+
+    f32("v.patch_embd.weight", get(f"{vp}embeddings.patch_embedding.weight"))
+    f32("v.patch_embd.bias", get(f"{vp}embeddings.patch_embedding.bias"))
+    f32("v.position_embd.weight", get(f"{vp}embeddings.position_embedding.weight"))
+    for i in range(int(vc["num_hidden_layers"])):
+        for hname, ours in _MMPROJ_LAYER.items():
+            if swap_ffn and ours in ("ffn_up", "ffn_down"):
+                ours = "ffn_down" if ours == "ffn_up" else "ffn_up"
+            base = f"{vp}encoder.layers.{i}.{hname}"
+            (f32 if ours in ("ln1", "ln2") else matrix)(f"v.blk.{i}.{ours}.weight",
+                                                        get(base + ".weight"))
+            f32(f"v.blk.{i}.{ours}.bias", get(base + ".bias"))
+    f32("v.post_ln.weight", get(f"{vp}post_layernorm.weight"))
+    f32("v.post_ln.bias", get(f"{vp}post_layernorm.bias"))
+    f32("mm.soft_emb_norm.weight", get(f"{pp}mm_soft_emb_norm.weight") + np.float32(1.0))
+    w.add_tensor("mm.input_projection.weight", proj,
+                 type=dtype if dtype in ("F32", "F16", "BF16") else "F16")
     w.write(out_path)
