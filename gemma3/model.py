@@ -20,6 +20,7 @@ import numpy as np
 
 from . import _core, chat as _chat
 from . import inspect as _inspect
+from . import vision as _vision
 from .config import Gemma3Config
 from .loader import build_core, is_hf_dir, load_gguf, load_hf_dir
 from .tokenizer import Tokenizer
@@ -100,6 +101,11 @@ class Model:
         self._lock = threading.Lock()
         self._epoch = 0
         self._last_attn = None
+        # Vision (gemma3.vision): the tower, and the images in the cached context as
+        # (start, digest) — a prompt reuses cached positions only up to the first image whose
+        # pixels differ, since every image's soft-token ids are the same id.
+        self.vision: _vision.VisionTower | None = None
+        self._img: list[tuple[int, str]] = []
 
     @contextmanager
     def _exclusive(self):
@@ -132,6 +138,7 @@ class Model:
         self._core.reset(0)
         self._ids = []
         self._pending = []
+        self._img = []
         self._epoch += 1
 
     @property
@@ -139,11 +146,15 @@ class Model:
         """Positions in the KV cache."""
         return self._core.n_past
 
-    def _feed(self, ids: Sequence[int], logits: int, capture: dict | None = None
-              ) -> np.ndarray | None:
+    def _feed(self, ids: Sequence[int], logits: int, capture: dict | None = None,
+              mm: list | None = None) -> np.ndarray | None:
         """Runs ids through the model after the cached context. logits: 0 none, 1 last, 2 all.
-        A capture dict (see inspect.CapturePlan) needs the ids in one call."""
+        A capture dict (see inspect.CapturePlan) needs the ids in one call. ``mm``: image spans
+        (gemma3.vision.ImageSpan, positions absolute) whose soft tokens take the image's
+        projected embeddings."""
         out = None
+        if mm:
+            return self._feed_mm(ids, logits, capture, mm)
         if capture is not None:
             self._pending = [int(t) for t in ids]
             out = self._core.forward(np.asarray(ids, dtype=np.int32), logits, capture=capture)
@@ -171,32 +182,79 @@ class Model:
                                                                 np.float32)
         return out
 
-    def _prefill(self, ids: list[int], attn: tuple | None = None) -> np.ndarray:
+    def _prefill(self, ids: list[int], attn: tuple | None = None, mm: list | None = None
+                 ) -> np.ndarray:
         """Makes the cache hold exactly ids and returns the last position's logits (vocab,).
-        With attn, self._last_attn receives the last position's attention (see _attn_capture)."""
+        With attn, self._last_attn receives the last position's attention (see _attn_capture).
+        ``mm``: the prompt's image spans (see _feed)."""
         self._sync()
         if not ids:
             raise ValueError("the prompt is empty: give at least one token (e.g. add_bos=True)")
-        self._check_ids(ids)
+        mm = mm or []
+        self._check_ids(_vision.text_positions(ids, mm, self._mm_tokens()))
         common = 0
         for a, b in zip(self._ids, ids):
             if a != b:
                 break
             common += 1
         common = min(common, len(ids) - 1)  # at least one token is fed to get logits
+        common = _vision.reusable_prefix(common, self._img, mm, self._mm_tokens())
         self._epoch += 1
         if common < len(self._ids) and not self._core.truncate(common):
             common = 0
             self._reset()
         del self._ids[common:]
+        self._img = [(s, d) for s, d in self._img if s < common]
         self._last_attn = None
+        rest_mm = [sp for sp in mm if sp.start >= common]
         if attn is None:
-            return self._feed(ids[common:], 1)[0]
+            return self._feed(ids[common:], 1, mm=rest_mm)[0]
         rest = ids[common:]
         if len(rest) > 1:  # everything but the last token as usual, the last one captured
-            self._feed(rest[:-1], 0)
+            self._feed(rest[:-1], 0, mm=rest_mm)
         cap, self._last_attn = self._attn_capture(attn, len(self._ids) + 1, 0)
         return self._feed(rest[-1:], 1, cap)[0]
+
+    def _mm_tokens(self) -> int:
+        return self.vision.config.mm_tokens_per_image if self.vision is not None else 0
+
+    def _feed_mm(self, ids: Sequence[int], logits: int, capture: dict | None, mm: list
+                 ) -> np.ndarray | None:
+        """_feed with image spans: each image's embeddings are written unscaled at its soft
+        tokens (embd / embd_mask), every image its own mask value so that consecutive images are
+        separate bidirectional blocks, and no forward call cuts through an image."""
+        if self.vision is None:
+            raise ValueError("this model has no vision tower: images need a multimodal "
+                             "checkpoint (an HF Gemma3ForConditionalGeneration directory, or "
+                             "load(text_gguf, mmproj=...))")
+        base, M, E = len(self._ids), self._mm_tokens(), self.config.hidden_size
+        arr = np.asarray(ids, dtype=np.int32)
+        if base + len(arr) > self.max_seq_len:
+            raise ValueError(f"context overflow: {base} cached + {len(arr)} new tokens "
+                             f"exceed max_seq_len={self.max_seq_len}")
+        rel = [sp.start - base for sp in mm]
+        if any(r < 0 or r + M > len(arr) for r in rel):
+            raise ValueError("an image's soft tokens fall outside the tokens being fed")
+        emb = _vision.encode_spans(self.vision, mm)  # before touching the cache
+        embd = np.zeros((len(arr), E), np.float32)
+        mask = np.zeros(len(arr), np.uint8)
+        for k, (r, sp) in enumerate(zip(rel, mm, strict=True)):
+            embd[r:r + M] = emb[sp.digest]
+            mask[r:r + M] = k % 255 + 1
+        chunk = len(arr) if capture is not None else (
+            LOGITS_CHUNK if logits == 2 else PREFILL_CHUNK)
+        parts, out = [], None
+        for s, e in _vision.chunk_bounds(len(arr), rel, M, chunk):
+            mode = logits if (logits == 2 or e == len(arr)) else 0
+            # recorded before the call: a stale entry past the cache only makes reuse stricter
+            self._img += [(sp.start, sp.digest) for sp in mm if s <= sp.start - base < e]
+            self._pending = arr[s:e].tolist()
+            out = self._core.forward(arr[s:e], mode, embd[s:e], mask[s:e], capture)
+            self._ids += self._pending
+            self._pending = []
+            if logits == 2:
+                parts.append(out)
+        return np.concatenate(parts) if logits == 2 else out
 
     def _check_ids(self, ids: Sequence[int]) -> None:
         v = self.config.vocab_size
@@ -215,22 +273,37 @@ class Model:
         self._check_ids(ids)
         return ids
 
-    def logits(self, ids: Sequence[int] | np.ndarray | str, last_only: bool = False) -> np.ndarray:
+    def logits(self, ids: Sequence[int] | np.ndarray | str, last_only: bool = False, *,
+               images: Sequence[Any] | None = None, pan_and_scan: bool = False) -> np.ndarray:
         """Logits of a sequence evaluated from an empty context.
 
         Returns ``(n_tokens, vocab) float32``, or ``(vocab,)`` with ``last_only=True``.
-        A string is tokenized with BOS.
+        A string is tokenized with BOS. ``images`` as in :meth:`generate`.
         """
+        mm: list = []
+        if images is not None:
+            ids, mm = self._prompt(ids if isinstance(ids, str) else _as_ids(ids, flatten=True),
+                                   images, pan_and_scan)
         ids = self.encode(ids) if isinstance(ids, str) else _as_ids(ids, flatten=True)
         if not ids:
             raise ValueError("logits() needs at least one token")
-        self._check_ids(ids)
+        self._check_ids(_vision.text_positions(ids, mm, self._mm_tokens()))
         with self._exclusive():
             self._sync()
             self._reset()
             if last_only:
-                return self._feed(ids, 1)[0]
-            return self._feed(ids, 2)
+                return self._feed(ids, 1, mm=mm)[0]
+            return self._feed(ids, 2, mm=mm)
+
+    def encode_image(self, image: Any, pan_and_scan: bool = False) -> np.ndarray:
+        """The projected soft-token embeddings of one picture: ``(M, n_embd)`` float32 (M = 256
+        for the released models), or ``(1 + n_crops, M, n_embd)`` with ``pan_and_scan=True``.
+        These are what replace the ``<image_soft_token>`` rows, unscaled."""
+        if self.vision is None:
+            raise ValueError("this model has no vision tower")
+        px = _vision.pixel_values(image, pan_and_scan, self.vision.config.image_size)
+        out = self.vision.encode(px)
+        return out if pan_and_scan or len(px) > 1 else out[0]
 
     def _stop_ids(self, gc: GenerationConfig) -> set[int]:
         if gc.stop_token_ids is not None:
@@ -252,7 +325,8 @@ class Model:
         return core, {L: d["pattern"][:, 0, :] for L, d in core.items()}
 
     def _generate_ids(self, prompt_ids: list[int], gc: GenerationConfig,
-                      attn: tuple | None = None, attn_out: list | None = None) -> Iterator[int]:
+                      attn: tuple | None = None, attn_out: list | None = None,
+                      mm: list | None = None) -> Iterator[int]:
         """Yields new token ids; the cache holds prompt + every yielded id but the last.
         With attn = (layers, heads), attn_out receives for each new token the attention
         pattern {layer: (heads, n_ctx)} of the query that predicted it."""
@@ -266,7 +340,7 @@ class Model:
             raise ValueError(f"context overflow: the prompt has {len(prompt_ids)} tokens and "
                              f"max_seq_len is {self.max_seq_len}")
         with self._exclusive():
-            logits = self._prefill(prompt_ids, attn)
+            logits = self._prefill(prompt_ids, attn, mm)
             epoch = self._epoch
             last_attn = self._last_attn
         history = list(prompt_ids)
@@ -293,7 +367,8 @@ class Model:
                 cap, last_attn = self._attn_capture(attn, len(self._ids) + 1, 0)
                 logits = self._feed([tok], 1, cap)[0]
 
-    def stream(self, prompt: str | Sequence[int], **kwargs) -> Iterator[str]:
+    def stream(self, prompt: str | Sequence[int], *, images: Sequence[Any] | None = None,
+               pan_and_scan: bool = False, **kwargs) -> Iterator[str]:
         """Yields text pieces as they are generated (never a broken UTF-8 sequence).
 
         Arguments as :meth:`generate`. Stop strings end the stream; their text is not yielded.
@@ -302,11 +377,36 @@ class Model:
         gc.validate(self.config.vocab_size)
         if self.tokenizer is None:
             raise ValueError("streaming text needs a tokenizer")
+        ids, mm = self._prompt(prompt, images, pan_and_scan)
+        yield from self._stream(ids, mm, gc)
+
+    def _prompt(self, prompt: str | Sequence[int], images: Sequence[Any] | None,
+                pan_and_scan: bool) -> tuple[list[int], list]:
+        """-> (ids, image spans). Text: each ``<start_of_image>`` is expanded as the reference
+        processor does and the whole string tokenized with special tokens parsed; ids: the
+        images fill the runs of ``<image_soft_token>`` ids in order."""
+        if images is None:
+            return self.encode(prompt), []
+        if isinstance(images, (str, bytes, np.ndarray)) or not isinstance(images, Sequence):
+            images = [images]
+        if self.vision is None:
+            raise ValueError("this model has no vision tower: images need a multimodal "
+                             "checkpoint (an HF Gemma3ForConditionalGeneration directory, or "
+                             "load(text_gguf, mmproj=...))")
+        vc = self.vision.config
+        pics = [_vision.pixel_values(im, pan_and_scan, vc.image_size) for im in images]
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this checkpoint has no tokenizer: pass token ids")
+            return _vision.expand_text(prompt, pics, self.tokenizer, vc)
+        ids = _as_ids(prompt)
+        return ids, _vision.spans_from_ids(ids, pics, vc)
+
+    def _stream(self, ids: list[int], mm: list, gc: GenerationConfig) -> Iterator[str]:
         dec = self.tokenizer.stream_decoder()
         held = ""  # text that could be the start of a stop string
         longest = max((len(s) for s in gc.stop), default=0)
-        ids = self.encode(prompt)
-        for tok in self._generate_ids(ids, gc):
+        for tok in self._generate_ids(ids, gc, mm=mm):
             held += dec.push(tok)
             if gc.stop:
                 cut = min((held.find(s) for s in gc.stop if s in held), default=-1)
@@ -335,8 +435,14 @@ class Model:
                  stop: Sequence[str] = (), logit_bias: dict[int, float] | None = None,
                  stop_token_ids: Sequence[int] | None = None, return_ids: bool = False,
                  return_attention: bool = False, attention_layers: Sequence[int] | None = None,
-                 attention_heads: Sequence[int] | None = None):
+                 attention_heads: Sequence[int] | None = None,
+                 images: Sequence[Any] | None = None, pan_and_scan: bool = False):
         """Generates a continuation of ``prompt`` (text, tokenized with BOS, or token ids).
+
+        ``images`` (models with a vision tower): one per ``<start_of_image>`` in a text prompt
+        (expanded as the reference processor does, ``pan_and_scan`` adding crops), or filling
+        the runs of image-token ids of an id prompt; pictures (paths, bytes, PIL, uint8 arrays)
+        or pixel_values ``(n, 3, S, S)`` float32.
 
         Defaults follow Gemma 3's published generation config (temperature 1, top-k 64,
         top-p 0.95); ``temperature=0`` is greedy. Stops on ``<eos>``/``<end_of_turn>``, on any
@@ -361,13 +467,15 @@ class Model:
             _inspect.CapturePlan.make(cfg, 1, [], layers, heads, None)  # validates
             gc = GenerationConfig(**kw)
             attn: list = []
-            ids = list(self._generate_ids(self.encode(prompt), gc, (layers, heads), attn))
+            p_ids, mm = self._prompt(prompt, images, pan_and_scan)
+            ids = list(self._generate_ids(p_ids, gc, (layers, heads), attn, mm=mm))
             text = self.tokenizer.decode(ids) if self.tokenizer is not None else ""
             return Generation(text, ids, attn)
         if return_ids:
             gc = GenerationConfig(**kw)
-            return list(self._generate_ids(self.encode(prompt), gc))
-        return "".join(self.stream(prompt, **kw))
+            p_ids, mm = self._prompt(prompt, images, pan_and_scan)
+            return list(self._generate_ids(p_ids, gc, mm=mm))
+        return "".join(self.stream(prompt, images=images, pan_and_scan=pan_and_scan, **kw))
 
     # -- batches -----------------------------------------------------------------------------
     def generate_batch(self, prompts: Sequence[str | Sequence[int]],
@@ -524,17 +632,23 @@ class Model:
 
     def run_with_cache(self, text_or_ids: str | Sequence[int], names: Sequence[str] | None = None,
                        layers: Sequence[int] | None = None, heads: Sequence[int] | None = None,
-                       query_range: tuple[int, int] | None = None, logits: str = "all"
+                       query_range: tuple[int, int] | None = None, logits: str = "all",
+                       images: Sequence[Any] | None = None, pan_and_scan: bool = False
                        ) -> tuple[np.ndarray | None, dict[str, np.ndarray]]:
         """Runs a prompt from an empty context recording activations (TransformerLens names,
         listed in gemma3.inspect). Selects by ``names``, ``layers``, attention ``heads`` and a
         ``query_range`` (rows of the attention maps). ``logits``: "all" (n_tokens, vocab),
-        "last" (vocab,) or "none". Returns (logits, cache dict)."""
+        "last" (vocab,) or "none". ``images`` as in :meth:`generate`. Returns (logits, cache
+        dict)."""
+        mm: list = []
+        if images is not None:
+            text_or_ids, mm = self._prompt(text_or_ids if isinstance(text_or_ids, str) else
+                                           [int(t) for t in text_or_ids], images, pan_and_scan)
         ids = self.encode(text_or_ids) if isinstance(text_or_ids, str) else [
             int(t) for t in text_or_ids]
         if not ids:
             raise ValueError("run_with_cache needs at least one token")
-        self._check_ids(ids)
+        self._check_ids(_vision.text_positions(ids, mm, self._mm_tokens()))
         if len(ids) > self.max_seq_len:
             raise ValueError(f"context overflow: {len(ids)} tokens, max_seq_len "
                              f"{self.max_seq_len}")
@@ -546,7 +660,7 @@ class Model:
         with self._exclusive():
             self._sync()
             self._reset()
-            lg = self._feed(ids, mode, core)
+            lg = self._feed(ids, mode, core, mm=mm)
         if mode == 1:
             lg = lg[0]
         return lg, out
@@ -591,30 +705,47 @@ class Model:
                 out_l.append(lp)
         return np.concatenate(out_i), np.concatenate(out_l)
 
-    def chat(self, messages: list[dict[str, Any]], *, stream: bool = False, **kwargs):
+    def chat(self, messages: list[dict[str, Any]], *, stream: bool = False,
+             pan_and_scan: bool = False, **kwargs):
         """Replies to a conversation (``[{"role": "user"|"assistant"|"system", "content": ...}]``).
 
         Uses the Gemma chat format; the KV cache of the previous turn is reused when the
-        conversation extends it. Returns the reply text, or an iterator of pieces with
-        ``stream=True``. Keyword arguments as :meth:`generate`.
+        conversation extends it (images included, compared by their pixels). Content may be a
+        list of items ``{"type": "text", "text": ...}`` / ``{"type": "image", "image": ...}``.
+        Returns the reply text, or an iterator of pieces with ``stream=True``. Keyword
+        arguments as :meth:`generate`.
         """
-        ids = self.chat_ids(messages)
-        it = self.stream(ids, **kwargs)
+        ids, mm = self._chat_prompt(messages, pan_and_scan)
+        it = self._chat_stream(ids, mm, kwargs)
         return it if stream else "".join(it)
+
+    def _chat_stream(self, ids: list[int], mm: list, kwargs: dict) -> Iterator[str]:
+        gc = GenerationConfig(**kwargs)
+        gc.validate(self.config.vocab_size)
+        yield from self._stream(ids, mm, gc)
 
     def chat_ids(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
                  ) -> list[int]:
-        """Token ids of the rendered conversation (with BOS)."""
+        """Token ids of the rendered conversation (with BOS; images expanded to their
+        soft-token runs)."""
+        return self._chat_prompt(messages, False, add_generation_prompt)[0]
+
+    def _chat_prompt(self, messages: list[dict[str, Any]], pan_and_scan: bool,
+                     add_generation_prompt: bool = True) -> tuple[list[int], list]:
         if self.tokenizer is None:
             raise ValueError("chat needs a tokenizer")
         segs, images = _chat.render(messages, add_generation_prompt)
         if images:
-            raise NotImplementedError("this model has no vision tower; images need a vision "
-                                      "checkpoint")
+            if self.vision is None:
+                raise NotImplementedError("this model has no vision tower; images need a vision "
+                                          "checkpoint")
+            vc = self.vision.config
+            pics = [_vision.pixel_values(im, pan_and_scan, vc.image_size) for im in images]
+            return _vision.expand_segments(segs, pics, self.tokenizer, vc)
         ids = [self.tokenizer.bos_id]
         for text, markup in segs:
             ids += self.tokenizer.encode(text, add_bos=False, parse_special=markup)
-        return ids
+        return ids, []
 
     def close(self) -> None:
         """Releases the weights and the KV cache (and the file mapping once no view of the
@@ -668,8 +799,13 @@ def _top_k_logprobs(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]
 
 
 def load(path: str | os.PathLike | None = None, *, n_threads: int | None = None,
-         max_seq_len: int | None = None, dtype: str | None = None) -> Model:
+         max_seq_len: int | None = None, dtype: str | None = None,
+         mmproj: str | os.PathLike | None = None) -> Model:
     """Loads a Gemma 3 checkpoint: a GGUF file, or a Hugging Face checkpoint directory.
+
+    Vision: a multimodal HF directory (Gemma3ForConditionalGeneration) brings its SigLIP tower;
+    a text GGUF takes llama.cpp's vision file with ``mmproj="mmproj.gguf"``. The tower is
+    ``model.vision`` (None for text-only models).
 
     With no path, the embedded default model (Gemma 3 270M, Q4_K_M) is used.
     ``n_threads``: threads for compute (default: all cores). ``max_seq_len``: positions the
@@ -688,21 +824,34 @@ def load(path: str | os.PathLike | None = None, *, n_threads: int | None = None,
         if not isinstance(n_threads, int) or n_threads < 1:
             raise ValueError(f"n_threads must be a positive integer, got {n_threads!r}")
         _core.set_num_threads(n_threads)
+    vision = None
     if is_hf_dir(path):
-        cfg, weights, _, owners = load_hf_dir(path, dtype)
+        if mmproj is not None:
+            raise ValueError("mmproj goes with a text GGUF; an HF directory carries its own "
+                             "vision tower")
+        cfg, weights, hf, owners = load_hf_dir(path, dtype)
         tok_path = os.path.join(path, "tokenizer.json")
         tokenizer = Tokenizer.from_hf_json(tok_path) if os.path.exists(tok_path) else None
+        where = {name: s for s in owners for name in s.tensors}
+        vision = _vision.load_hf_vision(path, hf, where, cfg.hidden_size, dtype)
     else:
         cfg, weights, md, owners = load_gguf(path, dtype)
         tokenizer = (Tokenizer.from_gguf_metadata(md) if "tokenizer.ggml.tokens" in md
                      else None)
+        if mmproj is not None:
+            mmproj = os.fspath(mmproj)
+            if not os.path.exists(mmproj):
+                raise FileNotFoundError(2, "no such mmproj file", mmproj)
+            vision = _vision.load_mmproj(mmproj, cfg.hidden_size, dtype, tokenizer)
     if max_seq_len is None:
         max_seq_len = min(cfg.context_length, 32768)
     if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 1:
         raise ValueError(f"max_seq_len must be a positive integer, got {max_seq_len!r}")
     check_cache_fits(cfg, max_seq_len)
     core = build_core(cfg, weights, max_seq_len)
-    return Model(core, cfg, tokenizer, path, owners, max_seq_len)
+    model = Model(core, cfg, tokenizer, path, owners, max_seq_len)
+    model.vision = vision
+    return model
 
 
 def kv_cache_bytes(cfg: Gemma3Config, max_seq_len: int) -> int:
