@@ -270,8 +270,13 @@ def hf_to_mmproj_gguf(hf_dir: str | os.PathLike, out_path: str | os.PathLike,
     "BF16", "Q8_0"; rows that are not a multiple of the block stay F32). ``swap_ffn`` writes the
     old layout (fc1 under ffn_down) that llama.cpp still reads, for compatibility tests.
     """
-    from .vision import (GEMMA3_VISION_DEFAULTS, HF_PROJECTOR_PREFIXES, HF_VISION_PREFIXES,
-                         _find_prefix, _token_ids)
+    from .vision import (
+        GEMMA3_VISION_DEFAULTS,
+        HF_PROJECTOR_PREFIXES,
+        HF_VISION_PREFIXES,
+        _find_prefix,
+        _token_ids,
+    )
 
     d = Path(hf_dir)
     cfg_path = d / "config.json"
