@@ -32,18 +32,26 @@ def _gen_kwargs(a) -> dict:
 def _load(a):
     import gemma3
 
-    return gemma3.load(a.model, n_threads=a.threads, max_seq_len=a.max_seq_len)
+    kw = {"mmproj": a.mmproj} if getattr(a, "mmproj", None) else {}
+    return gemma3.load(a.model, n_threads=a.threads, max_seq_len=a.max_seq_len, **kw)
 
 
 def cmd_generate(a) -> int:
     model = _load(a)
     prompt = a.prompt if a.prompt is not None else sys.stdin.read()
+    images = a.image or []
     if a.chat:
-        pieces = model.chat([{"role": "user", "content": prompt}], stream=True, **_gen_kwargs(a))
+        content = ([{"type": "image", "image": f} for f in images]
+                   + [{"type": "text", "text": prompt}]) if images else prompt
+        pieces = model.chat([{"role": "user", "content": content}], stream=True,
+                            pan_and_scan=a.pan_and_scan, **_gen_kwargs(a))
     else:
+        if images and "<start_of_image>" not in prompt:  # the pictures go first
+            prompt = "<start_of_image>" * len(images) + prompt
         if not a.no_echo:
             sys.stdout.write(prompt)
-        pieces = model.stream(prompt, **_gen_kwargs(a))
+        pieces = model.stream(prompt, images=images or None, pan_and_scan=a.pan_and_scan,
+                              **_gen_kwargs(a))
     for piece in pieces:
         sys.stdout.write(piece)
         sys.stdout.flush()
@@ -135,6 +143,12 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("prompt", nargs="?", help="prompt text (default: stdin)")
     g.add_argument("--chat", action="store_true", help="wrap the prompt as a user chat turn")
     g.add_argument("--no-echo", action="store_true", help="do not print the prompt first")
+    g.add_argument("--image", action="append", default=[], metavar="FILE",
+                   help="picture for a <start_of_image> in the prompt (repeatable; prepended "
+                   "when the prompt has none); needs a vision model")
+    g.add_argument("--pan-and-scan", action="store_true",
+                   help="add crops of wide or tall pictures (Gemma 3 pan & scan)")
+    g.add_argument("--mmproj", default=None, help="llama.cpp vision GGUF for a text GGUF model")
     _sampling_args(g)
     g.set_defaults(func=cmd_generate)
     c = sub.add_parser("chat", help="interactive chat")
