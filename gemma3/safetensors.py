@@ -1,21 +1,26 @@
-"""Strict safetensors reader (read-only memory map, zero copy).
+"""Strict safetensors reader (read-only memory map, zero copy), backed by the C reader.
 
 Format: u64 little-endian header length N | N bytes of JSON | data. The JSON maps tensor names to
 ``{"dtype", "shape", "data_offsets": [begin, end]}`` relative to the data start, plus an optional
-``__metadata__`` dict of strings. Everything is validated before use: header length against the
-file size, JSON shape, dtypes, non-negative integer dimensions, offsets inside the data region,
-byte sizes matching shape × dtype, no overlaps, no duplicate keys.
+``__metadata__`` dict of strings. ``gemma3._core.Safetensors`` (csrc/io/safetensors.c) validates
+everything at open time with its own strict JSON parser: header length against the file size and a
+100 MB limit, UTF-8, duplicate keys, nesting depth, dtypes, non-negative integer dimensions with an
+overflow-checked product, offsets inside the data region, byte sizes matching shape × dtype, no
+overlaps. Malformed files raise :class:`gemma3.FormatError`, unknown dtypes
+:class:`gemma3.UnsupportedError`, missing files :class:`OSError`.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 
 import numpy as np
 
-from ._core import FormatError, UnsupportedError
+from ._core import FormatError, Safetensors, UnsupportedError
+
+__all__ = ["DTYPES", "MAX_HEADER", "SafeTensor", "SafetensorsFile", "FormatError",
+           "UnsupportedError"]
 
 # safetensors dtype -> (numpy dtype or None, ggml type id, bytes per element)
 DTYPES = {
@@ -30,7 +35,7 @@ DTYPES = {
     "U8": (np.dtype("u1"), None, 1),
     "BOOL": (np.dtype("?"), None, 1),
 }
-MAX_HEADER = 100 * 2**20
+MAX_HEADER = 100_000_000  # G3_ST_MAX_HEADER
 
 
 @dataclass(frozen=True)
@@ -42,83 +47,29 @@ class SafeTensor:
     end: int
 
 
-def _reject_duplicates(pairs):
-    d = {}
-    for k, v in pairs:
-        if k in d:
-            raise FormatError(f"duplicate key {k!r} in the safetensors header")
-        d[k] = v
-    return d
-
-
 class SafetensorsFile:
+    """A validated safetensors file.
+
+    ``tensors``: name -> :class:`SafeTensor` in header order; ``metadata``: the ``__metadata__``
+    dict (str -> str, empty if absent). Views from :meth:`raw` keep the mapping alive.
+    """
+
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
-        size = os.path.getsize(self.path)
-        with open(self.path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise FormatError(f"{self.path}: file of {size} bytes is too short for a "
-                                  "safetensors header")
-            n = int.from_bytes(head, "little")
-            if n > MAX_HEADER or n > size - 8:
-                raise FormatError(f"{self.path}: header length {n} exceeds the file "
-                                  f"({size} bytes) or the {MAX_HEADER}-byte limit")
-            raw = f.read(n)
-        try:
-            header = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise FormatError(f"{self.path}: header is not valid UTF-8 JSON: {e}") from None
-        if not isinstance(header, dict):
-            raise FormatError(f"{self.path}: header must be a JSON object")
-        self.metadata = header.pop("__metadata__", None) or {}
-        if not isinstance(self.metadata, dict):
-            raise FormatError(f"{self.path}: __metadata__ must be an object")
-        data_start = 8 + n
-        data_len = size - data_start
+        self._f = Safetensors(self.path)
+        self.metadata: dict[str, str] = self._f.metadata()
         self.tensors: dict[str, SafeTensor] = {}
-        spans = []
-        for name, info in header.items():
-            if not isinstance(info, dict) or set(info) - {"dtype", "shape", "data_offsets"}:
-                raise FormatError(f"{self.path}: tensor {name!r}: bad entry {info!r}")
-            dt, shape, offs = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-            if dt not in DTYPES:
-                raise UnsupportedError(f"{self.path}: tensor {name!r} has dtype {dt!r}; "
-                                       f"supported: {sorted(DTYPES)}")
-            if (not isinstance(shape, list) or len(shape) > 8
-                    or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
-                               for d in shape)):
-                raise FormatError(f"{self.path}: tensor {name!r} has invalid shape {shape!r}")
-            if (not isinstance(offs, list) or len(offs) != 2
-                    or not all(isinstance(o, int) and not isinstance(o, bool) for o in offs)):
-                raise FormatError(f"{self.path}: tensor {name!r} has invalid data_offsets {offs!r}")
-            b, e = offs
-            count = 1
-            for d in shape:
-                count *= d
-            nbytes = count * DTYPES[dt][2]
-            if not 0 <= b <= e <= data_len:
-                raise FormatError(f"{self.path}: tensor {name!r}: data_offsets [{b}, {e}) "
-                                  f"outside the {data_len}-byte data region")
-            if e - b != nbytes:
-                raise FormatError(f"{self.path}: tensor {name!r}: {e - b} bytes stored but shape "
-                                  f"{shape} of {dt} needs {nbytes}")
-            self.tensors[name] = SafeTensor(name, dt, tuple(shape), data_start + b, data_start + e)
-            if e > b:
-                spans.append((b, e, name))
-        spans.sort()
-        for (b0, e0, n0), (b1, _, n1) in zip(spans, spans[1:]):
-            if b1 < e0:
-                raise FormatError(f"{self.path}: tensors {n0!r} and {n1!r} overlap")
-        self._map = np.memmap(self.path, dtype=np.uint8, mode="r") if size else None
+        self._index: dict[str, int] = {}
+        for i, (name, dt, shape, b, e) in enumerate(self._f.tensor_infos()):
+            self.tensors[name] = SafeTensor(name, dt, shape, b, e)
+            self._index[name] = i
 
     def raw(self, name: str) -> np.ndarray:
-        """Read-only uint8 view of a tensor's bytes."""
-        t = self.tensors[name]
-        return self._map[t.begin:t.end]
+        """Read-only uint8 view of a tensor's bytes: ``(end - begin,) uint8``, zero copy."""
+        return self._f.raw(self._index[name])
 
     def array(self, name: str) -> np.ndarray:
-        """The tensor as float32 (BF16 widened exactly; other float types converted)."""
+        """The tensor as float32 in its shape (BF16 widened exactly; other types converted)."""
         t = self.tensors[name]
         raw = self.raw(name)
         if t.dtype == "BF16":

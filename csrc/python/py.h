@@ -35,6 +35,7 @@ extern PyMethodDef g3_py_tokenizer_methods[];
 int g3_py_gguf_init(PyObject *module, g3_module_state *st);
 int g3_py_model_init(PyObject *module, g3_module_state *st);
 int g3_py_tokenizer_init(PyObject *module, g3_module_state *st);
+int g3_py_safetensors_init(PyObject *module, g3_module_state *st);
 int g3_py_vision_init(PyObject *module, g3_module_state *st);
 
 #endif
