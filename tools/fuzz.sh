@@ -2,6 +2,7 @@
 # fuzz.sh — build and run a libFuzzer harness tools/fuzz_<TARGET>.c under ASan + UBSan.
 #
 #   tools/fuzz.sh gguf 300        # fuzz the GGUF reader for 5 minutes
+#   tools/fuzz.sh safetensors 300 # the safetensors reader
 #
 # Needs clang with libFuzzer (Debian: apt-get install clang-14 libclang-rt-14-dev). Work files live
 # in G3_FUZZ_DIR (default /tmp/g3-fuzz-<TARGET>): the binary, the growing corpus (kept between
@@ -35,11 +36,11 @@ CFLAGS=(-std=c11 -O1 -g -D_GNU_SOURCE -I"$ROOT/csrc")
 mkdir -p "$WORK/obj"
 rm -f "$WORK"/obj/*.o
 echo "== building $WORK/fuzz_$TARGET with $CC"
-for src in "$HARNESS" "$ROOT/csrc/io/gguf.c" "$ROOT/csrc/util.c" "$ROOT"/csrc/quant/*.c; do
+for src in "$HARNESS" "$ROOT/csrc/io/$TARGET.c" "$ROOT/csrc/util.c" "$ROOT"/csrc/quant/*.c; do
     obj="$WORK/obj/$(basename "$src" .c).o"
     if ! "$CC" "${CFLAGS[@]}" "${SAN[@]}" -c "$src" -o "$obj" 2>"$obj.err"; then
         case "$src" in
-        "$HARNESS" | */io/gguf.c) cat "$obj.err" >&2; exit 2 ;;
+        "$HARNESS" | */io/$TARGET.c) cat "$obj.err" >&2; exit 2 ;;
         esac
         echo "   note: $CC cannot compile ${src#$ROOT/} ($(grep -m1 error: "$obj.err" | cut -c1-100)); using gcc, uninstrumented"
         gcc "${CFLAGS[@]}" -c "$src" -o "$obj"
@@ -51,6 +52,11 @@ done
 if [ "$TARGET" = gguf ]; then
     python "$ROOT/tools/make_fuzz_seeds.py" "$WORK/seeds" >/dev/null
     cp "$ROOT"/tests/data/gguf_regressions/*.gguf "$WORK/seeds/" 2>/dev/null || true
+elif [ "$TARGET" = safetensors ]; then
+    python -c 'import sys, numpy as np, safetensors.numpy as s
+for i, dt in enumerate(["float32", "float16", "int8", "int64", "bool"]):
+    t = {"a": np.arange(6).reshape(2, 3).astype(dt), "b\u00e9": np.zeros((0, 2), dt)}
+    s.save_file(t, f"{sys.argv[1]}/seed{i}.safetensors", metadata={"format": "pt"})' "$WORK/seeds"
 fi
 
 # 3. Fuzz. New inputs go to corpus/, findings to artifacts/. -max_len covers the largest seed.
