@@ -70,7 +70,7 @@ static int g3_exec(PyObject *m)
     if (g3_py_gguf_init(m, st) < 0 || g3_py_model_init(m, st) < 0 ||
         g3_py_tokenizer_init(m, st) < 0 || g3_py_vision_init(m, st) < 0)
         return -1;
-    if (g3_py_safetensors_init(m, st) < 0)
+    if (g3_py_safetensors_init(m, st) < 0 || PyModule_AddFunctions(m, g3_py_image_methods) < 0)
         return -1;
     return 0;
 }

@@ -32,6 +32,7 @@ PyObject *g3_py_raise(g3_module_state *st, g3_status status, const g3_err *err, 
 extern PyMethodDef g3_py_quant_methods[];
 extern PyMethodDef g3_py_kernel_methods[];
 extern PyMethodDef g3_py_tokenizer_methods[];
+extern PyMethodDef g3_py_image_methods[];
 int g3_py_gguf_init(PyObject *module, g3_module_state *st);
 int g3_py_model_init(PyObject *module, g3_module_state *st);
 int g3_py_tokenizer_init(PyObject *module, g3_module_state *st);
