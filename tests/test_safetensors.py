@@ -62,7 +62,7 @@ HOSTILE = [
     ("leading-zero", T % ("[01]", "[0,4]"), b"\0" * 4, None, FE, "leading zero"),
     ("bad-literal", '{"a":tru}', b"", None, FE, "invalid literal"),
     ("bare-minus", T % ("[-]", "[0,4]"), b"", None, FE, "invalid number"),
-    ("duplicate-tensor", '{"t":%s,"t":%s}' % (json.dumps(entry()), json.dumps(entry())),
+    ("duplicate-tensor", '{"t":' + json.dumps(entry()) + ',"t":' + json.dumps(entry()) + "}",
      b"\0" * 8, None, FE, 'duplicate key "t"'),
     ("duplicate-field", '{"t":{"dtype":"F32","dtype":"F32","shape":[2],"data_offsets":[0,8]}}',
      b"\0" * 8, None, FE, 'duplicate key "dtype"'),
