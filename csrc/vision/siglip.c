@@ -9,11 +9,178 @@
 #include "vision/siglip.h"
 
 #include <cblas.h>
+#include <immintrin.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "kernels/ops.h"
+
+/* ---- row kernels: softmax over P scores and bias + GELU over the MLP width -----------------
+ * The tower evaluates 16 x 4096 x 4096 exponentials and 4096 x 4304 GELUs per layer, so libm's
+ * scalar expf/tanhf would cost as much as the matrix products. The scalar versions (the
+ * g3_softmax_f32 / g3_gelu_tanh kernels) stay the reference and the fallback; the AVX2 and
+ * AVX-512 variants use exp(x) = 2^n p(r), r = x - n ln2 in [-ln2/2, ln2/2], p the degree-6
+ * Taylor polynomial (relative error ~1e-7), and gelu_tanh(x) = x * sigmoid(2 y) with
+ * y = sqrt(2/pi) (x + 0.044715 x^3), the same function as 0.5 x (1 + tanh(y)). */
+typedef void (*row_fn)(float *x, const float *b, int64_t n);
+
+static void softmax_ref(float *x, const float *b, int64_t n) { g3_softmax_f32(x, n); }
+
+static void gelu_ref(float *x, const float *b, int64_t n)
+{
+    for (int64_t i = 0; i < n; i++)
+        x[i] = g3_gelu_tanh(x[i] + b[i]);
+}
+
+#define EXP_C6 (1.0f / 720)
+#define EXP_C5 (1.0f / 120)
+#define EXP_C4 (1.0f / 24)
+#define EXP_C3 (1.0f / 6)
+#define GELU_K 0.7978845608028654f
+
+__attribute__((target("avx512f"))) static inline __m512 exp512(__m512 x)
+{
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(EXP_C6), r, _mm512_set1_ps(EXP_C5));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(EXP_C4));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(EXP_C3));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    __m512i e = _mm512_slli_epi32(_mm512_cvtps_epi32(n), 23);
+    return _mm512_castsi512_ps(_mm512_add_epi32(_mm512_castps_si512(p), e));
+}
+
+__attribute__((target("avx512f"))) static void softmax_avx512(float *x, const float *b,
+                                                               int64_t n)
+{
+    __m512 vm = _mm512_set1_ps(-INFINITY);
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        vm = _mm512_max_ps(vm, _mm512_loadu_ps(x + i));
+    float m = _mm512_reduce_max_ps(vm);
+    for (; i < n; i++)
+        m = x[i] > m ? x[i] : m;
+    const __m512 mv = _mm512_set1_ps(m);
+    __m512 vs = _mm512_setzero_ps();
+    for (i = 0; i + 16 <= n; i += 16) {
+        __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(x + i), mv));
+        _mm512_storeu_ps(x + i, e);
+        vs = _mm512_add_ps(vs, e);
+    }
+    double sum = _mm512_reduce_add_ps(vs);
+    for (; i < n; i++) {
+        x[i] = expf(x[i] - m);
+        sum += x[i];
+    }
+    const __m512 inv = _mm512_set1_ps((float)(1.0 / sum));
+    for (i = 0; i + 16 <= n; i += 16)
+        _mm512_storeu_ps(x + i, _mm512_mul_ps(_mm512_loadu_ps(x + i), inv));
+    for (; i < n; i++)
+        x[i] *= (float)(1.0 / sum);
+}
+
+__attribute__((target("avx512f"))) static void gelu_avx512(float *x, const float *b, int64_t n)
+{
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m512 v = _mm512_add_ps(_mm512_loadu_ps(x + i), _mm512_loadu_ps(b + i));
+        __m512 y = _mm512_mul_ps(_mm512_set1_ps(2.0f * GELU_K),
+                                 _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(0.044715f), v),
+                                                 _mm512_mul_ps(v, v), v));
+        __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), y)); /* x / (1 + exp(-2y)) */
+        _mm512_storeu_ps(x + i, _mm512_div_ps(v, _mm512_add_ps(_mm512_set1_ps(1.0f), e)));
+    }
+    for (; i < n; i++)
+        x[i] = g3_gelu_tanh(x[i] + b[i]);
+}
+
+__attribute__((target("avx2,fma"))) static inline __m256 exp256(__m256 x)
+{
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(EXP_C6), r, _mm256_set1_ps(EXP_C5));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(EXP_C4));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(EXP_C3));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    __m256i e = _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23);
+    return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), e));
+}
+
+__attribute__((target("avx2,fma"))) static void softmax_avx2(float *x, const float *b, int64_t n)
+{
+    float m = -INFINITY;
+    for (int64_t i = 0; i < n; i++)
+        m = x[i] > m ? x[i] : m;
+    const __m256 mv = _mm256_set1_ps(m);
+    __m256 vs = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(x + i), mv));
+        _mm256_storeu_ps(x + i, e);
+        vs = _mm256_add_ps(vs, e);
+    }
+    float lanes[8];
+    _mm256_storeu_ps(lanes, vs);
+    double sum = 0.0;
+    for (int k = 0; k < 8; k++)
+        sum += lanes[k];
+    for (; i < n; i++) {
+        x[i] = expf(x[i] - m);
+        sum += x[i];
+    }
+    const float inv = (float)(1.0 / sum);
+    for (i = 0; i < n; i++)
+        x[i] *= inv;
+}
+
+__attribute__((target("avx2,fma"))) static void gelu_avx2(float *x, const float *b, int64_t n)
+{
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 v = _mm256_add_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(b + i));
+        __m256 y = _mm256_mul_ps(_mm256_set1_ps(2.0f * GELU_K),
+                                 _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(0.044715f), v),
+                                                 _mm256_mul_ps(v, v), v));
+        __m256 e = exp256(_mm256_sub_ps(_mm256_setzero_ps(), y));
+        _mm256_storeu_ps(x + i, _mm256_div_ps(v, _mm256_add_ps(_mm256_set1_ps(1.0f), e)));
+    }
+    for (; i < n; i++)
+        x[i] = g3_gelu_tanh(x[i] + b[i]);
+}
+
+static row_fn softmax_row, gelu_row;
+
+/* G3_VISION_SCALAR=1 forces the reference kernels (to check the SIMD ones against them). */
+static void pick_kernels(void)
+{
+    if (__atomic_load_n(&softmax_row, __ATOMIC_ACQUIRE))
+        return;
+    row_fn sm = softmax_ref, ge = gelu_ref;
+    const char *env = getenv("G3_VISION_SCALAR");
+    __builtin_cpu_init();
+    if (env && *env && *env != '0') {
+        /* keep the reference */
+    } else if (__builtin_cpu_supports("avx512f")) {
+        sm = softmax_avx512;
+        ge = gelu_avx512;
+    } else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+        sm = softmax_avx2;
+        ge = gelu_avx2;
+    }
+    __atomic_store_n(&gelu_row, ge, __ATOMIC_RELEASE);
+    __atomic_store_n(&softmax_row, sm, __ATOMIC_RELEASE);
+}
 
 g3_status g3_vision_create(const g3_vision_config *cfg, g3_vision **out, g3_err *err)
 {
@@ -196,7 +363,7 @@ static void attention(const g3_vision *v, vbufs *b, float *capture, int nt)
                     b->q + h * hd, (int)D, b->k + h * hd, (int)D, 0.0f, S, (int)P);
 #pragma omp parallel for num_threads(nt) schedule(static)
         for (int64_t r = 0; r < P; r++)
-            g3_softmax_f32(S + r * P, P);
+            softmax_row(S + r * P, NULL, P);
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)P, (int)hd, (int)P, 1.0f, S,
                     (int)P, b->v + h * hd, (int)D, 0.0f, b->z + h * hd, (int)D);
     }
@@ -225,11 +392,8 @@ static g3_status layer_forward(const g3_vision *v, int64_t il, vbufs *b, float *
     if ((st = g3_matmul(&L->fc1, b->h, P, b->f, err)))
         return st;
 #pragma omp parallel for num_threads(nt) schedule(static)
-    for (int64_t t = 0; t < P; t++) {
-        float *f = b->f + t * F;
-        for (int64_t i = 0; i < F; i++)
-            f[i] = g3_gelu_tanh(f[i] + L->fc1_b[i]);
-    }
+    for (int64_t t = 0; t < P; t++)
+        gelu_row(b->f + t * F, L->fc1_b, F);
     if ((st = g3_matmul(&L->fc2, b->f, P, b->h, err)))
         return st;
     add_resid_rows(b->x, b->h, L->fc2_b, P, D, nt);
@@ -266,6 +430,7 @@ g3_status g3_vision_encode(const g3_vision *v, const float *pixels, float *out,
     const int64_t pp3 = 3 * c->patch_size * c->patch_size;
     const int nt = g3_get_threads();
     const size_t pd = (size_t)P * D;
+    pick_kernels();
     vbufs b = {0};
     b.x = malloc(sizeof(float) * pd);
     b.h = malloc(sizeof(float) * (pd > (size_t)P * pp3 ? pd : (size_t)P * pp3));
