@@ -56,8 +56,19 @@ def cpu_flags() -> str:
 
 def llama_cpp_perplexity(path: str, text: str, n_ctx: int, threads: int):
     """llama-perplexity's default protocol on llama.cpp's logits (llama-cpp-python)."""
+    import llama_cpp.llama_cpp as llama_cpp  # the ctypes binding Llama() reads its defaults from
     from llama_cpp import Llama
 
+    # No extra buffer types (AMX / repacked weights): on CPUs that report AMX inside a VM that
+    # does not enable its tile state, ggml's AMX matmul dies with SIGILL. Plain ggml CPU kernels.
+    defaults = llama_cpp.llama_model_default_params
+
+    def no_extra_bufts():
+        p = defaults()
+        p.use_extra_bufts = False
+        return p
+
+    llama_cpp.llama_model_default_params = no_extra_bufts
     llm = Llama(model_path=path, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True,
                 n_threads=threads, n_threads_batch=threads, verbose=False)
     tokens = llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)
@@ -91,7 +102,7 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=32, help="new tokens per prompt")
     ap.add_argument("--skip-llama", action="store_true")
     a = ap.parse_args()
-    path = a.model or gemma3.default_model_path()
+    path = str(a.model or gemma3.default_model_path())
     text = TEXT.read_text(encoding="utf-8")
     model = gemma3.load(path, n_threads=a.threads, max_seq_len=max(1024, a.n_ctx))
     print(f"{platform.processor() or platform.machine()}  flags: {cpu_flags()}  threads: "
