@@ -324,3 +324,47 @@ def test_placeholder_expansion_with_the_gemma_tokenizer():
     assert ids[spans[0].start + 4:] == tok.encode(after, add_bos=False, parse_special=True)
     with pytest.raises(ValueError, match="placeholders"):
         V.expand_text("no placeholder", [one], tok, cfg)
+
+
+_ODD_TOWER = '''
+import sys, numpy as np
+from gemma3 import vision as V
+cfg = V.VisionConfig(image_size=70, patch_size=14, hidden_size=24, intermediate_size=37,
+                     num_layers=2, num_heads=3, mm_tokens_per_image=25, text_hidden_size=40)
+rng = np.random.default_rng(7)
+def m(r, c):
+    a = (rng.standard_normal((r, c)) * c ** -0.5).astype(np.float32)
+    return (0, r, c, a.view(np.uint8).reshape(-1))
+def v(n, s=0.3):
+    return (rng.standard_normal(n) * s).astype(np.float32)
+w = {"patch_embd": m(24, 588), "patch_embd.bias": v(24), "position_embd": v(25 * 24, 1.0),
+     "post_ln.weight": v(24) + 1, "post_ln.bias": v(24), "mm.soft_emb_norm": v(24) + 1,
+     "mm.input_projection": m(40, 24)}
+for i in range(2):
+    for o in ("attn_q", "attn_k", "attn_v", "attn_out"):
+        w[f"blk.{i}.{o}"] = m(24, 24); w[f"blk.{i}.{o}.bias"] = v(24)
+    w[f"blk.{i}.ffn_up"] = m(37, 24); w[f"blk.{i}.ffn_up.bias"] = v(37)
+    w[f"blk.{i}.ffn_down"] = m(24, 37); w[f"blk.{i}.ffn_down.bias"] = v(24)
+    for o in ("ln1", "ln2"):
+        w[f"blk.{i}.{o}.weight"] = v(24) + 1; w[f"blk.{i}.{o}.bias"] = v(24)
+px = rng.uniform(-1, 1, (2, 3, 70, 70)).astype(np.float32)
+out, hid = V.VisionTower(cfg, w).encode_with_hidden(px)
+np.save(sys.argv[1], np.concatenate([out.ravel(), hid.ravel()]))
+'''
+SIMD_VS_SCALAR_ABS = 1e-5  # polynomial exp / sigmoid-form GELU vs libm: measured ~1e-6
+
+
+def test_simd_row_kernels_match_scalar(tmp_path):
+    """Odd sizes (25 patches: softmax rows with a tail; MLP 37; pool 1) through the SIMD row
+    kernels and, in a second process, the scalar reference kernels (G3_VISION_SCALAR=1)."""
+    import os
+    import subprocess
+    import sys
+
+    outs = []
+    for scalar in ("0", "1"):
+        f = tmp_path / f"o{scalar}.npy"
+        env = dict(os.environ, G3_VISION_SCALAR=scalar)
+        subprocess.run([sys.executable, "-c", _ODD_TOWER, str(f)], check=True, env=env)
+        outs.append(np.load(f))
+    _close(outs[0], outs[1], SIMD_VS_SCALAR_ABS, "SIMD vs scalar tower")
