@@ -443,7 +443,7 @@ def pixel_values(img: Any, pan_and_scan: bool, size: int) -> np.ndarray:
         except ImportError as e:
             raise ValueError("decoding pictures needs gemma3.image, which is not available "
                              f"({e}); pass pixel_values (n, 3, {size}, {size}) float32") from None
-        px = _image.preprocess(img, pan_and_scan=pan_and_scan).pixel_values
+        px = _image.preprocess(img, pan_and_scan=pan_and_scan, size=size).pixel_values
     px = np.asarray(px)
     if px.ndim == 3:
         px = px[None]

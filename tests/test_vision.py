@@ -217,7 +217,9 @@ def test_errors_leave_model_usable(models, tmp_path):
         (dict(images=[px, px]), ValueError, "room for 1 images"),
         (dict(images=[px[:, :, :28]]), ValueError, r"\(n, 3, 56, 56\)"),
         (dict(images=[np.full_like(px, np.nan)]), ValueError, "NaN"),
-        (dict(images=[px.astype(np.int32)]), ValueError, None),
+        (dict(images=[px.astype(np.int32)]), ValueError, "uint8"),
+        (dict(images=[b"not an image"]), ValueError, "not an image"),
+        (dict(images=[np.zeros((0, 5, 3), np.uint8)]), ValueError, None),
     ]
     for kw, exc, msg in bad:
         with pytest.raises(exc, match=msg):
@@ -368,3 +370,29 @@ def test_simd_row_kernels_match_scalar(tmp_path):
         subprocess.run([sys.executable, "-c", _ODD_TOWER, str(f)], check=True, env=env)
         outs.append(np.load(f))
     _close(outs[0], outs[1], SIMD_VS_SCALAR_ABS, "SIMD vs scalar tower")
+
+
+def _fixture_pictures():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("mtv", Path(__file__).parent / "fixtures"
+                                                  / "make_tiny_vision.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.pictures()  # numpy only: the very pictures the references were made from
+
+
+def test_pictures_end_to_end(models):
+    """uint8 pictures through gemma3.image (resize, normalise, pan & scan crops) give the
+    reference processor's pixels, hence the reference logits."""
+    pytest.importorskip("gemma3.image")
+    small, wide, square = _fixture_pictures()
+    m = models["hf"]
+    _close(m.logits(REF["ids_single"], images=[small]), REF["logits_single"], LOGITS_ABS,
+           "picture, no pan & scan")
+    _close(m.logits(REF["ids_pas"], images=[wide], pan_and_scan=True), REF["logits_pas"],
+           LOGITS_ABS, "picture with pan & scan")
+    _close(m.logits(REF["ids_two"], images=[small, square]), REF["logits_two"], LOGITS_ABS,
+           "two pictures")
+    e = m.encode_image(wide, pan_and_scan=True)
+    _close(e, REF["proj_pas"], TOWER_ABS, "encode_image of a picture with crops")
