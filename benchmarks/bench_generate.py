@@ -96,9 +96,23 @@ def g3_breakdown(model, steps: int = 32) -> dict[str, float]:
 # ---------------------------------------------------------------------------------------------
 # llama.cpp
 
-def llama_open(path: str, threads: int, n_ctx: int):
+def llama_open(path: str, threads: int, n_ctx: int, extra_bufts: bool = True):
+    """extra_bufts=False turns off llama.cpp's extra buffer types (weight repacking, AMX): a
+    wheel built with -march=native on a CPU that advertises AMX dies with SIGILL where the kernel
+    does not grant AMX state, as on some VMs."""
     import llama_cpp
+    import llama_cpp.llama_cpp as ll
 
+    if not extra_bufts and not getattr(ll, "_g3_patched", False):
+        orig = ll.llama_model_default_params
+
+        def params():
+            p = orig()
+            p.use_extra_bufts = False
+            return p
+
+        ll.llama_model_default_params = params
+        ll._g3_patched = True
     return llama_cpp.Llama(model_path=path, n_threads=threads, n_threads_batch=threads,
                            n_ctx=n_ctx, n_batch=512, n_ubatch=512, logits_all=False,
                            verbose=False)
@@ -159,6 +173,9 @@ def main(argv=None) -> int:
     ap.add_argument("--depths", type=int, nargs="+", default=[0, 4096])
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--no-peer", action="store_true")
+    ap.add_argument("--peer-no-extra-bufts", action="store_true",
+                    help="disable llama.cpp's repacked/AMX buffers (needed for AMX builds on "
+                         "machines without AMX permission)")
     a = ap.parse_args(argv)
     path = str(a.model or gemma3.default_model_path())
     n_ctx = max(a.depths) + PP + TG + 16
@@ -167,7 +184,8 @@ def main(argv=None) -> int:
         try:
             import llama_cpp
 
-            peer = f"llama.cpp via llama-cpp-python {llama_cpp.__version__}"
+            peer = f"llama.cpp via llama-cpp-python {llama_cpp.__version__}" + (
+                " (extra buffer types off)" if a.peer_no_extra_bufts else "")
         except ImportError:
             print("llama-cpp-python is not installed: `pip install llama-cpp-python` to compare",
                   file=sys.stderr)
@@ -181,7 +199,7 @@ def main(argv=None) -> int:
     for th in a.threads:
         gemma3.set_num_threads(th)
         model = gemma3.load(path, max_seq_len=n_ctx)
-        llm = llama_open(path, th, n_ctx) if peer else None
+        llm = llama_open(path, th, n_ctx, not a.peer_no_extra_bufts) if peer else None
         for d in a.depths:
             g_pp, g_tg = g3_run(model, d, a.reps)
             l_pp, l_tg = llama_run(llm, d, a.reps, model.config.vocab_size) if llm else (None,
