@@ -22,6 +22,27 @@ void g3_rope_inv_freq(float *inv_freq, int64_t d, float base, float freq_scale)
     }
 }
 
+void g3_rope_table(float *cs, int64_t d, int64_t pos, const float *inv_freq)
+{
+    const int64_t h = d / 2;
+    const float p = (float)pos;
+    for (int64_t i = 0; i < h; i++) {
+        float theta = p * inv_freq[i];
+        cs[i] = (float)cos((double)theta);
+        cs[h + i] = (float)sin((double)theta);
+    }
+}
+
+void g3_rope_apply_f32(float *x, int64_t d, const float *cs)
+{
+    const int64_t h = d / 2;
+    for (int64_t i = 0; i < h; i++) {
+        float a = x[i], b = x[i + h], c = cs[i], s = cs[h + i];
+        x[i] = a * c - b * s;
+        x[i + h] = b * c + a * s;
+    }
+}
+
 void g3_rope_neox_f32(float *x, int64_t d, int64_t pos, const float *inv_freq)
 {
     const int64_t h = d / 2;
@@ -41,22 +62,13 @@ float g3_gelu_tanh(float x)
     return 0.5f * x * (1.0f + tanhf(k * (x + 0.044715f * x * x * x)));
 }
 
-void g3_geglu_f32(const float *gate, const float *up, float *out, int64_t n)
-{
-    for (int64_t i = 0; i < n; i++)
-        out[i] = g3_gelu_tanh(gate[i]) * up[i];
-}
 
 void g3_softmax_f32(float *x, int64_t n)
 {
     float m = -INFINITY;
     for (int64_t i = 0; i < n; i++)
         m = x[i] > m ? x[i] : m;
-    double sum = 0.0;
-    for (int64_t i = 0; i < n; i++) {
-        x[i] = expf(x[i] - m);
-        sum += x[i];
-    }
+    double sum = g3_expsum_f32(x, n, m);
     float inv = (float)(1.0 / sum);
     for (int64_t i = 0; i < n; i++)
         x[i] *= inv;

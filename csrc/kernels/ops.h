@@ -18,12 +18,19 @@ void g3_rmsnorm_f32(const float *x, const float *w, float *y, int64_t n, float e
 /* NeoX / split-halves RoPE of one head vector x (d): pairs (i, i + d/2) rotated by
  * theta_i = (float)pos * inv_freq[i], computed in float like the reference, cos/sin in double. */
 void g3_rope_neox_f32(float *x, int64_t d, int64_t pos, const float *inv_freq);
+/* The same rotation split in two: cs (d) = [cos theta_i | sin theta_i] for a position, computed
+ * once and applied to every head of every layer of that kind (bit-identical to the above). */
+void g3_rope_table(float *cs, int64_t d, int64_t pos, const float *inv_freq);
+void g3_rope_apply_f32(float *x, int64_t d, const float *cs);
 /* inv_freq[i] = 1 / base^(2i/d) * freq_scale, i < d/2 (float, as in the reference). */
 void g3_rope_inv_freq(float *inv_freq, int64_t d, float base, float freq_scale);
 
-/* tanh-approximation GELU (gelu_pytorch_tanh) and GeGLU: out = gelu(gate) * up */
+/* tanh-approximation GELU (gelu_pytorch_tanh, scalar reference) and GeGLU: out = gelu(gate) * up
+ * (vectorized in vmath.c; out may alias gate) */
 float g3_gelu_tanh(float x);
 void g3_geglu_f32(const float *gate, const float *up, float *out, int64_t n);
+/* x[i] = exp(x[i] - m) in place; returns the sum (vmath.c) */
+double g3_expsum_f32(float *x, int64_t n, float m);
 
 /* In-place numerically stable softmax over n entries; returns the max (for callers that want it). */
 void g3_softmax_f32(float *x, int64_t n);

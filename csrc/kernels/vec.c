@@ -81,9 +81,46 @@ float g3_dot_f32(const float *a, const float *b, int64_t n)
     return f(a, b, n);
 }
 
-void g3_axpy_f32(float a, const float *x, float *y, int64_t n)
+static void axpy_scalar(float a, const float *x, float *y, int64_t n)
 {
-#pragma omp simd
     for (int64_t i = 0; i < n; i++)
         y[i] += a * x[i];
+}
+
+__attribute__((target("avx2,fma"))) static void axpy_avx2(float a, const float *x, float *y,
+                                                          int64_t n)
+{
+    const __m256 va = _mm256_set1_ps(a);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+    for (; i < n; i++)
+        y[i] += a * x[i];
+}
+
+__attribute__((target("avx512f"))) static void axpy_avx512(float a, const float *x, float *y,
+                                                           int64_t n)
+{
+    const __m512 va = _mm512_set1_ps(a);
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        _mm512_storeu_ps(y + i, _mm512_fmadd_ps(va, _mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i)));
+    for (; i < n; i++)
+        y[i] += a * x[i];
+}
+
+typedef void (*axpy_fn)(float, const float *, float *, int64_t);
+static axpy_fn axpy_impl;
+
+void g3_axpy_f32(float a, const float *x, float *y, int64_t n)
+{
+    axpy_fn f = __atomic_load_n(&axpy_impl, __ATOMIC_RELAXED);
+    if (!f) {
+        __builtin_cpu_init();
+        f = __builtin_cpu_supports("avx512f") ? axpy_avx512
+            : (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) ? axpy_avx2
+                                                                                 : axpy_scalar;
+        __atomic_store_n(&axpy_impl, f, __ATOMIC_RELAXED);
+    }
+    f(a, x, y, n);
 }

@@ -20,6 +20,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <cblas.h>
+
 #include "kernels/ops.h"
 #include "model/model.h"
 
@@ -46,6 +48,8 @@ typedef struct {
     int32_t *seq;    /* (T) sequence of each token */
     int64_t *gend;   /* (T) position of the last token of its group */
     int64_t max_keys; /* longest key range of any token */
+    int single;       /* every token belongs to one sequence */
+    float *rope_local, *rope_global; /* (T, head_dim) cos|sin of each token's position */
 } scratch;
 
 static void scratch_free(scratch *s)
@@ -64,6 +68,8 @@ static void scratch_free(scratch *s)
     free(s->first);
     free(s->seq);
     free(s->gend);
+    free(s->rope_local);
+    free(s->rope_global);
 }
 
 static g3_status scratch_alloc(scratch *s, const g3_config *c, int64_t T, int64_t max_keys,
@@ -85,9 +91,12 @@ static g3_status scratch_alloc(scratch *s, const g3_config *c, int64_t T, int64_
     s->first = malloc(sizeof(int64_t) * t);
     s->seq = malloc(sizeof(int32_t) * t);
     s->gend = malloc(sizeof(int64_t) * t);
+    s->rope_local = malloc(sizeof(float) * t * c->head_dim);
+    s->rope_global = malloc(sizeof(float) * t * c->head_dim);
     s->max_keys = max_keys;
     if (!s->x || !s->h || !s->q || !s->k || !s->v || !s->z || !s->g || !s->u || !s->scores ||
-        !s->key_hi || !s->pos || !s->first || !s->seq || !s->gend) {
+        !s->key_hi || !s->pos || !s->first || !s->seq || !s->gend || !s->rope_local ||
+        !s->rope_global) {
         scratch_free(s);
         return g3_fail(err, G3_ERR_NOMEM, "out of memory for a %lld-token forward pass",
                        (long long)T);
@@ -165,6 +174,87 @@ static void attention(const g3_model *m, int64_t il, scratch *s, int64_t T, int 
         }
 }
 
+#define G3_ATTN_BLAS_MIN 32 /* queries of one sequence from which attention uses sgemm */
+#define G3_ATTN_QTILE 128   /* query rows per sgemm tile (bounds the score buffer) */
+
+/* Attention of a single-sequence chunk through sgemm: the keys/values the chunk can see are
+ * gathered into contiguous (n_keys, kvw) buffers (cache part unrolled in position order, then the
+ * fresh rows), then per head and query tile S = Q K^T (sgemm), mask + softmax per row (OpenMP),
+ * Z = P V (sgemm). BLAS is called outside OpenMP regions. Same math as attention(). */
+static g3_status attention_blas(const g3_model *m, int64_t il, scratch *s, int64_t T, int nt,
+                                const g3_layer_capture *cap, g3_err *err)
+{
+    const g3_config *c = &m->cfg;
+    const g3_layer *L = &m->layers[il];
+    const g3_seq *sq = &m->seqs[s->seq[0]];
+    const int64_t hd = c->head_dim, kvw = c->n_head_kv * hd, qw = c->n_head * hd;
+    const int64_t rep = c->n_head / c->n_head_kv, n_past = sq->n_past, p0 = s->pos[0];
+    /* first key any query of the chunk can see */
+    int64_t k0 = 0;
+    if (!L->is_global && p0 - c->window + 1 > 0)
+        k0 = p0 - c->window + 1;
+    const int64_t nk = n_past + T - k0;
+    const int64_t qt = T < G3_ATTN_QTILE ? T : G3_ATTN_QTILE;
+    float *K = malloc(sizeof(float) * (size_t)(nk * kvw * 2));
+    float *S = malloc(sizeof(float) * (size_t)(qt * nk));
+    if (!K || !S) {
+        free(K);
+        free(S);
+        return g3_fail(err, G3_ERR_NOMEM, "out of memory for attention over %lld keys",
+                       (long long)nk);
+    }
+    float *V = K + nk * kvw;
+    for (int64_t j = k0; j < n_past + T; j++) {
+        memcpy(K + (j - k0) * kvw, kv_row(L, sq->k[il], s->k, n_past, j, 0, kvw, hd),
+               sizeof(float) * kvw);
+        memcpy(V + (j - k0) * kvw, kv_row(L, sq->v[il], s->v, n_past, j, 0, kvw, hd),
+               sizeof(float) * kvw);
+    }
+    const int want = cap && (cap->pattern || cap->scores) && cap->n_heads_sel > 0;
+    for (int64_t h = 0; h < c->n_head; h++) {
+        const int64_t g = h / rep;
+        for (int64_t t0 = 0; t0 < T; t0 += qt) {
+            const int64_t nq = t0 + qt < T ? qt : T - t0;
+            int64_t ncol = 0; /* keys past the tile's last visible one are never computed */
+            for (int64_t t = t0; t < t0 + nq; t++)
+                ncol = s->key_hi[t] - k0 + 1 > ncol ? s->key_hi[t] - k0 + 1 : ncol;
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)nq, (int)ncol, (int)hd,
+                        c->attn_scale, s->q + t0 * qw + h * hd, (int)qw, K + g * hd, (int)kvw,
+                        0.0f, S, (int)nk);
+#pragma omp parallel for num_threads(nt) schedule(static)
+            for (int64_t r = 0; r < nq; r++) {
+                const int64_t t = t0 + r, p = s->pos[t];
+                int64_t lo = 0, hi = s->key_hi[t];
+                if (!L->is_global && p - c->window + 1 > 0)
+                    lo = p - c->window + 1;
+                float *row = S + r * nk;
+                float *vis = row + (lo - k0);
+                const int64_t n = hi - lo + 1;
+                float *raw = NULL;
+                if (want) { /* scores before softmax, kept in the (unused) tail of the row */
+                    raw = malloc(sizeof(float) * (size_t)n);
+                    if (raw)
+                        memcpy(raw, vis, sizeof(float) * n);
+                }
+                g3_softmax_f32(vis, n);
+                if (want && raw)
+                    capture_row(cap, h, t, n_past + T, lo, hi, raw, vis);
+                free(raw);
+                for (int64_t j = 0; j < lo - k0; j++)
+                    row[j] = 0.0f;
+                for (int64_t j = hi - k0 + 1; j < ncol; j++)
+                    row[j] = 0.0f;
+            }
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)nq, (int)hd, (int)ncol,
+                        1.0f, S, (int)nk, V + g * hd, (int)kvw, 0.0f, s->z + t0 * qw + h * hd,
+                        (int)qw);
+        }
+    }
+    free(K);
+    free(S);
+    return G3_OK;
+}
+
 static void store_kv(const g3_model *m, int64_t il, const scratch *s, int64_t T)
 {
     const g3_config *c = &m->cfg;
@@ -186,19 +276,19 @@ static void qk_norm_rope(const g3_model *m, const g3_layer *L, scratch *s, int64
 {
     const g3_config *c = &m->cfg;
     const int64_t hd = c->head_dim;
-    const float *inv_freq = L->is_global ? m->inv_freq_global : m->inv_freq_local;
+    const float *tab = L->is_global ? s->rope_global : s->rope_local; /* (T, hd) */
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (int64_t t = 0; t < T; t++) {
-        const int64_t pos = s->pos[t];
+        const float *cs = tab + t * hd;
         for (int64_t h = 0; h < c->n_head; h++) {
             float *q = s->q + (t * c->n_head + h) * hd;
             g3_rmsnorm_f32(q, L->q_norm, q, hd, c->eps);
-            g3_rope_neox_f32(q, hd, pos, inv_freq);
+            g3_rope_apply_f32(q, hd, cs);
         }
         for (int64_t h = 0; h < c->n_head_kv; h++) {
             float *k = s->k + (t * c->n_head_kv + h) * hd;
             g3_rmsnorm_f32(k, L->k_norm, k, hd, c->eps);
-            g3_rope_neox_f32(k, hd, pos, inv_freq);
+            g3_rope_apply_f32(k, hd, cs);
         }
     }
 }
@@ -255,7 +345,13 @@ static g3_status layer_forward(g3_model *m, int64_t il, scratch *s, int64_t T, i
     if (st)
         return st;
     PROF(G3_PROF_ROPE, qk_norm_rope(m, L, s, T, nt));
-    PROF(G3_PROF_ATTN, attention(m, il, s, T, nt, cap); store_kv(m, il, s, T));
+    if (s->single && T >= G3_ATTN_BLAS_MIN)
+        PROF(G3_PROF_ATTN, st = attention_blas(m, il, s, T, nt, cap, err));
+    else
+        PROF(G3_PROF_ATTN, attention(m, il, s, T, nt, cap));
+    if (st)
+        return st;
+    PROF(G3_PROF_ATTN, store_kv(m, il, s, T));
     if (cap) {
         save(cap->q, s->q, nq);
         save(cap->k, s->k, nkv);
@@ -374,6 +470,12 @@ g3_status g3_model_forward(g3_model *m, const g3_batch *b, g3_err *err)
     if ((st = scratch_alloc(&s, c, T, max_keys, nt, err)))
         return st;
     plan_tokens(m, b, &s);
+    s.single = ng == 1;
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t t = 0; t < T; t++) {
+        g3_rope_table(s.rope_local + t * c->head_dim, c->head_dim, s.pos[t], m->inv_freq_local);
+        g3_rope_table(s.rope_global + t * c->head_dim, c->head_dim, s.pos[t], m->inv_freq_global);
+    }
 
     double t_embed = g3_prof.enabled ? omp_get_wtime() : 0.0;
 #pragma omp parallel for num_threads(nt) schedule(static)
