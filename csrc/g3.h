@@ -36,6 +36,10 @@ typedef struct {
 g3_status g3_fail(g3_err *err, g3_status st, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 
+/* Read-only private mapping of a whole regular file (io/mmap.c); *base is NULL for an empty file. */
+g3_status g3_map_file(const char *path, const uint8_t **base, uint64_t *size, g3_err *err);
+void g3_unmap_file(const uint8_t *base, uint64_t size);
+
 /* ggml tensor type ids as stored in GGUF files (ggml/include/ggml.h enum ggml_type). */
 enum {
     G3_TYPE_F32 = 0,

@@ -36,7 +36,7 @@ CFLAGS=(-std=c11 -O1 -g -D_GNU_SOURCE -I"$ROOT/csrc")
 mkdir -p "$WORK/obj"
 rm -f "$WORK"/obj/*.o
 echo "== building $WORK/fuzz_$TARGET with $CC"
-for src in "$HARNESS" "$ROOT/csrc/io/$TARGET.c" "$ROOT/csrc/util.c" "$ROOT"/csrc/quant/*.c; do
+for src in "$HARNESS" "$ROOT/csrc/io/$TARGET.c" "$ROOT/csrc/io/mmap.c" "$ROOT/csrc/util.c" "$ROOT"/csrc/quant/*.c; do
     obj="$WORK/obj/$(basename "$src" .c).o"
     if ! "$CC" "${CFLAGS[@]}" "${SAN[@]}" -c "$src" -o "$obj" 2>"$obj.err"; then
         case "$src" in

@@ -7,13 +7,8 @@
  */
 #include "io/gguf.h"
 
-#include <errno.h>
-#include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
-#include <sys/stat.h>
-#include <unistd.h>
 
 #define G3_GGUF_MAX_NAME 64 /* ggml's GGML_MAX_NAME, including the terminating NUL */
 #define G3_GGUF_DEFAULT_ALIGNMENT 32
@@ -465,43 +460,19 @@ g3_status g3_gguf_open_memory(const uint8_t *buf, uint64_t size, g3_gguf **out, 
 g3_status g3_gguf_open(const char *path, g3_gguf **out, g3_err *err)
 {
     *out = NULL;
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0) {
-        err->sys_errno = errno;
-        return g3_fail(err, G3_ERR_IO, "cannot open '%s': %s", path, strerror(errno));
-    }
-    struct stat sb;
-    if (fstat(fd, &sb) != 0) {
-        int e = errno;
-        close(fd);
-        err->sys_errno = e;
-        return g3_fail(err, G3_ERR_IO, "cannot stat '%s': %s", path, strerror(e));
-    }
-    if (!S_ISREG(sb.st_mode)) {
-        int e = S_ISDIR(sb.st_mode) ? EISDIR : EINVAL; /* errno is not set here: choose one */
-        close(fd);
-        err->sys_errno = e;
-        return g3_fail(err, G3_ERR_IO, "'%s' is not a regular file: %s", path, strerror(e));
-    }
+    const uint8_t *base;
+    uint64_t size;
+    g3_status st = g3_map_file(path, &base, &size, err);
+    if (st)
+        return st;
     g3_gguf *g = calloc(1, sizeof *g);
     if (!g) {
-        close(fd);
+        g3_unmap_file(base, size);
         return g3_fail(err, G3_ERR_NOMEM, "out of memory");
     }
-    g->size = (uint64_t)sb.st_size;
-    if (g->size) {
-        void *m = mmap(NULL, g->size, PROT_READ, MAP_PRIVATE, fd, 0);
-        if (m == MAP_FAILED) {
-            int e = errno;
-            close(fd);
-            free(g);
-            err->sys_errno = e;
-            return g3_fail(err, G3_ERR_IO, "cannot map '%s': %s", path, strerror(e));
-        }
-        g->base = m;
-        g->mapped = 1;
-    }
-    close(fd);
+    g->base = base;
+    g->size = size;
+    g->mapped = base != NULL;
     return finish_open(g, out, err);
 }
 
@@ -511,8 +482,8 @@ void g3_gguf_close(g3_gguf *g)
         return;
     free(g->kv);
     free(g->tensor);
-    if (g->base && g->mapped)
-        munmap((void *)g->base, g->size);
+    if (g->mapped)
+        g3_unmap_file(g->base, g->size);
     free(g);
 }
 

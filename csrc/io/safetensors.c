@@ -10,13 +10,8 @@
  */
 #include "io/safetensors.h"
 
-#include <errno.h>
-#include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
-#include <sys/stat.h>
-#include <unistd.h>
 
 static const char *const dtype_names[G3_ST_NDTYPES] = {
     "BOOL", "U8", "I8", "I16", "I32", "I64", "F16", "BF16", "F32", "F64",
@@ -773,43 +768,19 @@ g3_status g3_safetensors_open_memory(const uint8_t *buf, uint64_t size, g3_safet
 g3_status g3_safetensors_open(const char *path, g3_safetensors **out, g3_err *err)
 {
     *out = NULL;
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0) {
-        err->sys_errno = errno;
-        return g3_fail(err, G3_ERR_IO, "cannot open '%s': %s", path, strerror(errno));
-    }
-    struct stat sb;
-    if (fstat(fd, &sb) != 0) {
-        int e = errno;
-        close(fd);
-        err->sys_errno = e;
-        return g3_fail(err, G3_ERR_IO, "cannot stat '%s': %s", path, strerror(e));
-    }
-    if (!S_ISREG(sb.st_mode)) {
-        int e = S_ISDIR(sb.st_mode) ? EISDIR : EINVAL;
-        close(fd);
-        err->sys_errno = e;
-        return g3_fail(err, G3_ERR_IO, "'%s' is not a regular file: %s", path, strerror(e));
-    }
+    const uint8_t *base;
+    uint64_t size;
+    g3_status st = g3_map_file(path, &base, &size, err);
+    if (st)
+        return st;
     g3_safetensors *f = calloc(1, sizeof *f);
     if (!f) {
-        close(fd);
+        g3_unmap_file(base, size);
         return g3_fail(err, G3_ERR_NOMEM, "out of memory");
     }
-    f->size = (uint64_t)sb.st_size;
-    if (f->size) {
-        void *m = mmap(NULL, f->size, PROT_READ, MAP_PRIVATE, fd, 0);
-        if (m == MAP_FAILED) {
-            int e = errno;
-            close(fd);
-            free(f);
-            err->sys_errno = e;
-            return g3_fail(err, G3_ERR_IO, "cannot map '%s': %s", path, strerror(e));
-        }
-        f->base = m;
-        f->mapped = 1;
-    }
-    close(fd);
+    f->base = base;
+    f->size = size;
+    f->mapped = base != NULL;
     return finish_open(f, out, err);
 }
 
@@ -820,8 +791,8 @@ void g3_safetensors_close(g3_safetensors *f)
     free(f->tensor);
     free(f->meta);
     free(f->strings);
-    if (f->base && f->mapped)
-        munmap((void *)f->base, f->size);
+    if (f->mapped)
+        g3_unmap_file(f->base, f->size);
     free(f);
 }
 
