@@ -9,7 +9,7 @@
 
 #include "g3.h"
 
-typedef struct {
+typedef struct g3_weight_s {
     int type;           /* ggml type id */
     int64_t rows, cols; /* y = W x: rows outputs, cols inputs (contiguous) */
     size_t row_bytes;

@@ -29,6 +29,14 @@ g3_module_state *g3_py_state(PyObject *module);
 /* Sets the Python exception matching st (path used for OSError) and returns NULL. */
 PyObject *g3_py_raise(g3_module_state *st, g3_status status, const g3_err *err, const char *path);
 
+/* py_weights.c: bind weights[name] into C structs (see there); what names the owner in
+ * messages ("model", "vision"). optional: a missing matrix leaves w untouched. */
+struct g3_weight_s;
+int g3_py_bind_matrix(g3_module_state *ms, PyObject *keep, PyObject *weights, const char *what,
+                      const char *name, struct g3_weight_s *w, int optional);
+int g3_py_bind_vector(g3_module_state *ms, PyObject *keep, PyObject *weights, const char *what,
+                      const char *name, int64_t n, const float **out);
+
 extern PyMethodDef g3_py_quant_methods[];
 extern PyMethodDef g3_py_kernel_methods[];
 extern PyMethodDef g3_py_tokenizer_methods[];

@@ -80,68 +80,17 @@ static int parse_config(PyObject *d, g3_config *c)
     return 0;
 }
 
-/* Binds weights[name] = (type_id, rows, cols, array) into w; required unless optional. */
 static int bind_matrix(ModelObject *self, PyObject *weights, const char *name, g3_weight *w,
                        int optional)
 {
-    PyObject *item = PyDict_GetItemString(weights, name);
-    if (!item) {
-        if (optional)
-            return 0;
-        PyErr_Format(mstate((PyObject *)self)->FormatError, "missing tensor '%s'", name);
-        return -1;
-    }
-    int type;
-    long long rows, cols;
-    PyObject *arr;
-    if (!PyArg_ParseTuple(item, "iLLO!;weights entries are (type_id, rows, cols, ndarray)", &type,
-                          &rows, &cols, &PyArray_Type, &arr))
-        return -1;
-    PyArrayObject *a = (PyArrayObject *)arr;
-    const g3_type_traits *tt = g3_type_get(type);
-    if (!tt->known || rows < 1 || cols < 1) {
-        PyErr_Format(mstate((PyObject *)self)->UnsupportedError,
-                     "tensor '%s': unsupported type id %d or shape (%lld, %lld)", name, type, rows,
-                     cols);
-        return -1;
-    }
-    size_t rb = g3_row_size(type, cols);
-    if (!rb || !PyArray_IS_C_CONTIGUOUS(a) || (size_t)PyArray_NBYTES(a) != rb * (size_t)rows) {
-        PyErr_Format(mstate((PyObject *)self)->FormatError,
-                     "tensor '%s': %zd bytes given, (%lld, %lld) of %s needs %zu contiguous bytes",
-                     name, (Py_ssize_t)PyArray_NBYTES(a), rows, cols, tt->name, rb * (size_t)rows);
-        return -1;
-    }
-    if (PyList_Append(self->keep, arr) < 0)
-        return -1;
-    w->type = type;
-    w->rows = rows;
-    w->cols = cols;
-    w->row_bytes = rb;
-    w->data = PyArray_DATA(a);
-    return 0;
+    return g3_py_bind_matrix(mstate((PyObject *)self), self->keep, weights, "model", name, w,
+                             optional);
 }
 
 static int bind_norm(ModelObject *self, PyObject *weights, const char *name, int64_t n,
                      const float **out)
 {
-    PyObject *arr = PyDict_GetItemString(weights, name);
-    if (!arr) {
-        PyErr_Format(mstate((PyObject *)self)->FormatError, "missing tensor '%s'", name);
-        return -1;
-    }
-    if (!PyArray_Check(arr) || PyArray_TYPE((PyArrayObject *)arr) != NPY_FLOAT32 ||
-        !PyArray_IS_C_CONTIGUOUS((PyArrayObject *)arr) ||
-        PyArray_SIZE((PyArrayObject *)arr) != n) {
-        PyErr_Format(mstate((PyObject *)self)->FormatError,
-                     "norm '%s' must be a contiguous float32 array of %lld values", name,
-                     (long long)n);
-        return -1;
-    }
-    if (PyList_Append(self->keep, arr) < 0)
-        return -1;
-    *out = PyArray_DATA((PyArrayObject *)arr);
-    return 0;
+    return g3_py_bind_vector(mstate((PyObject *)self), self->keep, weights, "model", name, n, out);
 }
 
 static int bind_layer(ModelObject *self, PyObject *weights, int64_t i)

@@ -44,64 +44,13 @@ static int get_int(PyObject *d, const char *key, int64_t *out)
 
 static int bind_mat(VisionObject *self, PyObject *weights, const char *name, g3_weight *w)
 {
-    PyObject *item = PyDict_GetItemString(weights, name);
-    g3_module_state *ms = vstate((PyObject *)self);
-    if (!item) {
-        PyErr_Format(ms->FormatError, "missing vision tensor '%s'", name);
-        return -1;
-    }
-    int type;
-    long long rows, cols;
-    PyObject *arr;
-    if (!PyArg_ParseTuple(item, "iLLO!;weights entries are (type_id, rows, cols, ndarray)", &type,
-                          &rows, &cols, &PyArray_Type, &arr))
-        return -1;
-    PyArrayObject *a = (PyArrayObject *)arr;
-    const g3_type_traits *tt = g3_type_get(type);
-    if (!tt->known || !tt->to_float || rows < 1 || cols < 1) {
-        PyErr_Format(ms->UnsupportedError,
-                     "vision tensor '%s': unsupported type id %d or shape (%lld, %lld)", name, type,
-                     rows, cols);
-        return -1;
-    }
-    size_t rb = g3_row_size(type, cols);
-    if (!rb || !PyArray_IS_C_CONTIGUOUS(a) || (size_t)PyArray_NBYTES(a) != rb * (size_t)rows) {
-        PyErr_Format(ms->FormatError,
-                     "vision tensor '%s': %zd bytes given, (%lld, %lld) of %s needs %zu "
-                     "contiguous bytes",
-                     name, (Py_ssize_t)PyArray_NBYTES(a), rows, cols, tt->name, rb * (size_t)rows);
-        return -1;
-    }
-    if (PyList_Append(self->keep, arr) < 0)
-        return -1;
-    w->type = type;
-    w->rows = rows;
-    w->cols = cols;
-    w->row_bytes = rb;
-    w->data = PyArray_DATA(a);
-    return 0;
+    return g3_py_bind_matrix(vstate((PyObject *)self), self->keep, weights, "vision", name, w, 0);
 }
 
 static int bind_vec(VisionObject *self, PyObject *weights, const char *name, int64_t n,
                     const float **out)
 {
-    PyObject *arr = PyDict_GetItemString(weights, name);
-    if (!arr) {
-        PyErr_Format(vstate((PyObject *)self)->FormatError, "missing vision tensor '%s'", name);
-        return -1;
-    }
-    PyArrayObject *a = (PyArrayObject *)arr;
-    if (!PyArray_Check(arr) || PyArray_TYPE(a) != NPY_FLOAT32 || !PyArray_IS_C_CONTIGUOUS(a) ||
-        PyArray_SIZE(a) != n) {
-        PyErr_Format(vstate((PyObject *)self)->FormatError,
-                     "vision tensor '%s' must be a contiguous float32 array of %lld values", name,
-                     (long long)n);
-        return -1;
-    }
-    if (PyList_Append(self->keep, arr) < 0)
-        return -1;
-    *out = PyArray_DATA(a);
-    return 0;
+    return g3_py_bind_vector(vstate((PyObject *)self), self->keep, weights, "vision", name, n, out);
 }
 
 static int bind_layer(VisionObject *self, PyObject *w, int64_t i)
