@@ -195,11 +195,14 @@ static g3_status attention_blas(const g3_model *m, int64_t il, scratch *s, int64
         k0 = p0 - c->window + 1;
     const int64_t nk = n_past + T - k0;
     const int64_t qt = T < G3_ATTN_QTILE ? T : G3_ATTN_QTILE;
+    const int want = cap && (cap->pattern || cap->scores) && cap->n_heads_sel > 0;
     float *K = malloc(sizeof(float) * (size_t)(nk * kvw * 2));
     float *S = malloc(sizeof(float) * (size_t)(qt * nk));
-    if (!K || !S) {
+    float *raw_all = want ? malloc(sizeof(float) * (size_t)(nt * nk)) : NULL; /* per thread */
+    if (!K || !S || (want && !raw_all)) {
         free(K);
         free(S);
+        free(raw_all);
         return g3_fail(err, G3_ERR_NOMEM, "out of memory for attention over %lld keys",
                        (long long)nk);
     }
@@ -210,7 +213,6 @@ static g3_status attention_blas(const g3_model *m, int64_t il, scratch *s, int64
         memcpy(V + (j - k0) * kvw, kv_row(L, sq->v[il], s->v, n_past, j, 0, kvw, hd),
                sizeof(float) * kvw);
     }
-    const int want = cap && (cap->pattern || cap->scores) && cap->n_heads_sel > 0;
     for (int64_t h = 0; h < c->n_head; h++) {
         const int64_t g = h / rep;
         for (int64_t t0 = 0; t0 < T; t0 += qt) {
@@ -231,15 +233,13 @@ static g3_status attention_blas(const g3_model *m, int64_t il, scratch *s, int64
                 float *vis = row + (lo - k0);
                 const int64_t n = hi - lo + 1;
                 float *raw = NULL;
-                if (want) { /* scores before softmax, kept in the (unused) tail of the row */
-                    raw = malloc(sizeof(float) * (size_t)n);
-                    if (raw)
-                        memcpy(raw, vis, sizeof(float) * n);
+                if (want) { /* the scores before softmax, for hook_attn_scores */
+                    raw = raw_all + (size_t)omp_get_thread_num() * nk;
+                    memcpy(raw, vis, sizeof(float) * n);
                 }
                 g3_softmax_f32(vis, n);
-                if (want && raw)
+                if (want)
                     capture_row(cap, h, t, n_past + T, lo, hi, raw, vis);
-                free(raw);
                 for (int64_t j = 0; j < lo - k0; j++)
                     row[j] = 0.0f;
                 for (int64_t j = hi - k0 + 1; j < ncol; j++)
@@ -252,6 +252,7 @@ static g3_status attention_blas(const g3_model *m, int64_t il, scratch *s, int64
     }
     free(K);
     free(S);
+    free(raw_all);
     return G3_OK;
 }
 
