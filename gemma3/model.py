@@ -402,11 +402,21 @@ class Model:
         ids = _as_ids(prompt)
         return ids, _vision.spans_from_ids(ids, pics, vc)
 
+    def _text(self, ids: Sequence[int]) -> str:
+        """Generated ids as text, as stream() yields it (image markers left out)."""
+        if self.tokenizer is None:
+            return ""
+        markup = self.tokenizer.markup_ids
+        return self.tokenizer.decode([t for t in ids if t not in markup])
+
     def _stream(self, ids: list[int], mm: list, gc: GenerationConfig) -> Iterator[str]:
         dec = self.tokenizer.stream_decoder()
         held = ""  # text that could be the start of a stop string
         longest = max((len(s) for s in gc.stop), default=0)
+        markup = self.tokenizer.markup_ids
         for tok in self._generate_ids(ids, gc, mm=mm):
+            if tok in markup:
+                continue  # image markers are markup, not text (see Tokenizer.markup_ids)
             held += dec.push(tok)
             if gc.stop:
                 cut = min((held.find(s) for s in gc.stop if s in held), default=-1)
@@ -469,7 +479,7 @@ class Model:
             attn: list = []
             p_ids, mm = self._prompt(prompt, images, pan_and_scan)
             ids = list(self._generate_ids(p_ids, gc, (layers, heads), attn, mm=mm))
-            text = self.tokenizer.decode(ids) if self.tokenizer is not None else ""
+            text = self._text(ids)
             return Generation(text, ids, attn)
         if return_ids:
             gc = GenerationConfig(**kw)
@@ -560,7 +570,7 @@ class Model:
                         done[i] = True
                         continue
                     out[i].append(tok)
-                    if decs[i] is not None and g.stop:
+                    if decs[i] is not None and g.stop and tok not in self.tokenizer.markup_ids:
                         texts[i] += decs[i].push(tok)
                         if any(st in texts[i] for st in g.stop):
                             done[i] = True
@@ -584,7 +594,7 @@ class Model:
             return out
         results = []
         for i in range(B):
-            text = self.tokenizer.decode(out[i]) if self.tokenizer is not None else ""
+            text = self._text(out[i])
             cut = min((text.find(st) for st in gcs[i].stop if st in text), default=-1)
             results.append(text[:cut] if cut >= 0 else text)
         return results

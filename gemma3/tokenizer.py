@@ -40,6 +40,9 @@ def _is_byte_token(text: str) -> bool:
     )
 
 
+IMAGE_MARKUP = ("<start_of_image>", "<end_of_image>", "<image_soft_token>")
+
+
 class StreamDecoder:
     """Incremental detokenizer: ``push(id)`` returns the text that is complete so far.
 
@@ -107,6 +110,12 @@ class Tokenizer:
         self.add_bos = bool(add_bos)
         self.add_space_prefix = bool(add_space_prefix)
         self._eot_id = self.token_to_id("<end_of_turn>")
+        # Image markers are markup in Gemma 3 (special in the reference tokenizer.json) even where
+        # a GGUF types them USER_DEFINED (then decode renders them, as llama.cpp does); generated
+        # text leaves them out (Model.stream), so a text model that emits one prints nothing.
+        self.markup_ids = frozenset(
+            i for i in (self.token_to_id(t) for t in IMAGE_MARKUP) if i is not None
+        )
 
     # ---- construction -------------------------------------------------------------------------
 
