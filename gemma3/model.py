@@ -18,7 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from . import _core, chat as _chat
+from . import _core
+from . import chat as _chat
 from . import inspect as _inspect
 from . import vision as _vision
 from .config import Gemma3Config
@@ -332,10 +333,7 @@ class Model:
         pattern {layer: (heads, n_ctx)} of the query that predicted it."""
         gc.validate(self.config.vocab_size)
         stop_ids = self._stop_ids(gc)
-        rng = _core.rng_seed(gc.seed if gc.seed is not None else random.getrandbits(64))
-        bias_ids = np.array(list(gc.logit_bias.keys()), np.int32) if gc.logit_bias else None
-        bias_vals = (np.array(list(gc.logit_bias.values()), np.float32) if gc.logit_bias
-                     else None)
+        sampler = _Sampler(gc, prompt_ids)
         if len(prompt_ids) + 1 > self.max_seq_len:
             raise ValueError(f"context overflow: the prompt has {len(prompt_ids)} tokens and "
                              f"max_seq_len is {self.max_seq_len}")
@@ -343,20 +341,14 @@ class Model:
             logits = self._prefill(prompt_ids, attn, mm)
             epoch = self._epoch
             last_attn = self._last_attn
-        history = list(prompt_ids)
         for step in range(gc.max_new_tokens):
-            tok = _core.sample(logits, rng, temperature=gc.temperature, top_k=gc.top_k,
-                               top_p=gc.top_p, min_p=gc.min_p,
-                               repetition_penalty=gc.repetition_penalty,
-                               history=np.asarray(history, np.int32)
-                               if gc.repetition_penalty != 1.0 else None,
-                               bias_ids=bias_ids, bias_values=bias_vals)
+            tok = sampler.draw(logits)
             if tok in stop_ids:
                 return
             if attn_out is not None:
                 attn_out.append(last_attn)
             yield tok
-            history.append(tok)
+            sampler.accept(tok)
             if step + 1 == gc.max_new_tokens or len(self._ids) + 1 >= self.max_seq_len:
                 return
             with self._exclusive():
@@ -531,8 +523,7 @@ class Model:
         if core.n_seq < B + 1:
             core.set_n_seq(B + 1)  # sequence 0 stays the interactive context
         seqs = list(range(1, B + 1))
-        rngs = [_core.rng_seed(g.seed if g.seed is not None else random.getrandbits(64))
-                for g in gcs]
+        samplers = [_Sampler(g, p) for g, p in zip(gcs, ids, strict=True)]
         stops = [self._stop_ids(g) for g in gcs]
         out: list[list[int]] = [[] for _ in range(B)]
         texts = [""] * B
@@ -557,19 +548,12 @@ class Model:
                     if done[i]:
                         continue
                     g = gcs[i]
-                    hist = (np.asarray(ids[i] + out[i], np.int32)
-                            if g.repetition_penalty != 1.0 else None)
-                    bias_ids = (np.array(list(g.logit_bias), np.int32) if g.logit_bias else None)
-                    bias_vals = (np.array(list(g.logit_bias.values()), np.float32)
-                                 if g.logit_bias else None)
-                    tok = _core.sample(logits[i], rngs[i], temperature=g.temperature,
-                                       top_k=g.top_k, top_p=g.top_p, min_p=g.min_p,
-                                       repetition_penalty=g.repetition_penalty, history=hist,
-                                       bias_ids=bias_ids, bias_values=bias_vals)
+                    tok = samplers[i].draw(logits[i])
                     if tok in stops[i]:
                         done[i] = True
                         continue
                     out[i].append(tok)
+                    samplers[i].accept(tok)
                     if decs[i] is not None and g.stop and tok not in self.tokenizer.markup_ids:
                         texts[i] += decs[i].push(tok)
                         if any(st in texts[i] for st in g.stop):
@@ -775,6 +759,35 @@ class Model:
         c = self.config
         return (f"<gemma3.Model {c.name or os.path.basename(self.path)!r}: {c.num_layers} layers, "
                 f"width {c.hidden_size}, vocab {c.vocab_size}, max_seq_len {self.max_seq_len}>")
+
+
+class _Sampler:
+    """One sequence's sampling state: the seeded RNG, the logit-bias arrays (built once) and the
+    token history the repetition penalty reads (a growing int32 buffer, no per-token copy)."""
+
+    def __init__(self, gc: GenerationConfig, prompt_ids: Sequence[int]):
+        self.gc = gc
+        self.rng = _core.rng_seed(gc.seed if gc.seed is not None else random.getrandbits(64))
+        self.bias_ids = np.array(list(gc.logit_bias), np.int32) if gc.logit_bias else None
+        self.bias_vals = (np.array(list(gc.logit_bias.values()), np.float32) if gc.logit_bias
+                          else None)
+        self._hist = None
+        if gc.repetition_penalty != 1.0:
+            self._hist = np.empty(len(prompt_ids) + gc.max_new_tokens, np.int32)
+            self._hist[:len(prompt_ids)] = prompt_ids
+        self._n = len(prompt_ids)
+
+    def draw(self, logits: np.ndarray) -> int:
+        g = self.gc
+        return _core.sample(logits, self.rng, temperature=g.temperature, top_k=g.top_k,
+                            top_p=g.top_p, min_p=g.min_p, repetition_penalty=g.repetition_penalty,
+                            history=None if self._hist is None else self._hist[:self._n],
+                            bias_ids=self.bias_ids, bias_values=self.bias_vals)
+
+    def accept(self, tok: int) -> None:
+        if self._hist is not None:
+            self._hist[self._n] = tok
+        self._n += 1
 
 
 class _Closed:
