@@ -27,7 +27,7 @@ from gemma3 import FormatError, GGUFFile, GGUFWriter, UnsupportedError
 
 gguf = pytest.importorskip("gguf")
 
-REGRESSIONS = Path(__file__).parent / "data" / "gguf_regressions"
+REGRESSIONS = Path(__file__).parent / "data" / "fuzz_regressions" / "gguf"
 MODEL = gemma3.default_model_path()
 needs_model = pytest.mark.skipif(not os.path.exists(MODEL), reason=f"{MODEL} not present")
 

@@ -1,10 +1,14 @@
-"""Writes the seed corpus for tools/fuzz_gguf.c: small valid GGUF files made with GGUFWriter.
+"""Writes the seed corpus of a fuzz target (tools/fuzz.sh): small valid inputs.
 
-    python tools/make_fuzz_seeds.py OUT_DIR
+    python tools/make_fuzz_seeds.py OUT_DIR [TARGET]     # TARGET: gguf (default) or image
 
-Seeded and deterministic. Covers every metadata value type, string arrays, empty arrays,
-non-default alignment, and tensors of several types and ranks. Each seed stays under a few KiB so
-libFuzzer can mutate it quickly (the real 270M file is far too large to be a seed).
+Seeded and deterministic. Each seed stays under a few KiB so the fuzzer can mutate it quickly.
+
+gguf: small GGUF files made with GGUFWriter, covering every metadata value type, string arrays,
+empty arrays, non-default alignment, and tensors of several types and ranks (the real 270M file is
+far too large to be a seed).
+image: small WebP files made with Pillow: lossy and lossless, with and without alpha, animated,
+odd sizes and aspect ratios that trigger pan & scan crops.
 """
 
 from __future__ import annotations
@@ -63,15 +67,53 @@ def seeds(rng: np.random.Generator) -> dict[str, bytes]:
     return out
 
 
+def image_seeds(rng: np.random.Generator) -> dict[str, bytes]:
+    import io
+
+    from PIL import Image
+
+    def webp(frames, **kw) -> bytes:
+        ims = [Image.fromarray(f) for f in frames]
+        b = io.BytesIO()
+        ims[0].save(b, "WEBP", save_all=len(ims) > 1, append_images=ims[1:], **kw)
+        return b.getvalue()
+
+    def noise(h, w, c):
+        return rng.integers(0, 256, (h, w, c), dtype=np.uint8)
+
+    def smooth(h, w, c):  # compresses well, so larger pictures stay small files
+        y, x = np.mgrid[0:h, 0:w]
+        return np.stack([(x * 255 // max(w - 1, 1) + 37 * k) % 256 + 0 * y
+                         for k in range(c)], axis=2).astype(np.uint8)
+
+    return {
+        "rgb_8x8_lossy.webp": webp([noise(8, 8, 3)], quality=50),
+        "rgb_33x17_lossless.webp": webp([noise(17, 33, 3)], lossless=True),
+        "rgba_16x12_lossy.webp": webp([noise(12, 16, 4)], quality=30),
+        "rgba_9x7_lossless.webp": webp([noise(7, 9, 4)], lossless=True),
+        "rgb_1x1.webp": webp([noise(1, 1, 3)], lossless=True),
+        "wide_300x40.webp": webp([smooth(40, 300, 3)], quality=20),
+        "tall_24x200_alpha.webp": webp([smooth(200, 24, 4)], lossless=True),
+        "animated_8x8.webp": webp([noise(8, 8, 3), noise(8, 8, 3)], duration=50),
+        "exact_lossless_alpha.webp": webp([noise(5, 6, 4)], lossless=True, exact=True),
+    }
+
+
 def main(argv: list[str]) -> int:
-    if len(argv) != 2:
+    if len(argv) not in (2, 3) or (len(argv) == 3 and argv[2] not in ("gguf", "image")):
         print(__doc__.strip().splitlines()[2].strip(), file=sys.stderr)
         return 2
     d = Path(argv[1])
     d.mkdir(parents=True, exist_ok=True)
-    for name, data in seeds(np.random.default_rng(0)).items():
-        (d / f"{name}.gguf").write_bytes(data)
-        print(f"{d / name}.gguf: {len(data)} bytes")
+    target = argv[2] if len(argv) == 3 else "gguf"
+    rng = np.random.default_rng(0)
+    if target == "gguf":
+        out = {f"{name}.gguf": data for name, data in seeds(rng).items()}
+    else:
+        out = image_seeds(rng)
+    for name, data in out.items():
+        (d / name).write_bytes(data)
+        print(f"{d / name}: {len(data)} bytes")
     return 0
 
 
