@@ -16,7 +16,8 @@ Writer::
     w.add("general.architecture", "gemma3")
     w.add_tensor("token_embd.weight", array)                   # float32 -> stored F32
     w.add_tensor("blk.0.attn_q.weight", array, type="Q8_0")    # quantized by our C quantizers
-    w.write("out.gguf")
+    w.add_tensor_stream("blk.0.ffn_up.weight", (6912, 1152), "Q4_K", make_chunks)  # bytes at write()
+    w.write("out.gguf")                                        # streamed: no whole-file copy
 
 Value types are inferred (bool -> BOOL, int -> INT32/UINT32/INT64/UINT64 by range, float -> FLOAT32,
 str -> STRING, list/ndarray -> ARRAY) or given explicitly with ``type=``.
@@ -27,7 +28,7 @@ from __future__ import annotations
 import os
 import struct
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -304,28 +305,86 @@ class GGUFWriter:
             raise ValueError(f"tensor {name!r}: GGUF tensors have 1..4 dimensions, got {shape}")
         self._tensors.append((name, shape, tid, data))
 
-    def to_bytes(self) -> bytes:
-        out = bytearray(b"GGUF")
-        out += struct.pack("<IQQ", 3, len(self._tensors), len(self._kv))
+    def add_tensor_stream(self, name: str, shape: tuple[int, ...], type: str | int,
+                          chunks: Callable[[], Iterable[Any]]) -> None:
+        """Adds a tensor whose encoded bytes are produced only while the file is written.
+
+        ``shape`` is the NumPy shape, ``type`` the ggml type; ``chunks()`` is called once by
+        :meth:`write` (or :meth:`to_bytes`) and returns an iterable of bytes-like pieces (bytes,
+        uint8 arrays, ...) that together are exactly the tensor's encoded data, rows in order.
+        Multi-gigabyte files can so be written piece by piece without holding them in memory.
+        """
+        if any(n == name for n, *_ in self._tensors):
+            raise ValueError(f"duplicate tensor name {name!r}")
+        if not 0 < len(name.encode()) < 64:
+            raise ValueError(f"tensor name {name!r} must be 1..63 bytes")
+        shape = tuple(int(s) for s in shape)
+        if not 1 <= len(shape) <= 4 or min(shape) < 0:
+            raise ValueError(f"tensor {name!r}: GGUF tensors have 1..4 dimensions >= 0, "
+                             f"got {shape}")
+        tid = ggml_type_id(type)
+        tname, known, blck, type_size, *_ = _core.type_info(tid)
+        if not known:
+            raise ValueError(f"tensor {name!r}: ggml type {tid} was removed from the format")
+        if shape[-1] % blck:
+            raise ValueError(f"tensor {name!r}: row length {shape[-1]} is not a multiple of the "
+                             f"{tname} block size {blck}")
+        nbytes = int(np.prod(shape, dtype=np.int64)) // blck * type_size
+        self._tensors.append((name, shape, tid, _Stream(nbytes, chunks)))
+
+    def _pieces(self) -> Iterator[Any]:
+        """The file as a sequence of bytes-like pieces, in order."""
+        head = bytearray(b"GGUF")
+        head += struct.pack("<IQQ", 3, len(self._tensors), len(self._kv))
         for blob in self._kv.values():
-            out += blob
+            head += blob
         offset = 0
-        offsets = []
         for name, shape, tid, data in self._tensors:
-            out += _str_bytes(name) + struct.pack("<I", len(shape))
-            out += b"".join(struct.pack("<q", d) for d in reversed(shape))
-            out += struct.pack("<iQ", tid, offset)
-            offsets.append(offset)
+            head += _str_bytes(name) + struct.pack("<I", len(shape))
+            head += b"".join(struct.pack("<q", d) for d in reversed(shape))
+            head += struct.pack("<iQ", tid, offset)
             offset += len(data) + (-len(data)) % self.alignment
         if self._tensors:
-            out += b"\0" * ((-len(out)) % self.alignment)
-            for _, _, _, data in self._tensors:
-                out += data + b"\0" * ((-len(data)) % self.alignment)
-        return bytes(out)
+            head += b"\0" * ((-len(head)) % self.alignment)
+        yield bytes(head)
+        for name, _, _, data in self._tensors:
+            if isinstance(data, _Stream):
+                done = 0
+                for piece in data.chunks():
+                    piece = memoryview(piece).cast("B")
+                    done += piece.nbytes
+                    if done > data.nbytes:
+                        raise ValueError(f"tensor {name!r}: chunks gave more than the "
+                                         f"{data.nbytes} bytes its shape and type need")
+                    yield piece
+                if done != data.nbytes:
+                    raise ValueError(f"tensor {name!r}: chunks gave {done} bytes, its shape "
+                                     f"and type need {data.nbytes}")
+            else:
+                yield data
+            if len(data) % self.alignment:
+                yield b"\0" * ((-len(data)) % self.alignment)
+
+    def to_bytes(self) -> bytes:
+        return b"".join(self._pieces())
 
     def write(self, path: str | os.PathLike) -> None:
+        """Writes the file piece by piece (streamed tensors are generated as they are written)."""
         with open(path, "wb") as f:
-            f.write(self.to_bytes())
+            for piece in self._pieces():
+                f.write(piece)
+
+
+class _Stream:
+    """Byte count and producer of a tensor added with ``add_tensor_stream``."""
+
+    __slots__ = ("nbytes", "chunks")
+
+    def __init__(self, nbytes: int, chunks):
+        self.nbytes, self.chunks = nbytes, chunks
+
+    def __len__(self) -> int:
+        return self.nbytes
 
 
 def _VT_FROM_NP(v) -> int:  # noqa: N802 - small helper mirroring the table names
