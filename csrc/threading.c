@@ -3,9 +3,17 @@
  * One thread count drives both OpenMP regions (num_threads clause) and OpenBLAS. BLAS is only
  * called outside OpenMP regions: large products dequantize a tile of weight rows in parallel,
  * leave the region, then hand the float tile to sgemm.
+ *
+ * fork(): libgomp keeps a worker pool per thread that opened a parallel region; a forked child
+ * inherits the pool's bookkeeping but not its threads, and its first parallel region waits for
+ * them forever (a multiprocessing "fork" pool whose parent already ran a model). Before every
+ * fork the forking thread's pool is released (omp_pause_resource_all, OpenMP 5.0): the child
+ * starts without one and the parent builds a new one at its next region. OpenBLAS re-creates its
+ * own threads after a fork by itself.
  */
 #include <cblas.h>
 #include <omp.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -14,8 +22,18 @@
 
 static int g3_threads = 0;
 
+static void release_pool_before_fork(void)
+{
+    omp_pause_resource_all(omp_pause_soft); /* no-op inside a parallel region or without a pool */
+}
+
+static pthread_once_t fork_once = PTHREAD_ONCE_INIT;
+
+static void install_fork_handler(void) { pthread_atfork(release_pool_before_fork, NULL, NULL); }
+
 void g3_set_threads(int n)
 {
+    pthread_once(&fork_once, install_fork_handler); /* runs before any parallel region */
     if (n < 1)
         n = omp_get_num_procs();
     g3_threads = n;
