@@ -742,12 +742,15 @@ class Model:
         return ids, []
 
     def close(self) -> None:
-        """Releases the weights and the KV cache (and the file mapping once no view of the
-        cache or the file is alive). The model cannot be used afterwards."""
+        """Releases the weights, the KV cache and the vision tower (and the file mappings once
+        no view of the cache or the file is alive). The model cannot be used afterwards."""
         with self._exclusive():
             self._core = _Closed()
+            if self.vision is not None:  # an mmproj tower maps its own file
+                self.vision = _Closed()
             self._owners = None
             self._ids = []
+            self._last_attn = None
 
     def __enter__(self) -> Model:
         return self
