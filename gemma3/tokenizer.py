@@ -66,6 +66,30 @@ class StreamDecoder:
         return out
 
 
+def _read_json(opener, path: Path):
+    """Parsed JSON of a file; malformed text (syntax, UTF-8, xz, nesting depth) -> FormatError."""
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            return json.load(f)
+    except (ValueError, RecursionError, lzma.LZMAError, EOFError) as e:
+        raise _core.FormatError(f"{path}: not valid JSON ({e})") from None
+
+
+def _expect(value, kind: type, what: str, path: Path):
+    """value if it is a ``kind`` (a JSON object/array/string), else FormatError naming it."""
+    if not isinstance(value, kind):
+        names = {dict: "an object", list: "an array", str: "a string"}
+        raise _core.FormatError(
+            f"{path}: {what} must be {names[kind]}, got {type(value).__name__}"
+        )
+    return value
+
+
+def _expect_id(value, what: str, path: Path) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise _core.FormatError(f"{path}: {what} must be a non-negative integer, got {value!r}")
+
+
 class Tokenizer:
     """Gemma 3 tokenizer.
 
@@ -92,7 +116,8 @@ class Tokenizer:
         self._tokens = list(tokens)
         self._types = np.ascontiguousarray(types, dtype=np.int32)
         self._core = _core.Tokenizer(
-            [t.encode("utf-8") for t in self._tokens],
+            # surrogateescape: GGUF strings that are not UTF-8 arrive as surrogate escapes
+            [t.encode("utf-8", "surrogateescape") for t in self._tokens],
             np.ascontiguousarray(scores, dtype=np.float32),
             self._types,
             merges,
@@ -128,9 +153,13 @@ class Tokenizer:
                 f"tokenizer.ggml.model {model!r}: only 'llama' (SentencePiece BPE) is supported"
             )
         try:
-            tokens = list(metadata["tokenizer.ggml.tokens"])
+            tokens = metadata["tokenizer.ggml.tokens"]
         except KeyError:
             raise _core.FormatError("GGUF metadata has no tokenizer.ggml.tokens") from None
+        if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+            raise _core.FormatError(
+                f"tokenizer.ggml.tokens must be an array of strings, got {type(tokens).__name__}"
+            )
         n = len(tokens)
         scores = metadata.get("tokenizer.ggml.scores")
         scores = np.zeros(n, np.float32) if scores is None else np.asarray(scores, np.float32)
@@ -170,18 +199,33 @@ class Tokenizer:
         if path.is_dir():
             path = path / "tokenizer.json"
         opener = lzma.open if path.suffix == ".xz" else open
-        with opener(path, "rt", encoding="utf-8") as f:
-            j = json.load(f)
+        j = _read_json(opener, path)
+        if not isinstance(j, dict):
+            raise _core.FormatError(f"{path}: top level is {type(j).__name__}, expected an object")
         model = j.get("model") or {}
+        _expect(model, dict, "model", path)
         if model.get("type") != "BPE":
             raise _core.UnsupportedError(f"{path}: model type {model.get('type')!r}, expected BPE")
         if model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
             raise _core.UnsupportedError(f"{path}: BPE with subword prefix/suffix is not supported")
         add_space_prefix = cls._check_normalizer(j.get("normalizer"), path)
 
-        vocab: dict[str, int] = model["vocab"]
-        added = j.get("added_tokens") or []
-        n = 1 + max([*vocab.values(), *(a["id"] for a in added)])
+        vocab: dict[str, int] = _expect(model.get("vocab"), dict, "model.vocab", path)
+        for text, i in vocab.items():
+            _expect_id(i, f"model.vocab[{text!r}]", path)
+        added = _expect(j.get("added_tokens") or [], list, "added_tokens", path)
+        for k, a in enumerate(added):
+            _expect(a, dict, f"added_tokens[{k}]", path)
+            _expect_id(a.get("id"), f"added_tokens[{k}].id", path)
+            _expect(a.get("content"), str, f"added_tokens[{k}].content", path)
+        ids = [*vocab.values(), *(a["id"] for a in added)]
+        if not ids:
+            raise _core.FormatError(f"{path}: empty vocabulary (model.vocab and added_tokens)")
+        n = 1 + max(ids)
+        if n > len(ids):  # ids are dense: a larger one is corrupt (and would allocate that much)
+            raise _core.FormatError(
+                f"{path}: token id {n - 1} out of range for {len(ids)} vocabulary entries"
+            )
         tokens = [""] * n
         types = np.full(n, UNUSED, np.int32)
         byte_fallback = bool(model.get("byte_fallback"))
@@ -192,17 +236,25 @@ class Tokenizer:
             tokens[a["id"]] = a["content"]
             types[a["id"]] = CONTROL if a.get("special") else USER_DEFINED
 
-        merges = model.get("merges") or []
+        merges = _expect(model.get("merges") or [], list, "model.merges", path)
         pairs = np.empty((len(merges), 2), np.int32)
         for r, m in enumerate(merges):
-            a, b = m.split(" ", 1) if isinstance(m, str) else m
-            pairs[r] = vocab[a], vocab[b]
+            pair = m.split(" ", 1) if isinstance(m, str) else m
+            if (
+                not isinstance(pair, list)
+                or len(pair) != 2
+                or not all(isinstance(t, str) and t in vocab for t in pair)
+            ):
+                raise _core.FormatError(
+                    f"{path}: model.merges[{r}] = {m!r}: expected 'a b' or [a, b] of vocab tokens"
+                )
+            pairs[r] = vocab[pair[0]], vocab[pair[1]]
 
         add_bos = True
         config = path.with_name("tokenizer_config.json")
         if config.is_file():
-            with open(config, encoding="utf-8") as f:
-                add_bos = bool(json.load(f).get("add_bos_token", True))
+            cfg = _read_json(open, config)
+            add_bos = bool(cfg.get("add_bos_token", True) if isinstance(cfg, dict) else True)
 
         def find(text):
             i = vocab.get(text)
@@ -217,7 +269,9 @@ class Tokenizer:
             bos_id=find("<bos>"),
             eos_id=find("<eos>"),
             pad_id=find("<pad>"),
-            unk_id=find(model["unk_token"]) if model.get("unk_token") else None,
+            unk_id=find(_expect(model["unk_token"], str, "model.unk_token", path))
+            if model.get("unk_token")
+            else None,
             add_bos=add_bos,
             add_space_prefix=add_space_prefix,
             merges=pairs,
@@ -226,12 +280,17 @@ class Tokenizer:
     @staticmethod
     def _check_normalizer(norm, path) -> bool:
         """Accepts Replace(' ' -> '▁') optionally with Prepend('▁'); returns add_space_prefix."""
-        steps = [] if norm is None else norm.get("normalizers", [norm])
+        steps = [] if norm is None else _expect(norm, dict, "normalizer", path).get(
+            "normalizers", [norm]
+        )
         replace = prepend = False
-        for s in steps:
+        for s in _expect(steps, list, "normalizer.normalizers", path):
+            _expect(s, dict, "normalizer step", path)
+            pattern = s.get("pattern")
             if (
                 s.get("type") == "Replace"
-                and s.get("pattern", {}).get("String") == " "
+                and isinstance(pattern, dict)
+                and pattern.get("String") == " "
                 and s.get("content") == "\u2581"
             ):
                 replace = True
