@@ -200,8 +200,11 @@ def pan_and_scan(img: np.ndarray, min_crop_size: int = 256, max_num_crops: int =
     cw, ch = int(math.ceil(width / n_w)), int(math.ceil(height / n_h))
     if min(cw, ch) < min_crop_size:
         return [], []
+    # range(0, width, cw), not n_w steps: with a small min_crop_size, n_w * cw can pass the
+    # width by a whole crop (9 px in 4 crops of 3), and that crop would be empty
     boxes = [(x, y, min(x + cw, width), min(y + ch, height))
-             for y in range(0, ch * n_h, ch) for x in range(0, cw * n_w, cw)]
+             for y in range(0, min(ch * n_h, height), ch)
+             for x in range(0, min(cw * n_w, width), cw)]
     return [img[y0:y1, x0:x1] for x0, y0, x1, y1 in boxes], boxes
 
 

@@ -76,8 +76,8 @@ static int pan_and_scan_boxes(int w, int h, int min_crop, int max_crops, int box
     if ((cw < ch ? cw : ch) < min_crop)
         return 0;
     int k = 0;
-    for (int y = 0; y < ch * n_h; y += ch)
-        for (int x = 0; x < cw * n_w; x += cw) {
+    for (int y = 0; y < ch * n_h && y < h; y += ch)
+        for (int x = 0; x < cw * n_w && x < w; x += cw) {
             box[k][0] = x;
             box[k][1] = y;
             box[k][2] = x + cw < w ? x + cw : w;
