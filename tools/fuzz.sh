@@ -101,8 +101,11 @@ fi
 # 2. Seeds: small valid inputs plus every known regression input.
 case "$TARGET" in
 gguf) "$PY" "$ROOT/tools/make_fuzz_seeds.py" "$WORK/seeds" gguf >/dev/null ;;
-image | image_py)
+image)
     "$PY" "$ROOT/tools/make_fuzz_seeds.py" "$WORK/seeds" image >/dev/null
+    cp "$ROOT"/tests/data/images/* "$WORK/seeds/" ;;
+image_py)
+    "$PY" "$HARNESS" --make-seeds "$WORK/seeds" >/dev/null
     cp "$ROOT"/tests/data/images/* "$WORK/seeds/" ;;
 safetensors)
     "$PY" -c 'import sys, numpy as np, safetensors.numpy as s
