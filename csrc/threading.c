@@ -19,6 +19,7 @@
 
 #include "kernels/ops.h"
 #include "model/model.h"
+#include "quant/packed.h"
 
 static int g3_threads = 0;
 
@@ -120,10 +121,66 @@ static g3_status matmul_blas(const g3_weight *W, const float *x, int64_t T, floa
     return G3_OK;
 }
 
+#define G3_PACK_CHUNK 8 /* groups (of 16 rows) a thread takes per token loop: ~80 KB of weights */
+
+/* The decode path: n packed matrices sharing the input, T < G3_BLAS_MIN_TOKENS tokens. x is
+ * quantized once per token; the groups of all matrices form one index space cut into equal
+ * contiguous ranges, one per thread, so a row's arithmetic never depends on the thread count. */
+static g3_status matmul_packed(int n, const g3_weight *const *W, const float *x, int64_t T,
+                               float *const *y, g3_err *err)
+{
+    const int64_t cols = W[0]->cols;
+    const size_t xb = g3_xq_bytes(cols);
+    uint8_t *buf = malloc(xb * (size_t)T + sizeof(g3_xq) * (size_t)T);
+    if (!buf)
+        return g3_fail(err, G3_ERR_NOMEM, "out of memory for quantized activations");
+    g3_xq *xq = (g3_xq *)buf;
+    for (int64_t t = 0; t < T; t++) {
+        g3_xq_init(&xq[t], cols, buf + sizeof(g3_xq) * (size_t)T + xb * (size_t)t);
+        g3_xq_prepare(&xq[t], x + t * cols);
+    }
+    int64_t total = 0;
+    for (int i = 0; i < n; i++)
+        total += W[i]->packed->groups;
+    const int nt = g3_get_threads();
+#pragma omp parallel num_threads(nt)
+    {
+        const int64_t th = omp_get_thread_num(), k = omp_get_num_threads();
+        const int64_t lo = total * th / k, hi = total * (th + 1) / k;
+        int i = 0;
+        int64_t base = 0; /* first global group of matrix i */
+        for (int64_t g = lo; g < hi;) {
+            while (g >= base + W[i]->packed->groups)
+                base += W[i++]->packed->groups;
+            const g3_packed *P = W[i]->packed;
+            int64_t g1 = g + G3_PACK_CHUNK;
+            if (g1 > hi)
+                g1 = hi;
+            if (g1 > base + P->groups)
+                g1 = base + P->groups;
+            for (int64_t t = 0; t < T; t++)
+                g3_packed_matvec(P, &xq[t], g - base, g1 - base, y[i] + t * P->rows);
+            g = g1;
+        }
+    }
+    free(buf);
+    return G3_OK;
+}
+
+static int all_packed(int n, const g3_weight *const *W)
+{
+    for (int i = 0; i < n; i++)
+        if (!W[i]->packed || W[i]->cols != W[0]->cols)
+            return 0;
+    return 1;
+}
+
 g3_status g3_matmul_multi(int n, const g3_weight *const *W, const float *x, int64_t T,
                           float *const *y, g3_err *err)
 {
     int fused = T < G3_BLAS_MIN_TOKENS;
+    if (fused && all_packed(n, W))
+        return matmul_packed(n, W, x, T, y, err);
     int64_t total = 0;
     for (int i = 0; i < n; i++) {
         fused = fused && g3_type_get(W[i]->type)->dot_f32 && W[i]->cols == W[0]->cols;
@@ -159,5 +216,7 @@ g3_status g3_matmul(const g3_weight *W, const float *x, int64_t T, float *y, g3_
 {
     if (T >= G3_BLAS_MIN_TOKENS)
         return matmul_blas(W, x, T, y, err);
+    if (W->packed)
+        return matmul_packed(1, &W, x, T, &y, err);
     return matmul_small(W, x, T, y, err);
 }

@@ -166,9 +166,10 @@ def load_hf_dir(path: str, dtype: str | None = None):
     return cfg, w, hf, shards
 
 
-def build_core(cfg: Gemma3Config, weights: dict[str, Any], max_seq: int) -> _core.Model:
+def build_core(cfg: Gemma3Config, weights: dict[str, Any], max_seq: int,
+               pack: bool = True) -> _core.Model:
     is_global = bytes(1 if t == "full_attention" else 0 for t in cfg.layer_types)
-    return _core.Model(cfg.to_core(max_seq), is_global, weights)
+    return _core.Model(cfg.to_core(max_seq), is_global, weights, pack=pack)
 
 
 def is_hf_dir(path: str | os.PathLike) -> bool:

@@ -71,4 +71,12 @@ REF_270M_TOP16_KL = 1e-6
 # reference sums 32-element partials), each costing at most 2^-24 of the running magnitude.
 # 2^-16 = 256 roundings leaves 2.5x headroom; measured errors are ~1e-8 (a few roundings).
 DOT_F32_REL = 2.0**-16
+# Packed integer decode kernels (tests/test_packed.py) vs their twin, relative to sum |w_i x_i|:
+# the digit sums are exact integers; the float32 steps are 3 conversions + 2 FMAs per digit
+# combine, one scale product and one FMA per block, i.e. a handful of 2^-24 roundings per block
+# plus the accumulation over <= 80 blocks. 2^-18 leaves ~10x headroom over measured ~2e-7.
+PACKED_REL = 2.0**-18
+# Whole 270M model, packed vs float decode kernels, max |d logit| / max |logit| per step: the
+# 24-bit activation rounding (~6e-8 of each block's max) through 18 layers; measured 1.3e-6.
+PACKED_MODEL_REL = 2e-5
 # ==== end of fused dequantize-and-dot block ======================================================

@@ -5,6 +5,7 @@
 #include <string.h>
 
 #include "kernels/ops.h"
+#include "quant/packed.h"
 
 g3_status g3_model_create(const g3_config *cfg, const uint8_t *is_global, g3_model **out,
                           g3_err *err)
@@ -223,8 +224,46 @@ void g3_model_free(g3_model *m)
     for (int s = 0; s < m->n_seq; s++)
         seq_free(m, &m->seqs[s]);
     free(m->seqs);
+    for (int i = 0; i < m->n_packs; i++)
+        g3_packed_free(m->packs[i]);
+    free(m->packs);
     free(m->layers);
     free(m->inv_freq_global);
     free(m->inv_freq_local);
     free(m);
+}
+
+g3_status g3_model_pack(g3_model *m, size_t *bytes, g3_err *err)
+{
+    *bytes = 0;
+    if (m->packs)
+        return G3_OK;
+    const int64_t n = 7 * m->cfg.n_layer + 1;
+    m->packs = calloc((size_t)n, sizeof *m->packs);
+    if (!m->packs)
+        return g3_fail(err, G3_ERR_NOMEM, "out of memory");
+    for (int64_t i = 0; i <= m->cfg.n_layer; i++) {
+        g3_layer *L = i < m->cfg.n_layer ? &m->layers[i] : NULL;
+        g3_weight *ws[7] = {&m->output};
+        int nw = 1;
+        if (L) {
+            g3_weight *lw[7] = {&L->q, &L->k, &L->v, &L->o, &L->gate, &L->up, &L->down};
+            memcpy(ws, lw, sizeof lw);
+            nw = 7;
+        }
+        for (int j = 0; j < nw; j++) {
+            g3_weight *w = ws[j];
+            if (w->packed || !g3_pack_supported(w->type))
+                continue;
+            g3_packed *P;
+            g3_status st = g3_pack(w->type, w->data, w->rows, w->cols, w->row_bytes,
+                                   g3_get_threads(), &P, err);
+            if (st)
+                return st;
+            m->packs[m->n_packs++] = P;
+            w->packed = P;
+            *bytes += (size_t)P->groups * P->group_bytes;
+        }
+    }
+    return G3_OK;
 }

@@ -9,11 +9,16 @@
 
 #include "g3.h"
 
+struct g3_packed_s;
+
 typedef struct g3_weight_s {
     int type;           /* ggml type id */
     int64_t rows, cols; /* y = W x: rows outputs, cols inputs (contiguous) */
     size_t row_bytes;
     const uint8_t *data;
+    /* the same matrix repacked for the integer decode kernels (quant/packed.h), or NULL; owned
+     * by the model (g3_model_pack) */
+    const struct g3_packed_s *packed;
 } g3_weight;
 
 typedef struct {
@@ -54,6 +59,8 @@ typedef struct g3_model {
     g3_seq *seqs;       /* (n_seq) independent caches; sequence 0 is the default */
     int n_seq;
     float *inv_freq_global, *inv_freq_local; /* (head_dim / 2) */
+    struct g3_packed_s **packs; /* what g3_model_pack made, freed with the model */
+    int n_packs;
 } g3_model;
 
 /* Creates a model over cfg with layers' weights to be bound by the caller (fields of
@@ -61,6 +68,10 @@ typedef struct g3_model {
 g3_status g3_model_create(const g3_config *cfg, const uint8_t *is_global, g3_model **out,
                           g3_err *err);
 g3_status g3_model_check(const g3_model *m, g3_err *err);
+/* Repacks every matrix the decode path multiplies (layers and LM head) whose type has a packed
+ * kernel on this CPU (quant/packed.h); returns the bytes it allocated in *bytes. Optional: without
+ * it decoding uses the float dequantize-and-dot kernels. */
+g3_status g3_model_pack(g3_model *m, size_t *bytes, g3_err *err);
 /* Sets the number of sequences with a KV cache (>= 1; lazily-touched zeroed memory). Existing
  * sequences keep their contents. */
 g3_status g3_model_set_n_seq(g3_model *m, int n, g3_err *err);

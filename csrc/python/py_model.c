@@ -22,6 +22,7 @@ typedef struct {
     g3_model *m;
     PyObject *keep; /* list of arrays whose memory the model points into */
     int busy;
+    size_t packed_bytes; /* weights repacked for the integer decode kernels */
 } ModelObject;
 
 static g3_module_state *mstate(PyObject *self) { return g3_py_state_from_type(Py_TYPE(self)); }
@@ -116,11 +117,12 @@ static int bind_layer(ModelObject *self, PyObject *weights, int64_t i)
 
 static int model_init(ModelObject *self, PyObject *args, PyObject *kw)
 {
-    static char *kwlist[] = {"config", "is_global", "weights", NULL};
+    static char *kwlist[] = {"config", "is_global", "weights", "pack", NULL};
     PyObject *cfgd, *weights;
     Py_buffer glob;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!y*O!", kwlist, &PyDict_Type, &cfgd, &glob,
-                                     &PyDict_Type, &weights))
+    int pack = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!y*O!|p", kwlist, &PyDict_Type, &cfgd, &glob,
+                                     &PyDict_Type, &weights, &pack))
         return -1;
     g3_module_state *ms = mstate((PyObject *)self);
     g3_config cfg;
@@ -156,6 +158,16 @@ static int model_init(ModelObject *self, PyObject *args, PyObject *kw)
     if ((st = g3_model_check(self->m, &err)) || (st = g3_model_set_n_seq(self->m, 1, &err))) {
         g3_py_raise(ms, st, &err, NULL);
         goto done;
+    }
+    if (pack) {
+        size_t bytes = 0;
+        Py_BEGIN_ALLOW_THREADS st = g3_model_pack(self->m, &bytes, &err);
+        Py_END_ALLOW_THREADS
+        if (st) {
+            g3_py_raise(ms, st, &err, NULL);
+            goto done;
+        }
+        self->packed_bytes = bytes;
     }
     rc = 0;
 done:
@@ -579,7 +591,14 @@ static PyMethodDef model_methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
+static PyObject *model_get_packed_bytes(ModelObject *self, void *c)
+{
+    return PyLong_FromSize_t(self->m ? self->packed_bytes : 0);
+}
+
 static PyGetSetDef model_getset[] = {
+    {"packed_bytes", (getter)model_get_packed_bytes, NULL,
+     "bytes of weights repacked for the integer decode kernels (0: float decode kernels)", NULL},
     {"n_past", (getter)model_get_n_past, NULL, "positions in the KV cache", NULL},
     {"cache_bytes", (getter)model_get_cache_bytes, NULL,
      "bytes reserved by one sequence's KV cache", NULL},

@@ -13,6 +13,7 @@
 #include <string.h>
 
 #include "quant/blocks.h"
+#include "quant/packed.h"
 
 /* Reads a ggml type id; returns its traits, or NULL with an exception set (TypeError for a
  * non-integer, UnsupportedError for ids outside 0..G3_TYPE_COUNT-1; removed ids are returned with
@@ -361,6 +362,82 @@ static PyObject *py_matvec(PyObject *self, PyObject *args, PyObject *kwds)
     return out;
 }
 
+PyDoc_STRVAR(packed_matvec_doc,
+"packed_matvec(type_id, w, rows, cols, x) -> ndarray\n--\n\n"
+"y = W @ x through the decode path: W repacked into 16-row groups (quant/packed.h) and multiplied\n"
+"with x quantized to 24-bit integers per 32-block (AVX-512 VNNI). W as for matvec, x: (cols,)\n"
+"float32. Raises UnsupportedError where the CPU or the type has no packed kernel\n"
+"(packed_supported(type_id) tells). For tests and benchmarks; the model packs at load.");
+
+static PyObject *py_packed_matvec(PyObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"type_id", "w", "rows", "cols", "x", NULL};
+    PyObject *type_obj, *wobj, *xobj;
+    Py_ssize_t rows, cols;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOnnO:packed_matvec", kwlist, &type_obj, &wobj,
+                                     &rows, &cols, &xobj))
+        return NULL;
+    if (rows < 1)
+        return PyErr_Format(PyExc_ValueError, "rows must be >= 1, got %zd", rows);
+    g3_module_state *ms = g3_py_state(self);
+    Py_buffer view;
+    const float *x;
+    npy_intp n;
+    const g3_type_traits *t = parse_dot_args(ms, type_obj, wobj, xobj, "auto", rows, &view, &x, &n);
+    if (!t)
+        return NULL;
+    int type = -1;
+    if (!parse_type(ms, type_obj, &type)) {
+        PyBuffer_Release(&view);
+        return NULL;
+    }
+    if (n != cols || !g3_pack_supported(type)) {
+        PyBuffer_Release(&view);
+        if (n != cols)
+            return PyErr_Format(PyExc_ValueError, "len(x)=%zd does not match cols=%zd",
+                                (Py_ssize_t)n, cols);
+        return PyErr_Format(ms->UnsupportedError, "no packed kernel for %s on this CPU", t->name);
+    }
+    npy_intp dims[1] = {rows};
+    PyObject *out = PyArray_SimpleNew(1, dims, NPY_FLOAT32);
+    void *xbuf = malloc(g3_xq_bytes(n));
+    g3_packed *P = NULL;
+    g3_err err = {{0}, 0};
+    g3_status st = G3_OK;
+    if (!out || !xbuf) {
+        PyBuffer_Release(&view);
+        free(xbuf);
+        Py_XDECREF(out);
+        return out ? PyErr_NoMemory() : NULL;
+    }
+    float *y = (float *)PyArray_DATA((PyArrayObject *)out);
+    Py_BEGIN_ALLOW_THREADS
+    st = g3_pack(type, view.buf, rows, n, (size_t)(n / t->blck) * t->type_size, 1, &P, &err);
+    if (!st) {
+        g3_xq xq;
+        g3_xq_init(&xq, n, xbuf);
+        g3_xq_prepare(&xq, x);
+        g3_packed_matvec(P, &xq, 0, P->groups, y);
+    }
+    Py_END_ALLOW_THREADS
+    g3_packed_free(P);
+    free(xbuf);
+    PyBuffer_Release(&view);
+    if (st) {
+        Py_DECREF(out);
+        return g3_py_raise(ms, st, &err, NULL);
+    }
+    return out;
+}
+
+static PyObject *py_packed_supported(PyObject *self, PyObject *arg)
+{
+    long type = PyLong_AsLong(arg);
+    if (type == -1 && PyErr_Occurred())
+        return NULL;
+    return PyBool_FromLong(type >= 0 && type < G3_TYPE_COUNT && g3_pack_supported((int)type));
+}
+
 PyDoc_STRVAR(isa_doc,
 "isa() -> dict\n--\n\n"
 "Kernel selection: {'cpu': best ISA this CPU runs, 'selected': the level in use (lowered by the\n"
@@ -404,5 +481,9 @@ PyMethodDef g3_py_quant_methods[] = {
     {"dot_f32", (PyCFunction)(void (*)(void))py_dot_f32, METH_VARARGS | METH_KEYWORDS, dot_f32_doc},
     {"matvec", (PyCFunction)(void (*)(void))py_matvec, METH_VARARGS | METH_KEYWORDS, matvec_doc},
     {"isa", py_isa, METH_NOARGS, isa_doc},
+    {"packed_matvec", (PyCFunction)(void (*)(void))py_packed_matvec, METH_VARARGS | METH_KEYWORDS,
+     packed_matvec_doc},
+    {"packed_supported", py_packed_supported, METH_O,
+     "packed_supported(type_id) -> bool: whether the decode path packs this type on this CPU"},
     {NULL, NULL, 0, NULL},
 };

@@ -1,0 +1,400 @@
+/* packed.c — repacking weights into 16-row groups and the AVX-512 VNNI matrix-vector product over
+ * them (layout and numerics in packed.h). Packing is scalar and runs once per matrix at load. */
+#include "quant/packed.h"
+
+#include <immintrin.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "quant/blocks.h"
+
+/* ---- what each type becomes -------------------------------------------------------------------- */
+
+enum { V_BYTES, V_NIB, V_NIB5 };    /* how codes are stored */
+enum { S_HALF, S_K4, S_K6 };        /* how scales are stored */
+
+typedef struct {
+    int vmode, smode, offset; /* w = scale * (u - offset) (S_K4: no offset, mins instead) */
+    size_t src_block;         /* bytes of one source block */
+    int src_elems;            /* elements of one source block */
+} pack_kind;
+
+static int kind_of(int type, pack_kind *k)
+{
+    switch (type) {
+    case G3_TYPE_Q8_0: *k = (pack_kind){V_BYTES, S_HALF, 128, sizeof(g3_block_q8_0), 32}; return 1;
+    case G3_TYPE_Q4_0: *k = (pack_kind){V_NIB, S_HALF, 8, sizeof(g3_block_q4_0), 32}; return 1;
+    case G3_TYPE_Q5_0: *k = (pack_kind){V_NIB5, S_HALF, 16, sizeof(g3_block_q5_0), 32}; return 1;
+    case G3_TYPE_Q4_K: *k = (pack_kind){V_NIB, S_K4, 0, sizeof(g3_block_q4_k), 256}; return 1;
+    case G3_TYPE_Q5_K: *k = (pack_kind){V_NIB5, S_K4, 0, sizeof(g3_block_q5_k), 256}; return 1;
+    case G3_TYPE_Q6_K: *k = (pack_kind){V_BYTES, S_K6, 32, sizeof(g3_block_q6_k), 256}; return 1;
+    default: return 0;
+    }
+}
+
+static size_t values_bytes(int vmode) { return vmode == V_BYTES ? 512 : vmode == V_NIB ? 256 : 320; }
+static size_t header_bytes(int smode) { return smode == S_K4 ? 128 : smode == S_K6 ? 64 : 0; }
+
+int g3_pack_supported(int type)
+{
+    pack_kind k;
+    if (!kind_of(type, &k) || g3_isa_selected() < G3_ISA_AVX512)
+        return 0;
+    static int vnni = -1;
+    if (vnni < 0)
+        vnni = __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw") &&
+               __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("f16c");
+    return vnni;
+}
+
+/* ---- packing ----------------------------------------------------------------------------------- */
+
+/* One 32-column block of one row as codes and scale fields. */
+typedef struct {
+    uint8_t u[32];
+    uint16_t dh;        /* S_HALF: the block's half scale */
+    uint8_t sc, m;      /* S_K4: 6-bit scale and min of the sub-block */
+    int8_t sc6[2];      /* S_K6: scales of the two 16-column halves */
+    float d, dmin;      /* K-quants: the super-block's scales */
+} block_codes;
+
+static void codes_of(int type, const uint8_t *row, int64_t b, block_codes *o)
+{
+    switch (type) {
+    case G3_TYPE_Q8_0: {
+        const g3_block_q8_0 *q = (const g3_block_q8_0 *)row + b;
+        for (int l = 0; l < 32; l++)
+            o->u[l] = (uint8_t)(q->qs[l] + 128);
+        o->dh = q->d;
+        break;
+    }
+    case G3_TYPE_Q4_0: {
+        const g3_block_q4_0 *q = (const g3_block_q4_0 *)row + b;
+        for (int l = 0; l < 16; l++) {
+            o->u[l] = q->qs[l] & 0xF;
+            o->u[l + 16] = q->qs[l] >> 4;
+        }
+        o->dh = q->d;
+        break;
+    }
+    case G3_TYPE_Q5_0: {
+        const g3_block_q5_0 *q = (const g3_block_q5_0 *)row + b;
+        uint32_t qh;
+        memcpy(&qh, q->qh, 4);
+        for (int l = 0; l < 16; l++) {
+            o->u[l] = (uint8_t)((q->qs[l] & 0xF) | ((qh >> l) & 1) << 4);
+            o->u[l + 16] = (uint8_t)((q->qs[l] >> 4) | ((qh >> (l + 16)) & 1) << 4);
+        }
+        o->dh = q->d;
+        break;
+    }
+    case G3_TYPE_Q4_K:
+    case G3_TYPE_Q5_K: {
+        const int j = (int)(b % 8), c = j / 2, hi = j % 2;
+        const uint8_t *scales, *qs, *qh = NULL;
+        uint16_t d, dmin;
+        if (type == G3_TYPE_Q4_K) {
+            const g3_block_q4_k *q = (const g3_block_q4_k *)row + b / 8;
+            scales = q->scales, qs = q->qs, d = q->d, dmin = q->dmin;
+        } else {
+            const g3_block_q5_k *q = (const g3_block_q5_k *)row + b / 8;
+            scales = q->scales, qs = q->qs, qh = q->qh, d = q->d, dmin = q->dmin;
+        }
+        for (int l = 0; l < 32; l++) {
+            int v = hi ? qs[32 * c + l] >> 4 : qs[32 * c + l] & 0xF;
+            if (qh)
+                v |= ((qh[l] >> j) & 1) << 4;
+            o->u[l] = (uint8_t)v;
+        }
+        g3_get_scale_min_k4(j, scales, &o->sc, &o->m);
+        o->d = g3_fp16_to_fp32(d);
+        o->dmin = g3_fp16_to_fp32(dmin);
+        break;
+    }
+    case G3_TYPE_Q6_K: {
+        const g3_block_q6_k *q = (const g3_block_q6_k *)row + b / 8;
+        const int h = (int)(b % 8) / 4, qi = (int)(b % 8) % 4;
+        const uint8_t *ql = q->ql + 64 * h + (qi % 2 ? 32 : 0), *qh = q->qh + 32 * h;
+        for (int l = 0; l < 32; l++) {
+            int low = qi < 2 ? ql[l] & 0xF : ql[l] >> 4;
+            o->u[l] = (uint8_t)(low | ((qh[l] >> (2 * qi)) & 3) << 4);
+        }
+        o->sc6[0] = q->scales[8 * h + 2 * qi];
+        o->sc6[1] = q->scales[8 * h + 2 * qi + 1];
+        o->d = g3_fp16_to_fp32(q->d);
+        break;
+    }
+    }
+}
+
+/* Writes block codes c of row r (0..15) into a group's block record at p (header excluded). */
+static void put_block(const pack_kind *k, uint8_t *p, int r, const block_codes *c)
+{
+    if (k->vmode == V_BYTES) {
+        for (int j = 0; j < 8; j++)
+            memcpy(p + 64 * j + 4 * r, c->u + 4 * j, 4);
+    } else {
+        for (int j = 0; j < 4; j++)
+            for (int q = 0; q < 4; q++) {
+                const uint8_t lo = c->u[4 * j + q], hi = c->u[16 + 4 * j + q];
+                p[64 * j + 4 * r + q] = (uint8_t)((lo & 0xF) | (hi & 0xF) << 4);
+                if (k->vmode == V_NIB5)
+                    p[256 + 4 * r + q] |= (uint8_t)(((lo >> 4) & 1) << j | ((hi >> 4) & 1) << (4 + j));
+            }
+    }
+    uint8_t *s = p + values_bytes(k->vmode);
+    if (k->smode == S_HALF) {
+        memcpy(s + 2 * r, &c->dh, 2);
+    } else if (k->smode == S_K4) {
+        s[r] = c->sc;
+        s[16 + r] = c->m;
+    } else {
+        s[r] = (uint8_t)c->sc6[0];
+        s[16 + r] = (uint8_t)c->sc6[1];
+    }
+}
+
+g3_status g3_pack(int type, const uint8_t *data, int64_t rows, int64_t cols, size_t row_bytes,
+                  int threads, g3_packed **out, g3_err *err)
+{
+    pack_kind k;
+    *out = NULL;
+    if (!kind_of(type, &k))
+        return g3_fail(err, G3_ERR_UNSUPPORTED, "no packed kernel for type %s",
+                       g3_type_get(type)->name);
+    if (rows < 1 || cols < 1 || cols % k.src_elems || row_bytes != (size_t)(cols / k.src_elems) * k.src_block)
+        return g3_fail(err, G3_ERR_ARG, "cannot pack a (%lld, %lld) %s matrix", (long long)rows,
+                       (long long)cols, g3_type_get(type)->name);
+    g3_packed *P = calloc(1, sizeof *P);
+    if (!P)
+        return g3_fail(err, G3_ERR_NOMEM, "out of memory");
+    P->type = type;
+    P->rows = rows;
+    P->cols = cols;
+    P->groups = (rows + G3_PACK_ROWS - 1) / G3_PACK_ROWS;
+    P->nb = cols / 32;
+    const size_t rec = values_bytes(k.vmode) + 32, hdr = header_bytes(k.smode);
+    P->group_bytes = (size_t)P->nb * rec + (size_t)(P->nb / 8) * hdr;
+    if ((uint64_t)P->groups > SIZE_MAX / 2 / P->group_bytes) {
+        free(P);
+        return g3_fail(err, G3_ERR_NOMEM, "matrix too large to pack");
+    }
+    const size_t total = (size_t)P->groups * P->group_bytes;
+    P->data = aligned_alloc(64, (total + 63) / 64 * 64);
+    if (!P->data) {
+        free(P);
+        return g3_fail(err, G3_ERR_NOMEM, "out of memory packing a (%lld, %lld) %s matrix (%zu bytes)",
+                       (long long)rows, (long long)cols, g3_type_get(type)->name, total);
+    }
+    memset(P->data, 0, total);
+#pragma omp parallel for num_threads(threads > 0 ? threads : 1) schedule(static)
+    for (int64_t g = 0; g < P->groups; g++) {
+        uint8_t *p = P->data + (size_t)g * P->group_bytes;
+        for (int64_t b = 0; b < P->nb; b++) {
+            uint8_t *hp = p; /* this block's super-block header, written before its record */
+            if (hdr && b % 8 == 0)
+                p += hdr;
+            for (int r = 0; r < G3_PACK_ROWS && g * G3_PACK_ROWS + r < rows; r++) {
+                block_codes c;
+                codes_of(type, data + (size_t)(g * G3_PACK_ROWS + r) * row_bytes, b, &c);
+                put_block(&k, p, r, &c);
+                if (hdr && b % 8 == 0) {
+                    memcpy(hp + 4 * r, &c.d, 4);
+                    if (k.smode == S_K4)
+                        memcpy(hp + 64 + 4 * r, &c.dmin, 4);
+                }
+            }
+            p += rec;
+        }
+    }
+    *out = P;
+    return G3_OK;
+}
+
+void g3_packed_free(g3_packed *p)
+{
+    if (p) {
+        free(p->data);
+        free(p);
+    }
+}
+
+/* ---- activations ------------------------------------------------------------------------------- */
+
+size_t g3_xq_bytes(int64_t cols)
+{
+    const int64_t nb = cols / 32;
+    return (size_t)cols * 3 + (size_t)nb * (2 * sizeof(float) + 6 * sizeof(int32_t)) + 64;
+}
+
+void g3_xq_init(g3_xq *xq, int64_t cols, void *buf)
+{
+    uint8_t *p = buf;
+    xq->cols = cols;
+    xq->nb = cols / 32;
+    xq->scale = (float *)p;
+    p += sizeof(float) * (size_t)xq->nb;
+    xq->xsum = (float *)p;
+    p += sizeof(float) * (size_t)xq->nb;
+    xq->dsum = (int32_t *)p;
+    p += sizeof(int32_t) * 6 * (size_t)xq->nb;
+    for (int i = 0; i < 3; i++, p += cols)
+        xq->digit[i] = (int8_t *)p;
+}
+
+#define TGT __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,f16c,fma")))
+#define INL static inline __attribute__((always_inline, target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,f16c,fma")))
+
+/* Balanced base-256 digits of X (|X| <= G3_PACK_LIM): X = 65536*D2 + 256*D1 + D0, D in -128..127 */
+INL void digits(__m512i X, __m512i D[3])
+{
+    const __m512i c128 = _mm512_set1_epi32(128), m255 = _mm512_set1_epi32(255);
+    D[0] = _mm512_sub_epi32(_mm512_and_si512(_mm512_add_epi32(X, c128), m255), c128);
+    X = _mm512_srai_epi32(_mm512_sub_epi32(X, D[0]), 8);
+    D[1] = _mm512_sub_epi32(_mm512_and_si512(_mm512_add_epi32(X, c128), m255), c128);
+    D[2] = _mm512_srai_epi32(_mm512_sub_epi32(X, D[1]), 8);
+}
+
+TGT void g3_xq_prepare(g3_xq *xq, const float *x)
+{
+    const __m512 lim = _mm512_set1_ps((float)G3_PACK_LIM);
+    const __m512i ilim = _mm512_set1_epi32(G3_PACK_LIM);
+    for (int64_t b = 0; b < xq->nb; b++) {
+        const __m512 v0 = _mm512_loadu_ps(x + 32 * b), v1 = _mm512_loadu_ps(x + 32 * b + 16);
+        const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+        xq->xsum[b] = _mm512_reduce_add_ps(_mm512_add_ps(v0, v1));
+        float s = amax / (float)G3_PACK_LIM, inv = amax > 0 ? (float)G3_PACK_LIM / amax : 0.0f;
+        const __mmask16 nan = _mm512_cmp_ps_mask(v0, v0, _CMP_UNORD_Q) |
+                              _mm512_cmp_ps_mask(v1, v1, _CMP_UNORD_Q);
+        if (nan || !isfinite(amax)) /* propagate as the float path would */
+            s = NAN, inv = 0.0f;
+        xq->scale[b] = s;
+        const __m512 vi = _mm512_set1_ps(inv);
+        for (int h = 0; h < 2; h++) {
+            __m512i X = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(h ? v1 : v0, vi),
+                                                                       _mm512_sub_ps(_mm512_setzero_ps(), lim)), lim));
+            X = _mm512_max_epi32(_mm512_min_epi32(X, ilim), _mm512_sub_epi32(_mm512_setzero_si512(), ilim));
+            __m512i D[3];
+            digits(X, D);
+            for (int p = 0; p < 3; p++) {
+                _mm_storeu_si128((__m128i *)(xq->digit[p] + 32 * b + 16 * h), _mm512_cvtepi32_epi8(D[p]));
+                xq->dsum[6 * b + 3 * h + p] = _mm512_reduce_add_epi32(D[p]);
+            }
+        }
+    }
+}
+
+/* ---- the product ------------------------------------------------------------------------------- */
+
+INL __m512i bcast4(const int8_t *p)
+{
+    int32_t v;
+    memcpy(&v, p, 4);
+    return _mm512_set1_epi32(v);
+}
+
+/* acc[p] += codes (16 rows x 4 columns) . digits p of those 4 columns */
+INL void dp3(__m512i acc[3], __m512i u, const g3_xq *xq, int64_t col)
+{
+    for (int p = 0; p < 3; p++)
+        acc[p] = _mm512_dpbusd_epi32(acc[p], u, bcast4(xq->digit[p] + col));
+}
+
+/* 65536*A2 + 256*A1 + A0 - offset * (sum of X over the columns), as float (16 rows) */
+INL __m512 combine(__m512i a[3], int offset, const int32_t *ds0, const int32_t *ds1)
+{
+    if (offset) {
+        for (int p = 0; p < 3; p++) {
+            const int32_t s = ds0[p] + (ds1 ? ds1[p] : 0);
+            a[p] = _mm512_sub_epi32(a[p], _mm512_set1_epi32(offset * s));
+        }
+    }
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[2]), _mm512_set1_ps(65536.0f),
+                           _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[1]), _mm512_set1_ps(256.0f),
+                                           _mm512_cvtepi32_ps(a[0])));
+}
+
+INL void matvec_kind(const g3_packed *P, const g3_xq *xq, int64_t g0, int64_t g1, float *y,
+                     const int vmode, const int smode, const int offset)
+{
+    const size_t vb = vmode == V_BYTES ? 512 : vmode == V_NIB ? 256 : 320;
+    const __m512i m4 = _mm512_set1_epi8(0x0F), b4 = _mm512_set1_epi8(0x10);
+    for (int64_t g = g0; g < g1; g++) {
+        const uint8_t *p = P->data + (size_t)g * P->group_bytes;
+        __m512 yacc = _mm512_setzero_ps(), dsup = yacc, dminsup = yacc;
+        for (int64_t b = 0; b < P->nb; b++) {
+            if (smode != S_HALF && b % 8 == 0) {
+                dsup = _mm512_loadu_ps(p);
+                p += 64;
+                if (smode == S_K4) {
+                    dminsup = _mm512_loadu_ps(p);
+                    p += 64;
+                }
+            }
+            const int64_t col = 32 * b;
+            __m512i a0[3], a1[3]; /* columns 0..15 and 16..31 (merged into a0 unless S_K6) */
+            for (int q = 0; q < 3; q++)
+                a0[q] = a1[q] = _mm512_setzero_si512();
+            if (vmode == V_BYTES) {
+                for (int j = 0; j < 8; j++) {
+                    const __m512i u = _mm512_loadu_si512(p + 64 * j);
+                    dp3(smode == S_K6 && j >= 4 ? a1 : a0, u, xq, col + 4 * j);
+                }
+            } else {
+                const __m512i H = vmode == V_NIB5 ? _mm512_loadu_si512(p + 256) : _mm512_setzero_si512();
+#define NIB_CHUNK(j)                                                                              \
+    do {                                                                                          \
+        const __m512i v = _mm512_loadu_si512(p + 64 * (j));                                       \
+        __m512i lo = _mm512_and_si512(v, m4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4); \
+        if (vmode == V_NIB5) {                                                                    \
+            lo = _mm512_or_si512(lo, _mm512_and_si512(_mm512_slli_epi16(H, 4 - (j)), b4));        \
+            hi = _mm512_or_si512(hi, _mm512_and_si512(_mm512_srli_epi16(H, (j)), b4));            \
+        }                                                                                         \
+        dp3(a0, lo, xq, col + 4 * (j));                                                           \
+        dp3(smode == S_K6 ? a1 : a0, hi, xq, col + 16 + 4 * (j));                                 \
+    } while (0)
+                NIB_CHUNK(0);
+                NIB_CHUNK(1);
+                NIB_CHUNK(2);
+                NIB_CHUNK(3);
+#undef NIB_CHUNK
+            }
+            p += vb;
+            const __m512 xs = _mm512_set1_ps(xq->scale[b]);
+            const int32_t *ds = xq->dsum + 6 * b;
+            if (smode == S_HALF) {
+                const __m512 S = combine(a0, offset, ds, ds + 3);
+                const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
+                yacc = _mm512_fmadd_ps(S, _mm512_mul_ps(d, xs), yacc);
+            } else if (smode == S_K4) {
+                const __m512 S = combine(a0, 0, ds, ds + 3);
+                const __m512 sc = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p)));
+                const __m512 mn = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p + 16))));
+                yacc = _mm512_fmadd_ps(S, _mm512_mul_ps(_mm512_mul_ps(dsup, sc), xs), yacc);
+                yacc = _mm512_fnmadd_ps(_mm512_mul_ps(dminsup, mn), _mm512_set1_ps(xq->xsum[b]), yacc);
+            } else {
+                const __m512 S0 = combine(a0, offset, ds, NULL), S1 = combine(a1, offset, ds + 3, NULL);
+                const __m512 sc0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+                const __m512 sc1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p + 16))));
+                yacc = _mm512_fmadd_ps(S0, _mm512_mul_ps(_mm512_mul_ps(dsup, sc0), xs), yacc);
+                yacc = _mm512_fmadd_ps(S1, _mm512_mul_ps(_mm512_mul_ps(dsup, sc1), xs), yacc);
+            }
+            p += 32;
+        }
+        const int64_t r0 = g * G3_PACK_ROWS, n = P->rows - r0 < G3_PACK_ROWS ? P->rows - r0 : G3_PACK_ROWS;
+        _mm512_mask_storeu_ps(y + r0, (__mmask16)((1u << n) - 1), yacc);
+    }
+}
+
+TGT void g3_packed_matvec(const g3_packed *P, const g3_xq *xq, int64_t g0, int64_t g1, float *y)
+{
+    switch (P->type) {
+    case G3_TYPE_Q8_0: matvec_kind(P, xq, g0, g1, y, V_BYTES, S_HALF, 128); break;
+    case G3_TYPE_Q4_0: matvec_kind(P, xq, g0, g1, y, V_NIB, S_HALF, 8); break;
+    case G3_TYPE_Q5_0: matvec_kind(P, xq, g0, g1, y, V_NIB5, S_HALF, 16); break;
+    case G3_TYPE_Q4_K: matvec_kind(P, xq, g0, g1, y, V_NIB, S_K4, 0); break;
+    case G3_TYPE_Q5_K: matvec_kind(P, xq, g0, g1, y, V_NIB5, S_K4, 0); break;
+    case G3_TYPE_Q6_K: matvec_kind(P, xq, g0, g1, y, V_BYTES, S_K6, 32); break;
+    }
+}

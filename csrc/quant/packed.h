@@ -1,0 +1,69 @@
+/* packed.h — weights repacked for the integer (AVX-512 VNNI) matrix-vector product of decoding.
+ *
+ * A decode step multiplies every weight by one activation vector, so it should cost what reading
+ * the weights costs. The fused dequantize-and-dot kernels (dot_avx512.c) convert each weight to
+ * float and are compute-bound at ~6 GB/s per core; here the weights stay integers:
+ *
+ *   - Rows are interleaved 16 at a time (a "group"), so one vpdpbusd multiplies 4 columns of 16
+ *     rows by the same 4 activation bytes and no horizontal sums are ever needed.
+ *   - Each weight is stored as an unsigned code u (0..255) with w = scale * (u - c) or, for
+ *     Q4_K/Q5_K, w = d*sc*u - dmin*m: the code and every scale are exactly the file's, so the
+ *     weights are bit-for-bit what the reference dequantization gives (no re-quantization).
+ *   - Activations are quantized per 32-block to X = round(x / s), |X| <= 8355711 (24 bits, the
+ *     precision of float32), split into three signed base-256 digits X = 65536*D2 + 256*D1 + D0.
+ *     Three vpdpbusd per 64 weights give exact integer sums per digit; they are combined in float.
+ *     The only approximation is x ~ s*X: |error| <= s/2 = amax_block * 6e-8, the size of a
+ *     float32 rounding; logits agree with the float path to ~1e-6 relative.
+ *
+ * Group layout, per 32-column block b (in order), 16 rows r:
+ *   K-quant super-block header before blocks b % 8 == 0: float d[16] (+ float dmin[16] for
+ *   Q4_K/Q5_K);
+ *   values: BYTES (Q8_0 as q+128, Q6_K as its 6-bit code): chunk j = 0..7 is 64 bytes, bytes
+ *   4r..4r+3 = u[r][4j..4j+3]. NIB (Q4_0, Q4_K): chunk j = 0..3, byte 4r+k = u[r][4j+k] low
+ *   nibble | u[r][16+4j+k] high nibble. NIB5 (Q5_0, Q5_K): NIB plus a 64-byte plane whose byte
+ *   4r+k holds the 5th bit of u[r][4j+k] at bit j and of u[r][16+4j+k] at bit 4+j;
+ *   scales (32 bytes): half d[16] (Q8_0/Q4_0/Q5_0), u8 sc[16] + u8 m[16] (Q4_K/Q5_K), or
+ *   int8 sc[2][16] per 16-column half (Q6_K).
+ * Rows past the end of the matrix are zero codes with zero scales.
+ */
+#ifndef G3_QUANT_PACKED_H
+#define G3_QUANT_PACKED_H
+
+#include "g3.h"
+
+#define G3_PACK_ROWS 16
+#define G3_PACK_LIM 8355711 /* largest |X| with three signed base-256 digits: 127 * 65793 */
+
+typedef struct g3_packed_s {
+    int type;              /* source ggml type */
+    int64_t rows, cols;    /* as the source matrix */
+    int64_t groups, nb;    /* ceil(rows / 16); 32-column blocks per row */
+    size_t group_bytes;
+    uint8_t *data;         /* groups * group_bytes, 64-byte aligned, owned */
+} g3_packed;
+
+/* Activations of one token quantized for the packed kernels (g3_xq_prepare). */
+typedef struct {
+    int64_t cols, nb;
+    int8_t *digit[3];  /* (cols) D0, D1, D2 */
+    float *scale;      /* (nb) s per block: x ~ s * X */
+    float *xsum;       /* (nb) float sum of x per block (Q4_K/Q5_K mins) */
+    int32_t *dsum;     /* (nb, 2 halves, 3 digits): sums of each digit over 16 columns */
+} g3_xq;
+
+/* 1 if the CPU (and G3_ISA) allow the packed kernels and `type` has one. */
+int g3_pack_supported(int type);
+/* Packs a (rows, cols) matrix of `type` stored row after row (row_bytes apart), on `threads`
+ * OpenMP threads. */
+g3_status g3_pack(int type, const uint8_t *data, int64_t rows, int64_t cols, size_t row_bytes,
+                  int threads, g3_packed **out, g3_err *err);
+void g3_packed_free(g3_packed *p);
+
+/* Bytes g3_xq_init needs for `cols` (a multiple of 32) and the layout over such a buffer. */
+size_t g3_xq_bytes(int64_t cols);
+void g3_xq_init(g3_xq *xq, int64_t cols, void *buf);
+void g3_xq_prepare(g3_xq *xq, const float *x);
+/* y[r] for the rows of groups [g0, g1) of one token; y has P->rows entries. */
+void g3_packed_matvec(const g3_packed *P, const g3_xq *xq, int64_t g0, int64_t g1, float *y);
+
+#endif

@@ -1,0 +1,144 @@
+"""The integer decode kernels over packed weights (csrc/quant/packed.c, _core.packed_matvec).
+
+Twin: NumPy quantizes x exactly as the C code does (float32 x * (LIM / amax), rounded half to
+even, per 32-block) and forms sum_i dequant(w)_i * s_b * X_i in float64 from the reference
+dequantization. The kernel's integer sums are exact, so the only differences are the float32
+roundings when the three digit sums, the scales and the blocks are combined: bounded by
+tol.PACKED_REL * sum |w_i x_i|. Against the float64 dot with x itself the extra error is the
+activation rounding, |x - s X| <= s / 2 per element.
+
+Weights are random blocks (every code, random finite scales), rows not multiples of 16 (the
+masked tail group), every row length from one block to the real 640 / 2048 / 2560.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import gemma3
+from gemma3 import _core
+
+sys.path.insert(0, str(Path(__file__).parent))
+import tolerances as tol  # noqa: E402
+from test_quant import TYPE_ID, random_blocks  # noqa: E402
+
+PACKED_TYPES = ["Q8_0", "Q4_0", "Q5_0", "Q4_K", "Q5_K", "Q6_K"]
+LIM = 8355711  # G3_PACK_LIM: 127 * (65536 + 256 + 1)
+HAS_VNNI = _core.packed_supported(TYPE_ID["Q8_0"])
+needs_vnni = pytest.mark.skipif(not HAS_VNNI, reason="packed kernels need AVX-512 VNNI; the float "
+                                "kernels (tested in test_quant_dot.py) run instead")
+
+
+def quantize_x(x):
+    """(s per block, X) exactly as g3_xq_prepare computes them (float32 arithmetic)."""
+    xb = x.reshape(-1, 32).astype(np.float32)
+    amax = np.abs(xb).max(1)
+    with np.errstate(divide="ignore"):
+        inv = np.where(amax > 0, np.float32(LIM) / amax, np.float32(0)).astype(np.float32)
+    s = (amax / np.float32(LIM)).astype(np.float32)
+    X = np.rint((xb * inv[:, None]).astype(np.float32))
+    return s, np.clip(X, -LIM, LIM)
+
+
+def twin(Wd, x):
+    s, X = quantize_x(x)
+    xq = (s[:, None].astype(np.float64) * X).reshape(-1)
+    return Wd @ xq
+
+
+def case(name, rows, cols, rng, x=None):
+    blk = _core.type_info(TYPE_ID[name])[2]
+    w = random_blocks(name, rows * cols // blk, rng)
+    Wd = _core.dequantize(TYPE_ID[name], w, rows * cols).reshape(rows, cols).astype(np.float64)
+    if x is None:  # mostly N(0,1) with a few outliers, as hidden states have
+        x = rng.standard_normal(cols) * np.where(rng.random(cols) < 0.03, 60.0, 1.0)
+    return w, Wd, np.asarray(x, np.float32)
+
+
+def shapes(name):
+    k = name.endswith("_K")
+    cols = [256, 512, 2560] if k else [32, 96, 640, 2048]
+    return [(r, c) for r in (1, 15, 17, 40) for c in cols]
+
+
+@needs_vnni
+@pytest.mark.parametrize("name", PACKED_TYPES)
+def test_packed_matvec_matches_twin(name):
+    rng = np.random.default_rng(TYPE_ID[name])
+    for rows, cols in shapes(name):
+        w, Wd, x = case(name, rows, cols, rng)
+        y = _core.packed_matvec(TYPE_ID[name], w, rows, cols, x)
+        assert y.shape == (rows,) and y.dtype == np.float32
+        mag = np.abs(Wd) @ np.abs(x.astype(np.float64))
+        err = np.abs(y - twin(Wd, x))
+        assert np.all(err <= tol.PACKED_REL * mag + 1e-30), (name, rows, cols, (err / mag).max())
+        # against the exact product: the activation rounding s/2 per element on top
+        s, _ = quantize_x(x)
+        act = np.abs(Wd) @ np.repeat(s.astype(np.float64) / 2, 32)
+        err = np.abs(y - Wd @ x.astype(np.float64))
+        assert np.all(err <= act + tol.PACKED_REL * mag + 1e-30), (name, rows, cols)
+
+
+@needs_vnni
+@pytest.mark.parametrize("name", PACKED_TYPES)
+def test_packed_matvec_edge_activations(name):
+    rng = np.random.default_rng(7)
+    cols = 512
+    w, Wd, _ = case(name, 19, cols, rng)
+    x = rng.standard_normal(cols).astype(np.float32)
+    x[:64] = 0  # all-zero blocks: scale 0, digits 0, exact zero contribution
+    x[100] = 3e4  # one huge value: its block's other values lose nothing below float32 precision
+    y = _core.packed_matvec(TYPE_ID[name], w, 19, cols, x)
+    mag = np.abs(Wd) @ np.abs(x.astype(np.float64))
+    assert np.all(np.abs(y - twin(Wd, x)) <= tol.PACKED_REL * mag)
+    x[200] = np.nan  # non-finite activations propagate, as in the float kernels
+    assert np.isnan(_core.packed_matvec(TYPE_ID[name], w, 19, cols, x)).all()
+
+
+@needs_vnni
+def test_packed_matvec_bad_arguments():
+    w = random_blocks("Q8_0", 4, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="does not match cols"):
+        _core.packed_matvec(TYPE_ID["Q8_0"], w, 2, 96, np.zeros(64, np.float32))
+    with pytest.raises(ValueError, match="rows"):
+        _core.packed_matvec(TYPE_ID["Q8_0"], w, 0, 64, np.zeros(64, np.float32))
+    with pytest.raises(gemma3.UnsupportedError, match="packed kernel"):
+        _core.packed_matvec(TYPE_ID["F16"], np.zeros(256, np.uint8), 2, 64,
+                            np.zeros(64, np.float32))
+    assert not _core.packed_supported(TYPE_ID["IQ4_NL"]) and not _core.packed_supported(-1)
+
+
+@pytest.fixture(scope="module")
+def models():
+    a = gemma3.load(n_threads=2)
+    b = gemma3.load(n_threads=2, pack=False)
+    yield a, b
+    a.close()
+    b.close()
+
+
+@needs_vnni
+def test_model_decode_packed_vs_float(models):
+    """Every matrix of the 270M file (Q5_0, Q8_0, Q4_K, Q6_K and the Q8_0 LM head) is packed;
+    decoding token by token gives the float kernels' logits to ~1e-6 relative and the same
+    greedy text."""
+    packed, flt = models
+    assert packed.packed_bytes > 200e6 and flt.packed_bytes == 0
+    ids = packed.tokenizer.encode("The capital of France is Paris. The capital of Japan is")
+    worst = 0.0
+    for m in (packed, flt):
+        m.reset()
+    for t in ids:
+        a = packed._core.forward(np.asarray([t], np.int32), 1)[0]
+        b = flt._core.forward(np.asarray([t], np.int32), 1)[0]
+        worst = max(worst, float(np.abs(a - b).max() / np.abs(b).max()))
+    assert worst < tol.PACKED_MODEL_REL, worst
+    for m in (packed, flt):
+        m.reset()
+    prompt = "def fibonacci(n):"
+    assert (packed.generate(prompt, max_new_tokens=40, temperature=0)
+            == flt.generate(prompt, max_new_tokens=40, temperature=0))
