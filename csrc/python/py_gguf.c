@@ -78,7 +78,7 @@ static int gguf_init(GGUFObject *self, PyObject *args, PyObject *kw)
     }
     Py_DECREF(enc);
     self->g = g;
-    self->path = path;
+    Py_XSETREF(self->path, path); /* __init__ again after close() replaces the old path */
     return 0;
 }
 
@@ -193,10 +193,18 @@ static PyObject *gguf_tensor_infos(GGUFObject *self, PyObject *unused)
             Py_CLEAR(list);
             break;
         }
-        if (t->n_dims == 0)
-            PyTuple_SET_ITEM(shape, 0, PyLong_FromLong(1));
-        for (uint32_t j = 0; j < t->n_dims; j++)
-            PyTuple_SET_ITEM(shape, j, PyLong_FromLongLong(t->ne[t->n_dims - 1 - j]));
+        for (uint32_t j = 0; j < (t->n_dims ? t->n_dims : 1); j++) {
+            PyObject *d = PyLong_FromLongLong(t->n_dims ? t->ne[t->n_dims - 1 - j] : 1);
+            if (!d) { /* a NULL item would reach Python as a broken tuple */
+                Py_CLEAR(shape);
+                break;
+            }
+            PyTuple_SET_ITEM(shape, j, d);
+        }
+        if (!shape) {
+            Py_CLEAR(list);
+            break;
+        }
         PyObject *name = str_from(t->name);
         PyObject *item = name ? Py_BuildValue("(NNisKK)", name, shape, t->type,
                                               g3_type_get(t->type)->name,

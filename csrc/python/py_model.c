@@ -128,9 +128,10 @@ static int model_init(ModelObject *self, PyObject *args, PyObject *kw)
     g3_config cfg;
     memset(&cfg, 0, sizeof cfg);
     int rc = -1;
-    if (self->m) {
+    if (self->m) { /* not through done: that would free the live model under its views */
+        PyBuffer_Release(&glob);
         PyErr_SetString(PyExc_RuntimeError, "Model already initialised");
-        goto done;
+        return -1;
     }
     if (parse_config(cfgd, &cfg) < 0)
         goto done;
@@ -172,9 +173,10 @@ static int model_init(ModelObject *self, PyObject *args, PyObject *kw)
     rc = 0;
 done:
     PyBuffer_Release(&glob);
-    if (rc < 0 && self->m) {
+    if (rc < 0) {
         g3_model_free(self->m);
         self->m = NULL;
+        Py_CLEAR(self->keep); /* else a retried __init__ would leak it with every array in it */
     }
     return rc;
 }
