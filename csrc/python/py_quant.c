@@ -363,20 +363,23 @@ static PyObject *py_matvec(PyObject *self, PyObject *args, PyObject *kwds)
 }
 
 PyDoc_STRVAR(packed_matvec_doc,
-"packed_matvec(type_id, w, rows, cols, x) -> ndarray\n--\n\n"
+"packed_matvec(type_id, w, rows, cols, x, repeat=1) -> ndarray\n--\n\n"
 "y = W @ x through the decode path: W repacked into 16-row groups (quant/packed.h) and multiplied\n"
 "with x quantized to 24-bit integers per 32-block (AVX-512 VNNI). W as for matvec, x: (cols,)\n"
 "float32. Raises UnsupportedError where the CPU or the type has no packed kernel\n"
-"(packed_supported(type_id) tells). For tests and benchmarks; the model packs at load.");
+"(packed_supported(type_id) tells). repeat runs the product (not the packing) that many times,\n"
+"for benchmarks. For tests and benchmarks; the model packs at load.");
 
 static PyObject *py_packed_matvec(PyObject *self, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"type_id", "w", "rows", "cols", "x", NULL};
+    static char *kwlist[] = {"type_id", "w", "rows", "cols", "x", "repeat", NULL};
     PyObject *type_obj, *wobj, *xobj;
-    Py_ssize_t rows, cols;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOnnO:packed_matvec", kwlist, &type_obj, &wobj,
-                                     &rows, &cols, &xobj))
+    Py_ssize_t rows, cols, repeat = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOnnO|n:packed_matvec", kwlist, &type_obj,
+                                     &wobj, &rows, &cols, &xobj, &repeat))
         return NULL;
+    if (repeat < 1)
+        return PyErr_Format(PyExc_ValueError, "repeat must be >= 1, got %zd", repeat);
     if (rows < 1)
         return PyErr_Format(PyExc_ValueError, "rows must be >= 1, got %zd", rows);
     g3_module_state *ms = g3_py_state(self);
@@ -416,8 +419,10 @@ static PyObject *py_packed_matvec(PyObject *self, PyObject *args, PyObject *kwds
     if (!st) {
         g3_xq xq;
         g3_xq_init(&xq, n, xbuf);
-        g3_xq_prepare(&xq, x);
-        g3_packed_matvec(P, &xq, 0, P->groups, y);
+        for (Py_ssize_t i = 0; i < repeat; i++) {
+            g3_xq_prepare(&xq, x);
+            g3_packed_matvec(P, &xq, 0, P->groups, y);
+        }
     }
     Py_END_ALLOW_THREADS
     g3_packed_free(P);
