@@ -832,7 +832,7 @@ def _top_k_logprobs(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]
 
 def load(path: str | os.PathLike | None = None, *, n_threads: int | None = None,
          max_seq_len: int | None = None, dtype: str | None = None,
-         mmproj: str | os.PathLike | None = None, pack: bool = True) -> Model:
+         mmproj: str | os.PathLike | None = None, pack: bool | None = None) -> Model:
     """Loads a Gemma 3 checkpoint: a GGUF file, or a Hugging Face checkpoint directory.
 
     Vision: a multimodal HF directory (Gemma3ForConditionalGeneration) brings its SigLIP tower;
@@ -849,7 +849,8 @@ def load(path: str | os.PathLike | None = None, *, n_threads: int | None = None,
     into 16-row groups for the integer decode kernels (activations quantized to 24 bits per
     32 values, so logits match the float kernels to ~1e-7 relative; about 2x faster decoding).
     It costs a second copy of those weights in memory (``model.packed_bytes``); ``pack=False``
-    keeps the float dequantize-and-dot kernels.
+    keeps the float dequantize-and-dot kernels, and the default (None) packs when the copy takes
+    at most half of the memory available.
     """
     from ._default import default_model_path
 
@@ -886,12 +887,27 @@ def load(path: str | os.PathLike | None = None, *, n_threads: int | None = None,
     if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 1:
         raise ValueError(f"max_seq_len must be a positive integer, got {max_seq_len!r}")
     check_cache_fits(cfg, max_seq_len)
-    if not isinstance(pack, bool):
-        raise TypeError(f"pack must be True or False, got {pack!r}")
+    if pack is None:
+        pack = _pack_fits(weights)
+    elif not isinstance(pack, bool):
+        raise TypeError(f"pack must be True, False or None, got {pack!r}")
     core = build_core(cfg, weights, max_seq_len, pack=pack)
     model = Model(core, cfg, tokenizer, path, owners, max_seq_len)
     model.vision = vision
     return model
+
+
+def _pack_fits(weights: dict[str, Any]) -> bool:
+    """Whether repacking the matrices for the integer decode kernels takes at most half of the
+    memory available now (an upper bound: every matrix of a packable type counts)."""
+    need = sum(e[3].nbytes for e in weights.values()
+               if isinstance(e, tuple) and _core.packed_supported(e[0]))
+    try:
+        with open("/proc/meminfo") as f:
+            avail = next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return True
+    return need <= avail // 2
 
 
 def kv_cache_bytes(cfg: Gemma3Config, max_seq_len: int) -> int:
