@@ -96,7 +96,8 @@ def g3_breakdown(model, steps: int = 32) -> dict[str, float]:
 # ---------------------------------------------------------------------------------------------
 # llama.cpp
 
-def llama_open(path: str, threads: int, n_ctx: int, extra_bufts: bool = True):
+def llama_open(path: str, threads: int, n_ctx: int, extra_bufts: bool = True,
+               logits_all: bool = False):
     """extra_bufts=False turns off llama.cpp's extra buffer types (weight repacking, AMX): a
     wheel built with -march=native on a CPU that advertises AMX dies with SIGILL where the kernel
     does not grant AMX state, as on some VMs."""
@@ -114,7 +115,7 @@ def llama_open(path: str, threads: int, n_ctx: int, extra_bufts: bool = True):
         ll.llama_model_default_params = params
         ll._g3_patched = True
     return llama_cpp.Llama(model_path=path, n_threads=threads, n_threads_batch=threads,
-                           n_ctx=n_ctx, n_batch=512, n_ubatch=512, logits_all=False,
+                           n_ctx=n_ctx, n_batch=512, n_ubatch=512, logits_all=logits_all,
                            verbose=False)
 
 
