@@ -10,8 +10,10 @@
 #
 # C targets (tools/fuzz_<TARGET>.c) are built with clang under ASan + UBSan and libFuzzer (Debian:
 # apt-get install clang-14 libclang-rt-14-dev; image also needs libwebp-dev). Python targets
-# (tools/fuzz_<TARGET>.py) run under atheris (pip install atheris) with the installed gemma3;
-# an exception outside the harness's expected list, a crash or a hang is a finding.
+# (tools/fuzz_<TARGET>.py) run under atheris (pip install atheris) against a build of gemma3._core
+# with ASan + UBSan and coverage of its C code (same clang packages; G3_FUZZ_ASAN=0 for the
+# installed build); an exception outside the harness's expected list, an AssertionError from its
+# invariant checks, a sanitizer report, a crash or a hang is a finding.
 # Work files live in G3_FUZZ_DIR (default /tmp/g3-fuzz-<TARGET>): the binary, the seeds, the
 # growing corpus (kept between runs), fuzz.log, and crash-* / leak-* / timeout-* / oom-* artifacts.
 # Prints executions, final coverage and findings; exits non-zero if the fuzzer found anything.
@@ -46,16 +48,21 @@ fi
 # libFuzzer options shared by both kinds; -max_len covers the largest seed that matters
 MAX_LEN=16384
 case "$TARGET" in image | image_py) MAX_LEN=65536 ;; esac
-FUZZ_OPTS=(-max_total_time="$SECONDS_TO_RUN" -max_len="$MAX_LEN" -timeout=10 -rss_limit_mb=2048
+# -timeout=60: a hang is still caught, but a process paused for a while (SIGSTOP while someone
+# benchmarks) does not end the run with a false timeout; -report_slow_units notes inputs > 10 s.
+FUZZ_OPTS=(-max_total_time="$SECONDS_TO_RUN" -max_len="$MAX_LEN" -timeout=60 -rss_limit_mb=2048
+           -report_slow_units=10
            -print_final_stats=1 -artifact_prefix="$WORK/artifacts/")
 
+# clang: the newest available, or $CC if it is a clang
+CC="${CC:-}"
+if [ -z "$CC" ] || ! "$CC" --version 2>/dev/null | grep -q clang; then
+    CC="$(command -v clang clang-18 clang-17 clang-16 clang-15 clang-14 2>/dev/null | head -1 || true)"
+fi
+[ -n "$CC" ] || { echo "fuzz.sh: clang not found (apt-get install clang-14 libclang-rt-14-dev)" >&2; exit 2; }
+PRELOAD=
+
 if [ "$KIND" = c ]; then
-    # clang: the newest available, or $CC if it is a clang
-    CC="${CC:-}"
-    if [ -z "$CC" ] || ! "$CC" --version 2>/dev/null | grep -q clang; then
-        CC="$(command -v clang clang-18 clang-17 clang-16 clang-15 clang-14 2>/dev/null | head -1 || true)"
-    fi
-    [ -n "$CC" ] || { echo "fuzz.sh: clang not found (apt-get install clang-14 libclang-rt-14-dev)" >&2; exit 2; }
 
     # 1. Build: the harness + the code under test and what it links. -O1 -g keeps reports
     #    readable; the sanitizers abort on the first finding. The harness and the code under test
@@ -94,8 +101,52 @@ if [ "$KIND" = c ]; then
     RUN=("$WORK/fuzz_$TARGET")
 else
     "$PY" -c 'import atheris' 2>/dev/null || { echo "fuzz.sh: $PY has no atheris (pip install atheris)" >&2; exit 2; }
-    echo "== $HARNESS under atheris with $PY"
+    # The C code these entry points reach (tokenizer core, WebP decode, resize) is fuzzed too:
+    # gemma3._core is rebuilt with clang under ASan + UBSan with coverage instrumentation
+    # (tools/fuzz_cc.sh, G3_SANITIZE=1) into G3_FUZZ_ASAN_DIR (shared by the Python targets,
+    # incremental, under a lock), paired with a snapshot of the package's Python files, and run
+    # with one runtime preloaded that holds both ASan and libFuzzer (atheris then uses that
+    # libFuzzer, so C edges count as coverage). G3_FUZZ_ASAN=0 runs the installed gemma3 instead.
     RUN=("$PY" "$HARNESS")
+    if [ "${G3_FUZZ_ASAN:-1}" != 0 ]; then
+        ASAN_DIR="${G3_FUZZ_ASAN_DIR:-/tmp/g3-fuzz-asan}"
+        mkdir -p "$ASAN_DIR/ompinc" "$ASAN_DIR/lib"
+        echo "== building the sanitized, instrumented extension in $ASAN_DIR"
+        (
+            flock 9
+            # the runtime: ASan (minus its preinit, not allowed in a shared object) + libFuzzer
+            if [ ! -f "$ASAN_DIR/asan_with_fuzzer.so" ]; then
+                RT="$("$CC" -print-resource-dir)/lib/linux"
+                rm -rf "$ASAN_DIR/rt" && mkdir -p "$ASAN_DIR/rt"
+                (cd "$ASAN_DIR/rt" && ar x "$RT/libclang_rt.asan-x86_64.a" && rm -f asan_preinit.cpp.o &&
+                    ar rcs ../asan_nopreinit.a ./*.o)
+                "$CC" -shared -o "$ASAN_DIR/asan_with_fuzzer.so" -Wl,--whole-archive \
+                    "$ASAN_DIR/asan_nopreinit.a" "$RT/libclang_rt.fuzzer_no_main-x86_64.a" \
+                    "$RT/libclang_rt.asan_cxx-x86_64.a" -Wl,--no-whole-archive \
+                    -lpthread -ldl -lrt -lm -lstdc++
+            fi
+            # gcc's omp.h uses the two-argument malloc attribute older clangs reject
+            sed -e 's/, __malloc__ (omp_free)//g' -e 's/__malloc__ (omp_free), //g' \
+                "$(gcc -print-file-name=include)/omp.h" >"$ASAN_DIR/ompinc/omp.h"
+            cd "$ROOT"
+            G3_FUZZ_CLANG="$CC" G3_FUZZ_OMPINC="$ASAN_DIR/ompinc" CC="$ROOT/tools/fuzz_cc.sh" \
+                LDSHARED="$ROOT/tools/fuzz_cc.sh -shared" G3_SANITIZE=1 \
+                "$PY" setup.py -q build_ext --build-temp "$ASAN_DIR/temp" \
+                --build-lib "$ASAN_DIR/lib" >"$ASAN_DIR/build.log" 2>&1 ||
+                { tail -30 "$ASAN_DIR/build.log" >&2; exit 2; }
+        ) 9>"$ASAN_DIR.lock"
+        grep -h 'fuzz_cc.sh:' "$ASAN_DIR/build.log" | sed 's/^/   note: /' || true
+        mkdir -p "$WORK/lib/gemma3"
+        cp "$ASAN_DIR"/lib/gemma3/_core*.so "$WORK/lib/gemma3/"
+        cp "$ROOT"/gemma3/*.py "$WORK/lib/gemma3/"
+        PRELOAD="$ASAN_DIR/asan_with_fuzzer.so"
+        RUN=(env PYTHONPATH="$WORK/lib" LD_PRELOAD="$PRELOAD" "$PY" "$HARNESS")
+        (cd / && PYTHONPATH="$WORK/lib" LD_PRELOAD="$PRELOAD" ASAN_OPTIONS=detect_leaks=0 "$PY" -c "
+import gemma3._core as c
+assert c.__file__.startswith('$WORK/lib'), c.__file__") ||
+            { echo "fuzz.sh: the sanitized gemma3._core is not the one imported" >&2; exit 2; }
+    fi
+    echo "== $HARNESS under atheris with $PY${PRELOAD:+ (ASan + coverage build of gemma3._core)}"
 fi
 
 # 2. Seeds: small valid inputs plus every known regression input.
@@ -121,7 +172,9 @@ fi
 # 3. Fuzz. New inputs go to corpus/, findings to artifacts/.
 echo "== fuzzing for $SECONDS_TO_RUN s (corpus $WORK/corpus)"
 set +e
-ASAN_OPTIONS="detect_leaks=1:abort_on_error=0" \
+LEAKS=1
+[ "$KIND" = py ] && LEAKS=0  # CPython keeps allocations until exit by design
+ASAN_OPTIONS="detect_leaks=$LEAKS:abort_on_error=0" \
 UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1" \
 "${RUN[@]}" "$WORK/corpus" "$WORK/seeds" "${FUZZ_OPTS[@]}" >"$WORK/fuzz.log" 2>&1
 status=$?
@@ -132,9 +185,14 @@ grep -E 'ERROR|SUMMARY|Uncaught Python exception|Test unit written|^Done|INFO: s
 grep -E '^stat::' "$WORK/fuzz.log" || true
 grep -oE 'cov: [0-9]+ ft: [0-9]+ corp: [0-9]+/[0-9]+[a-zA-Z]*' "$WORK/fuzz.log" | tail -1 || true
 echo "corpus: $(find "$WORK/corpus" -type f | wc -l) files"
-if compgen -G "$WORK/artifacts/*" >/dev/null; then
+if compgen -G "$WORK/artifacts/slow-unit-*" >/dev/null; then
+    # not failures: an input that took > 10 s once (often a paused process); rerun to check
+    echo "slow units (rerun one with: ${RUN[*]} FILE):"
+    ls -l "$WORK"/artifacts/slow-unit-*
+fi
+if compgen -G "$WORK/artifacts/[!s]*" >/dev/null; then
     echo "fuzz.sh: findings:" >&2
-    ls -l "$WORK"/artifacts/ >&2
+    ls -l "$WORK"/artifacts/[!s]* >&2
     exit 1
 fi
 echo "== no crashes (fuzzer exit status $status)"

@@ -29,8 +29,8 @@ from types import ModuleType
 
 def instrumented(module_name: str, packages: list[str]):
     """Context for the harness's imports: atheris instruments ``packages`` (coverage feedback for
-    their Python code; the C extension is not instrumented, its C code has its own libFuzzer
-    targets) when the harness runs as the fuzzer; a no-op when imported (tests, --make-seeds)."""
+    their Python code; tools/fuzz.sh builds the C extension with coverage of its own) when the
+    harness runs as the fuzzer; a no-op when imported (tests, --make-seeds)."""
     if module_name != "__main__" or "--make-seeds" in sys.argv:
         return contextlib.nullcontext()
     import atheris
