@@ -24,7 +24,17 @@ typedef enum {
     G3_ERR_IO = 4,          /* -> OSError with the path */
     G3_ERR_ARG = 5,         /* bad argument -> ValueError */
     G3_ERR_STATE = 6,       /* e.g. context overflow -> RuntimeError/ValueError */
+    G3_ERR_INTERRUPTED = 7, /* a g3_checkpoint asked to stop; its owner knows why (Ctrl-C) */
 } g3_status;
+
+/* Cooperative interruption of long work: a driver calls check(ctx) between steps (on the calling
+ * thread, never inside a parallel region); nonzero stops the work with G3_ERR_INTERRUPTED and
+ * whatever the step's outputs hold is unspecified. The Python binding uses it to run signal
+ * handlers, so that Ctrl-C reaches Python within one step. */
+typedef struct {
+    int (*check)(void *ctx);
+    void *ctx;
+} g3_checkpoint;
 
 #define G3_ERR_LEN 512
 typedef struct {

@@ -623,6 +623,15 @@ def _worker_init(model_path: str | None, threads: int | None) -> None:
     _WORKER_MODEL = load(model_path, n_threads=threads)
 
 
+def _pool_worker_init(model_path: str | None, threads: int | None) -> None:
+    """Pool workers leave Ctrl-C (which a terminal sends to the whole process group) to the
+    parent, which stops the pool; in a worker it would only print a traceback."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _worker_init(model_path, threads)
+
+
 def _worker_run(shard: list[dict]) -> list[dict]:
     return run_records(_WORKER_MODEL, shard)
 
@@ -741,7 +750,7 @@ def run_job(tasks: str, out: str, model_path: str | None = None, workers: int | 
             import multiprocessing as mp
 
             ctx = mp.get_context("spawn")  # a fresh interpreter: no forked OpenMP state
-            with ctx.Pool(workers, _worker_init, (model_path, threads)) as pool:
+            with ctx.Pool(workers, _pool_worker_init, (model_path, threads)) as pool:
                 for results in pool.imap_unordered(_worker_run, shards):
                     write(results)
     if bar is not None:

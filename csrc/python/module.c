@@ -42,6 +42,10 @@ PyObject *g3_py_raise(g3_module_state *st, g3_status status, const g3_err *err, 
     case G3_ERR_STATE:
         PyErr_SetString(PyExc_RuntimeError, msg);
         break;
+    case G3_ERR_INTERRUPTED: /* the checkpoint that stopped the work normally set the error */
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_KeyboardInterrupt, msg);
+        break;
     default:
         PyErr_SetString(PyExc_ValueError, msg);
         break;

@@ -28,6 +28,23 @@ typedef struct {
 
 static g3_module_state *vstate(PyObject *self) { return g3_py_state_from_type(Py_TYPE(self)); }
 
+/* The checkpoint between tower layers: takes the GIL back just long enough to run Python's
+ * signal handlers, so Ctrl-C raises KeyboardInterrupt within a layer rather than after every
+ * image of the call. Runs on the thread that released the GIL (signals only act on the main
+ * thread; elsewhere PyErr_CheckSignals is a no-op). */
+typedef struct {
+    PyThreadState *ts;
+} released_gil;
+
+static int check_signals(void *ctx)
+{
+    released_gil *g = ctx;
+    PyEval_RestoreThread(g->ts);
+    const int stop = PyErr_CheckSignals() < 0; /* the exception stays set for the caller */
+    g->ts = PyEval_SaveThread();
+    return stop;
+}
+
 static int get_int(PyObject *d, const char *key, int64_t *out)
 {
     PyObject *o = PyDict_GetItemString(d, key);
@@ -207,19 +224,20 @@ static PyObject *vision_encode(VisionObject *self, PyObject *args, PyObject *kw)
         const size_t oimg = (size_t)c->n_mm_tokens * c->n_embd_text;
         g3_err err = {{0}, 0};
         g3_status st = G3_OK;
-        self->busy = 1;
-        Py_BEGIN_ALLOW_THREADS
+        self->busy = 1; /* also guards the GIL windows of check_signals */
+        released_gil gil = {PyEval_SaveThread()};
+        const g3_checkpoint cp = {check_signals, &gil};
         for (npy_intp i = 0; i < n && !st; i++) {
             g3_vision_capture cap = {
                 .hidden = hid ? hid + (size_t)i * P * D : NULL,
                 .attn_layer = att ? attn_layer : -1,
                 .attn = att ? att + (size_t)i * c->n_head * P * P : NULL,
             };
-            st = g3_vision_encode(v, pd + i * img, od + i * oimg, &cap, &err);
+            st = g3_vision_encode(v, pd + i * img, od + i * oimg, &cap, &cp, &err);
         }
-        Py_END_ALLOW_THREADS
+        PyEval_RestoreThread(gil.ts);
         self->busy = 0;
-        if (st) {
+        if (st) { /* G3_ERR_INTERRUPTED: KeyboardInterrupt is already set, g3_py_raise keeps it */
             g3_py_raise(vstate((PyObject *)self), st, &err, NULL);
             goto done;
         }

@@ -423,7 +423,7 @@ static void pool_norm(const g3_vision *v, const float *x, float *t, int nt)
 }
 
 g3_status g3_vision_encode(const g3_vision *v, const float *pixels, float *out,
-                           const g3_vision_capture *cap, g3_err *err)
+                           const g3_vision_capture *cap, const g3_checkpoint *cp, g3_err *err)
 {
     const g3_vision_config *c = &v->cfg;
     const int64_t P = v->n_patches, D = c->n_embd, F = c->n_ff;
@@ -454,6 +454,11 @@ g3_status g3_vision_encode(const g3_vision *v, const float *pixels, float *out,
         for (int64_t e = 0; e < D; e++)
             b.x[t * D + e] += v->patch_b[e] + v->pos[t * D + e];
     for (int64_t il = 0; il < c->n_layer; il++) {
+        if (cp && cp->check(cp->ctx)) {
+            st = g3_fail(err, G3_ERR_INTERRUPTED, "interrupted before vision layer %lld",
+                         (long long)il);
+            goto done;
+        }
         float *ca = cap && cap->attn && cap->attn_layer == il ? cap->attn : NULL;
         if ((st = layer_forward(v, il, &b, ca, nt, err)))
             goto done;

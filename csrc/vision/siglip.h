@@ -65,8 +65,11 @@ typedef struct {
 } g3_vision_capture;
 
 /* One image: pixels (3, image_size, image_size) channel-first float32 (already in [-1, 1])
- * -> out (n_mm_tokens, n_embd_text). Parallel inside (OpenMP + BLAS, never nested). */
+ * -> out (n_mm_tokens, n_embd_text). Parallel inside (OpenMP + BLAS, never nested).
+ * cp (NULL = none) is checked before every tower layer: a layer of the real tower (4096 patches,
+ * width 1152) is ~0.2 TFLOP, one to two seconds on two cores, so an interrupt is seen that soon
+ * instead of after the whole image (27 layers). */
 g3_status g3_vision_encode(const g3_vision *v, const float *pixels, float *out,
-                           const g3_vision_capture *cap, g3_err *err);
+                           const g3_vision_capture *cap, const g3_checkpoint *cp, g3_err *err);
 
 #endif

@@ -1,0 +1,372 @@
+"""Ctrl-C: a real SIGINT sent to this process in the middle of long work raises KeyboardInterrupt,
+leaves the model as a fresh one would behave, and loses no finished eval results.
+
+Heavy C work runs with the GIL released, and Python acts on a signal only when C returns, so
+every long operation must come back to Python often:
+
+- prefill and scoring go through the C forward in chunks (``model.PREFILL_CHUNK`` tokens, the
+  eval engine's ``PREFILL_TOKENS`` / ``LOGITS_ROWS``); an interrupt between chunks leaves the KV
+  cache holding exactly the finished chunks, which the next call reuses;
+- generation returns to Python after every token;
+- the vision tower checks for signals before every layer (C checkpoint, ``g3_checkpoint``);
+- eval jobs append each finished shard's results (flushed, fsynced) before starting the next.
+
+A thread watches the operation's progress (positions in the KV cache, tokens streamed, results
+written) and sends the signal once it is well under way, so the interrupt lands mid-operation on
+a fast or a slow machine; each test asserts the call raised instead of completing. All models
+run on one thread (the machine is shared; the reference results are bit-identical only for a
+fixed thread count).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import lzma
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import gemma3
+from gemma3 import eval as ev
+from gemma3 import vision as V
+from gemma3.convert import hf_to_gguf
+from gemma3.model import PREFILL_CHUNK
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "tests" / "fixtures" / "tiny" / "tiny"
+TINY_VISION = ROOT / "tests" / "fixtures" / "tiny_vision"
+TOKENIZER_JSON = ROOT.parent / "shared" / "data" / "gemma3-tokenizer.json.xz"
+LONG = 32768  # max_seq_len of the models here: a long prompt, a long generation
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    gemma3.set_num_threads(1)
+    yield
+    gemma3.set_num_threads(0)
+
+
+def load_tiny(**kw) -> gemma3.Model:
+    return gemma3.load(TINY, max_seq_len=LONG, **kw)
+
+
+@dataclasses.dataclass
+class Outcome:
+    interrupted: bool  # KeyboardInterrupt came out of the call
+    completed: bool  # the call returned (an interrupt after that would not count)
+    latency: float | None  # seconds from the signal to the exception
+    result: object = None
+
+
+def run_interrupted(fn, when, timeout: float = 120.0) -> Outcome:
+    """Runs fn() while a watcher thread sends SIGINT to this process as soon as when() is true.
+    The watcher is joined before returning, so no signal can arrive after this function."""
+    sent: list[float] = []
+    stop = threading.Event()
+
+    def watch():
+        deadline = time.monotonic() + timeout
+        while not stop.is_set() and time.monotonic() < deadline:
+            if when():
+                sent.append(time.perf_counter())
+                os.kill(os.getpid(), signal.SIGINT)
+                return
+            time.sleep(0.001)
+
+    t = threading.Thread(target=watch, daemon=True)
+    completed, result = False, None
+    try:
+        try:
+            t.start()
+            result = fn()
+            completed = True
+        finally:
+            stop.set()
+            t.join()
+    except KeyboardInterrupt:
+        t.join()
+        return Outcome(True, completed, time.perf_counter() - sent[0] if sent else None)
+    return Outcome(False, completed, None, result)
+
+
+def assert_mid_operation(o: Outcome, what: str) -> None:
+    assert o.interrupted, f"{what}: completed before the interrupt landed (make it longer)"
+    assert not o.completed, f"{what}: the interrupt landed only after the call returned"
+
+
+def prompt_ids(n: int, seed: int = 0) -> list[int]:
+    return [2] + np.random.default_rng(seed).integers(3, 500, n - 1).tolist()
+
+
+def greedy(m, ids, n, **kw) -> list[int]:
+    return m.generate(ids, max_new_tokens=n, temperature=0, return_ids=True, **kw)
+
+
+# -- prefill ------------------------------------------------------------------------------------
+def test_interrupt_during_prefill_keeps_finished_chunks():
+    m = load_tiny()
+    prompt = prompt_ids(24 * PREFILL_CHUNK)
+    o = run_interrupted(lambda: greedy(m, prompt, 4), lambda: m.n_past >= 2 * PREFILL_CHUNK)
+    assert_mid_operation(o, "prefill")
+    # documented state: the cache holds exactly the chunks that finished, in order
+    n = m.n_past
+    assert 2 * PREFILL_CHUNK <= n < len(prompt) and n % PREFILL_CHUNK == 0, n
+    kv = m.kv_cache
+    fresh = load_tiny()
+    fresh.generate(prompt[:n], max_new_tokens=0, return_ids=True)
+    fkv = fresh.kv_cache
+    for layer in (0, 5):  # a local ring and a global layer
+        np.testing.assert_array_equal(kv[layer].positions, fkv[layer].positions)
+        np.testing.assert_array_equal(kv[layer].k, fkv[layer].k)
+        np.testing.assert_array_equal(kv[layer].v, fkv[layer].v)
+    # the next call continues from the finished chunks and equals a fresh model's answer
+    want = greedy(load_tiny(), prompt, 4)
+    assert greedy(m, prompt, 4) == want
+
+
+def test_interrupt_during_logits_leaves_model_usable():
+    m = load_tiny()
+    ids = prompt_ids(40 * 128)
+    o = run_interrupted(lambda: m.logits(ids, last_only=True), lambda: m.n_past >= 512)
+    assert_mid_operation(o, "logits")
+    short = prompt_ids(300, seed=1)
+    np.testing.assert_array_equal(m.logits(short), load_tiny().logits(short))
+
+
+# -- generation ---------------------------------------------------------------------------------
+def test_interrupt_during_generation_ids():
+    m = load_tiny()
+    prompt = prompt_ids(20)
+    o = run_interrupted(lambda: greedy(m, prompt, 20000, stop_token_ids=[]),
+                        lambda: m.n_past >= len(prompt) + 200)
+    assert_mid_operation(o, "generation")
+    assert len(prompt) + 200 <= m.n_past < len(prompt) + 20000
+    assert greedy(m, prompt, 30, stop_token_ids=[]) == greedy(load_tiny(), prompt, 30,
+                                                               stop_token_ids=[])
+
+
+@pytest.fixture(scope="module")
+def text_model_path(tmp_path_factory) -> Path:
+    """The tiny checkpoint with the Gemma 3 tokenizer (truncated to its 512 ids), as a GGUF."""
+    if not TOKENIZER_JSON.exists():
+        pytest.skip(f"needs {TOKENIZER_JSON} (the published Gemma 3 tokenizer)")
+    d = tmp_path_factory.mktemp("tiny_tok")
+    for f in ("config.json", "model.safetensors"):
+        shutil.copy(TINY / f, d / f)
+    (d / "tokenizer.json").write_bytes(lzma.open(TOKENIZER_JSON).read())
+    hf_to_gguf(d, d / "tiny-tok.gguf")
+    return d / "tiny-tok.gguf"
+
+
+def test_interrupt_during_streaming_chat(text_model_path):
+    m = gemma3.load(text_model_path, max_seq_len=LONG)
+    msgs = [{"role": "user", "content": "Count to a thousand, slowly."}]
+    pieces: list[str] = []
+
+    def consume():
+        for p in m.chat(msgs, stream=True, max_new_tokens=20000, temperature=0,
+                        stop_token_ids=[]):
+            pieces.append(p)
+
+    n0 = len(m.chat_ids(msgs))
+    o = run_interrupted(consume, lambda: m.n_past >= n0 + 300)  # 300 tokens generated
+    assert_mid_operation(o, "streaming chat")
+    assert n0 + 300 <= m.n_past < n0 + 20000 and pieces
+    fresh = gemma3.load(text_model_path, max_seq_len=LONG)
+    kw = dict(max_new_tokens=40, temperature=0, stop_token_ids=[])
+    assert m.chat(msgs, **kw) == fresh.chat(msgs, **kw)
+    # sampling with a seed is reproducible after the interrupt too
+    kw = dict(max_new_tokens=40, temperature=1.0, seed=3)
+    assert m.chat(msgs, **kw) == fresh.chat(msgs, **kw)
+
+
+def test_interrupt_during_generate_batch():
+    m = load_tiny()
+    m.generate(prompt_ids(50, seed=9), max_new_tokens=0, return_ids=True)  # interactive context
+    n_past = m.n_past
+    prompts = [prompt_ids(30, seed=s) for s in range(4)]
+    t0 = time.perf_counter()
+    o = run_interrupted(lambda: m.generate_batch(prompts, max_new_tokens=10000, temperature=0,
+                                                 stop_token_ids=[], return_ids=True),
+                        lambda: time.perf_counter() > t0 + 0.5)
+    assert_mid_operation(o, "generate_batch")
+    assert m.n_past == n_past  # the batch rows are separate sequences, freed on the way out
+    kw = dict(max_new_tokens=12, temperature=0, stop_token_ids=[], return_ids=True)
+    assert m.generate_batch(prompts, **kw) == load_tiny().generate_batch(prompts, **kw)
+
+
+def test_interrupt_during_scoring():
+    m = load_tiny()
+    reqs = [(prompt_ids(900, seed=s), prompt_ids(200, seed=100 + s)[1:]) for s in range(64)]
+    t0 = time.perf_counter()
+    o = run_interrupted(lambda: m.loglikelihood_batch(reqs),
+                        lambda: time.perf_counter() > t0 + 0.3)
+    assert_mid_operation(o, "loglikelihood_batch")
+    assert m.n_past == 0
+    assert m.loglikelihood_batch(reqs[:3]) == load_tiny().loglikelihood_batch(reqs[:3])
+
+
+# -- image encoding -----------------------------------------------------------------------------
+def big_tower(like: V.VisionConfig, seed: int = 0) -> V.VisionTower:
+    """A random SigLIP tower with the tiny_vision model's interface (4 soft tokens of width 64,
+    its marker ids) but 448-pixel images and 12 layers: encoding takes long enough to be
+    interrupted (about 0.1 s per image per layer... on one busy core)."""
+    cfg = dataclasses.replace(like, image_size=448, hidden_size=192, intermediate_size=384,
+                              num_layers=12, num_heads=4)
+    rng = np.random.default_rng(seed)
+    D, F, P = cfg.hidden_size, cfg.intermediate_size, cfg.patches_per_side ** 2
+
+    def mat(r, c):
+        a = (rng.standard_normal((r, c)) * c ** -0.5).astype(np.float32)
+        return (0, r, c, a.view(np.uint8).reshape(-1))
+
+    def vec(n, s=0.1):
+        return (rng.standard_normal(n) * s).astype(np.float32)
+
+    w = {"patch_embd": mat(D, 3 * cfg.patch_size ** 2), "patch_embd.bias": vec(D),
+         "position_embd": vec(P * D, 0.5), "post_ln.weight": vec(D) + 1, "post_ln.bias": vec(D),
+         "mm.soft_emb_norm": vec(D) + 1, "mm.input_projection": mat(cfg.text_hidden_size, D)}
+    for i in range(cfg.num_layers):
+        for o in ("attn_q", "attn_k", "attn_v", "attn_out"):
+            w[f"blk.{i}.{o}"], w[f"blk.{i}.{o}.bias"] = mat(D, D), vec(D)
+        w[f"blk.{i}.ffn_up"], w[f"blk.{i}.ffn_up.bias"] = mat(F, D), vec(F)
+        w[f"blk.{i}.ffn_down"], w[f"blk.{i}.ffn_down.bias"] = mat(D, F), vec(D)
+        for o in ("ln1", "ln2"):
+            w[f"blk.{i}.{o}.weight"], w[f"blk.{i}.{o}.bias"] = vec(D) + 1, vec(D)
+    return V.VisionTower(cfg, w)
+
+
+def test_interrupt_inside_one_vision_encode_call():
+    """The C checkpoint between layers: the interrupt is seen within about a layer, not after
+    the call's four images."""
+    m = gemma3.load(TINY_VISION / "hf")
+    tower = big_tower(m.vision.config)
+    px = np.random.default_rng(1).uniform(-1, 1, (4, 3, 448, 448)).astype(np.float32)
+    t = time.perf_counter()
+    want = tower.encode(px)
+    full = time.perf_counter() - t
+    t0 = time.perf_counter()
+    o = run_interrupted(lambda: tower.encode(px), lambda: time.perf_counter() > t0 + full / 8)
+    assert_mid_operation(o, "vision encode")
+    assert o.latency < full / 4, f"interrupt took {o.latency:.2f} s to land; encode {full:.2f} s"
+    np.testing.assert_array_equal(tower.encode(px), want)
+
+
+def test_interrupt_during_image_prompt_leaves_model_usable():
+    """Ctrl-C while the tiny_vision model encodes the images of a prompt (through generate):
+    the cache is not touched before the images are encoded, and the next call equals a fresh
+    model's."""
+    ref = np.load(TINY_VISION / "reference.npz")
+    ids = ref["ids_two"].tolist()  # a prompt with two images of 4 soft tokens
+    rng = np.random.default_rng(2)
+    pics = [rng.uniform(-1, 1, (3, 448, 448)).astype(np.float32) for _ in range(2)]
+
+    def model():
+        m = gemma3.load(TINY_VISION / "hf")
+        m.vision = big_tower(m.vision.config)
+        return m
+
+    m = model()
+    m.generate(ids[:3], max_new_tokens=0, return_ids=True)  # the prompt's text before its images
+    t0 = time.perf_counter()
+    o = run_interrupted(lambda: greedy(m, ids, 5, images=pics),
+                        lambda: time.perf_counter() > t0 + 0.2)
+    assert_mid_operation(o, "image prompt")
+    assert m.n_past == 3  # the previous context, untouched
+    assert greedy(m, ids, 5, images=pics) == greedy(model(), ids, 5, images=pics)
+    np.testing.assert_array_equal(m.logits(ids, images=pics), model().logits(ids, images=pics))
+
+
+# -- eval jobs ----------------------------------------------------------------------------------
+def write_tasks(path: Path, n: int, seed: int = 1) -> None:
+    rng = np.random.default_rng(seed)
+
+    def ids(k):
+        return rng.integers(3, 500, k).tolist()
+
+    with open(path, "w") as f:
+        for i in range(n):
+            ctx = [2] + ids(int(rng.integers(3, 40)))
+            r = [{"type": "loglikelihood", "context": ctx, "continuation": ids(5)},
+                 {"type": "multiple_choice", "context": ctx, "answer": int(rng.integers(4)),
+                  "choices": [ids(int(rng.integers(1, 6))) for _ in range(4)]},
+                 {"type": "generate", "prompt": ctx, "max_new_tokens": 160},
+                 {"type": "perplexity", "text": [2] + ids(150), "n_ctx": 64}][i % 4]
+            f.write(json.dumps({"id": f"r{i}", **r}) + "\n")
+
+
+def read_lines(path: Path) -> list[dict]:
+    data = path.read_bytes()
+    assert not data or data.endswith(b"\n"), "a half-written last line"
+    return [json.loads(x) for x in data.splitlines()]
+
+
+def n_lines(path: Path) -> int:
+    try:
+        return path.read_bytes().count(b"\n")
+    except FileNotFoundError:
+        return 0
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory):
+    d = tmp_path_factory.mktemp("job")
+    write_tasks(d / "tasks.jsonl", 240)
+    ev.run_job(str(d / "tasks.jsonl"), str(d / "full.jsonl"), str(TINY), workers=1, threads=1,
+               progress=False)
+    return d
+
+
+def check_partial(out: Path, full: Path) -> int:
+    """Every line of an interrupted run's file is a complete result equal to the full run's."""
+    got = read_lines(out)
+    want = {r["id"]: r for r in read_lines(full)}
+    assert len({r["id"] for r in got}) == len(got), "duplicate results"
+    for r in got:
+        assert r == want[r["id"]], r["id"]
+    return len(got)
+
+
+def test_interrupt_eval_job_in_process(job):
+    out = job / "inproc.jsonl"
+    o = run_interrupted(lambda: ev.run_job(str(job / "tasks.jsonl"), str(out), str(TINY),
+                                           workers=1, threads=1, progress=False),
+                        lambda: n_lines(out) >= 16)
+    assert_mid_operation(o, "eval job")
+    n = check_partial(out, job / "full.jsonl")
+    assert 16 <= n < 240, n
+    ev.run_job(str(job / "tasks.jsonl"), str(out), str(TINY), workers=1, threads=1,
+               progress=False)
+    assert out.read_bytes() == (job / "full.jsonl").read_bytes()
+
+
+def test_ctrl_c_on_eval_cli_with_worker_pool(job):
+    """Ctrl-C in a terminal signals the whole process group: the CLI and its pool workers."""
+    out = job / "pool.jsonl"
+    cmd = [sys.executable, "-m", "gemma3", "eval", str(job / "tasks.jsonl"), "--out", str(out),
+           "--model", str(TINY), "--threads", "1", "--workers", "2", "--no-progress"]
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         start_new_session=True)
+    deadline = time.monotonic() + 120
+    while p.poll() is None and n_lines(out) < 16 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert p.poll() is None, "the job finished before it could be interrupted"
+    os.killpg(p.pid, signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    err = err.decode()
+    assert p.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err, err
+    n = check_partial(out, job / "full.jsonl")
+    assert 16 <= n < 240, n
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, timeout=300)
+    assert p.returncode == 0, p.stderr.decode()
+    assert out.read_bytes() == (job / "full.jsonl").read_bytes()
