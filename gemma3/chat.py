@@ -33,7 +33,10 @@ def _content_parts(content: Any, role: str) -> list[tuple[str, Any]]:
         if not isinstance(item, dict) or "type" not in item:
             raise TypeError(f"content items are dicts with a 'type', got {item!r}")
         if item["type"] == "text":
-            parts.append(("text", str(item.get("text", ""))))
+            text = item.get("text", "")
+            if not isinstance(text, str):
+                raise TypeError(f"a text item's 'text' must be a str, got {type(text).__name__}")
+            parts.append(("text", text))
         elif item["type"] == "image":
             img = item.get("image", item.get("url", item.get("path")))
             if img is None:

@@ -38,6 +38,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from . import _check
+
 if TYPE_CHECKING:
     from .model import Model
 
@@ -50,10 +52,10 @@ Text = str | Sequence[int]
 
 
 # -- tokenization ------------------------------------------------------------------------------
-def _ids(x: Sequence[int]) -> list[int]:
+def _ids(x: Sequence[int], what: str = "token ids") -> list[int]:
     from .model import _as_ids
 
-    return _as_ids(x)
+    return _as_ids(x, what=what)
 
 
 def _bos_id(model: Model) -> int:
@@ -78,7 +80,7 @@ def encode_pair(model: Model, context: Text, continuation: Text) -> tuple[list[i
         return ctx, whole[len(ctx):]
     if isinstance(context, str) or isinstance(continuation, str):
         raise ValueError("give context and continuation both as text or both as token ids")
-    ctx, cont = _ids(context), _ids(continuation)
+    ctx, cont = _ids(context, "context"), _ids(continuation, "continuation")
     if not ctx:
         raise ValueError("the context is empty: a token-id context needs at least BOS")
     model._check_ids(ctx)
@@ -91,7 +93,7 @@ def _encode_text(model: Model, text: Text, add_bos: bool) -> list[int]:
         if model.tokenizer is None:
             raise ValueError("this checkpoint has no tokenizer: pass token ids")
         return model.tokenizer.encode(text, add_bos=add_bos)
-    ids = _ids(text)
+    ids = _ids(text, "text")
     model._check_ids(ids)
     return ids
 
@@ -244,6 +246,12 @@ def loglikelihood_batch(model: Model, requests: Iterable[tuple[Text, Text]], *,
 
     Pairs with the same context (e.g. the choices of a multiple-choice question) share its KV
     cache; ``max_seqs`` sequences are scored together per forward call."""
+    _check.integer("max_seqs", max_seqs, 1)
+    requests = list(requests)
+    for i, r in enumerate(requests):
+        if not isinstance(r, (tuple, list)) or len(r) != 2:
+            raise TypeError(f"requests[{i}] must be a (context, continuation) pair, got "
+                            f"{type(r).__name__}")
     pairs = [encode_pair(model, c, x) for c, x in requests]
     res = score_tokens(model, pairs, max_seqs=max_seqs, progress=progress)
     return [(float(lp.sum()), bool(g.all())) for lp, g in res]
@@ -309,7 +317,8 @@ def loglikelihood_rolling(model: Model, text: Text, max_length: int | None = Non
     tokenized without BOS, cut into disjoint windows of ``max_length`` tokens (default the
     model's max_seq_len); the first window is conditioned on BOS. Token ids are used as given."""
     tokens = _encode_text(model, text, add_bos=False)
-    L = model.max_seq_len if max_length is None else min(int(max_length), model.max_seq_len)
+    L = model.max_seq_len if max_length is None else min(
+        _check.integer("max_length", max_length), model.max_seq_len)
     wins = rolling_windows(tokens, _bos_id(model), L)
     return float(sum(lp.sum() for lp, _ in score_tokens(model, wins)))
 
@@ -367,7 +376,7 @@ def perplexity_windows(tokens: list[int], n_ctx: int, stride: int | None, protoc
             out.append((chunk[:first + 1], chunk[first + 1:]))
         return out
     if protocol == "hf":
-        stride = n_ctx // 2 if stride is None else int(stride)
+        stride = n_ctx // 2 if stride is None else _check.integer("stride", stride)
         if not 1 <= stride <= n_ctx:
             raise ValueError(f"stride must be in 1..n_ctx, got {stride}")
         if len(tokens) < 2:
@@ -391,7 +400,7 @@ def perplexity(model: Model, text: Text, n_ctx: int, stride: int | None = None,
                protocol: str = "llama.cpp", progress=None) -> Perplexity:
     """Token perplexity of a text under a named protocol (see :func:`perplexity_windows`).
     Text is tokenized with BOS; token ids are used as given."""
-    n_ctx = int(n_ctx)
+    n_ctx = _check.integer("n_ctx", n_ctx)
     if n_ctx > model.max_seq_len:
         raise ValueError(f"n_ctx={n_ctx} exceeds max_seq_len={model.max_seq_len}")
     tokens = _encode_text(model, text, add_bos=True)
@@ -696,6 +705,10 @@ def run_job(tasks: str, out: str, model_path: str | None = None, workers: int | 
     import os
     import time
 
+    if workers is not None:
+        _check.integer("workers", workers, 1)
+    if threads is not None:
+        _check.integer("threads", threads, 1)
     recs = read_tasks(tasks)
     done = read_results(out)
     known = {json.dumps(r["id"]) for r in recs}

@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
-from . import _core
+from . import _check, _core
 
 __all__ = ["GGUFFile", "GGUFWriter", "TensorInfo", "GGML_TYPES", "ggml_type_id"]
 
@@ -83,7 +83,7 @@ class GGUFFile:
     """
 
     def __init__(self, path: str | os.PathLike):
-        self.path = os.fspath(path)
+        self.path = _check.path("path", path)
         self._f = _core.GGUF(self.path)
         self._metadata: dict[str, Any] | None = None
         self._tensors: dict[str, TensorInfo] | None = None
@@ -189,7 +189,7 @@ def _int_type(v: int) -> int:
         return _VT["INT32"] if v < 0 else _VT["UINT32"]
     if 0 <= v < 2**64:
         return _VT["UINT64"] if v >= 2**63 else _VT["INT64"]
-    if -(2**63) <= v:
+    if -(2**63) <= v < 0:
         return _VT["INT64"]
     raise OverflowError(f"integer {v} does not fit in 64 bits")
 
@@ -207,6 +207,7 @@ class GGUFWriter:
     """
 
     def __init__(self, alignment: int = 32):
+        alignment = _check.integer("alignment", alignment)
         if alignment <= 0 or alignment & (alignment - 1):
             raise ValueError(f"alignment must be a power of two, got {alignment}")
         self.alignment = alignment
@@ -217,11 +218,20 @@ class GGUFWriter:
 
     def add(self, key: str, value: Any, type: str | None = None, elem_type: str | None = None):
         """Adds a metadata key. ``type``/``elem_type`` override the inferred GGUF value types."""
-        if not key:
+        if not _check.string("key", key):
             raise ValueError("metadata keys must be non-empty")
         if key in self._kv:
             raise ValueError(f"duplicate metadata key {key!r}")
-        self._kv[key] = _str_bytes(key) + self._encode_value(value, type, elem_type)
+        for arg, t in (("type", type), ("elem_type", elem_type)):
+            if t is not None and (not isinstance(t, str) or t.upper() not in _VT):
+                raise ValueError(f"metadata {key!r}: {arg} must be one of {sorted(_VT)}, "
+                                 f"got {t!r}")
+        try:
+            blob = self._encode_value(value, type, elem_type)
+        except (struct.error, OverflowError) as e:
+            raise ValueError(f"metadata {key!r}: {value!r:.60} does not fit the value type "
+                             f"({e})") from None
+        self._kv[key] = _str_bytes(key) + blob
 
     def _encode_value(self, value, vtype, elem_type) -> bytes:
         if vtype is not None:
@@ -280,6 +290,7 @@ class GGUFWriter:
         own type for float16) with our C quantizers; with ``raw_shape`` the array is taken as the
         already-encoded uint8 bytes of a tensor of that NumPy shape and ``type``.
         """
+        _check.string("name", name)
         if any(n == name for n, *_ in self._tensors):
             raise ValueError(f"duplicate tensor name {name!r}")
         if not 0 < len(name.encode()) < 64:
@@ -287,7 +298,12 @@ class GGUFWriter:
         if raw_shape is not None:
             tid = ggml_type_id(type if type is not None else "F32")
             data = np.ascontiguousarray(array, dtype=np.uint8).tobytes()
-            shape = tuple(int(s) for s in raw_shape)
+            shape = tuple(_check.integer("raw_shape item", s, 0) for s in raw_shape)
+            tname, known, blck, type_size, *_ = _core.type_info(tid)
+            need = int(np.prod(shape, dtype=object)) // blck * type_size if shape else 0
+            if not known or (shape and shape[-1] % blck) or len(data) != need:
+                raise ValueError(f"tensor {name!r}: raw_shape {shape} of type {tname} needs "
+                                 f"{need} bytes (rows a multiple of {blck}), got {len(data)}")
         else:
             a = np.asarray(array)
             if type is None:
@@ -314,11 +330,12 @@ class GGUFWriter:
         uint8 arrays, ...) that together are exactly the tensor's encoded data, rows in order.
         Multi-gigabyte files can so be written piece by piece without holding them in memory.
         """
+        _check.string("name", name)
         if any(n == name for n, *_ in self._tensors):
             raise ValueError(f"duplicate tensor name {name!r}")
         if not 0 < len(name.encode()) < 64:
             raise ValueError(f"tensor name {name!r} must be 1..63 bytes")
-        shape = tuple(int(s) for s in shape)
+        shape = tuple(_check.integer("shape item", s) for s in shape)
         if not 1 <= len(shape) <= 4 or min(shape) < 0:
             raise ValueError(f"tensor {name!r}: GGUF tensors have 1..4 dimensions >= 0, "
                              f"got {shape}")

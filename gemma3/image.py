@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _core
+from . import _check, _core
 
 __all__ = ["ImageInput", "load_image", "pan_and_scan", "preprocess", "resize", "MAX_SIDE",
            "MAX_PIXELS"]
@@ -182,6 +182,10 @@ def pan_and_scan(img: np.ndarray, min_crop_size: int = 256, max_num_crops: int =
     ``min_ratio``; none if a crop would be smaller than ``min_crop_size``. Returns
     ``(crops, boxes)``: views into ``img`` row-major, and their ``(x0, y0, x1, y1)`` (the last crop
     may be narrower: boxes are clipped to the image)."""
+    _check_crop_args(min_crop_size, max_num_crops, min_ratio)
+    if not isinstance(img, np.ndarray) or img.ndim not in (2, 3) or min(img.shape[:2]) < 1:
+        raise ValueError(f"img must be an (H, W[, C]) array with H, W >= 1, got "
+                         f"{getattr(img, 'shape', type(img).__name__)}")
     height, width = int(img.shape[0]), int(img.shape[1])
     if width >= height:
         if width / height < min_ratio:
@@ -211,6 +215,12 @@ def pan_and_scan(img: np.ndarray, min_crop_size: int = 256, max_num_crops: int =
 _pan_and_scan = pan_and_scan  # preprocess's argument of the same name shadows it
 
 
+def _check_crop_args(min_crop_size: Any, max_num_crops: Any, min_ratio: Any) -> None:
+    _check.integer("min_crop_size", min_crop_size, 1)
+    _check.integer("max_num_crops", max_num_crops, 1)
+    _check.number("min_ratio", min_ratio, 0, lo_open=True)
+
+
 def resize(img: np.ndarray, height: int, width: int) -> np.ndarray:
     """``(H, W, C)`` uint8 -> ``(height, width, C)`` uint8 with PIL's BILINEAR (antialiased)."""
     return _core.image_resize(img, height, width)
@@ -223,6 +233,9 @@ def preprocess(img: Any, pan_and_scan: bool = False, size: int = 896, *, alpha: 
     ``pixel_values (1 + n_crops, 3, size, size)`` float32: each of the picture and its crops
     resized to ``size × size`` (aspect ratio not kept, as the reference) and mapped to
     ``x / 127.5 - 1``. Pan & scan parameters are the processor's ``pan_and_scan_*`` ones."""
+    size = _check.integer("size", size, 1, 16384)
+    if pan_and_scan:
+        _check_crop_args(min_crop_size, max_num_crops, min_ratio)
     rgb = load_image(img, alpha=alpha)
     crops, boxes = ([], [])
     if pan_and_scan:

@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from . import _check
+
 ATTN_NAMES = ("hook_q", "hook_k", "hook_v", "hook_z", "hook_pattern", "hook_attn_scores")
 BLOCK_NAMES = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out",
                "hook_mlp_out")
@@ -84,7 +86,7 @@ class CapturePlan:
     def make(cls, cfg, n_tokens: int, names: Sequence[str] | None, layers: Sequence[int] | None,
              heads: Sequence[int] | None, query_range: tuple[int, int] | None) -> CapturePlan:
         if layers is not None:
-            layers = [int(x) for x in layers]
+            layers = [_check.integer("layers item", x) for x in layers]
             for x in layers:
                 if not 0 <= x < cfg.num_layers:
                     raise ValueError(f"layer {x} out of range (the model has {cfg.num_layers})")
@@ -101,12 +103,17 @@ class CapturePlan:
                 final = True
             elif layers is None or layer in layers:
                 plan_layers.setdefault(layer, set()).add(key)
-        hs = list(range(cfg.num_heads)) if heads is None else [int(h) for h in heads]
+        hs = list(range(cfg.num_heads)) if heads is None else [
+            _check.integer("heads item", h) for h in heads]
         for h in hs:
             if not 0 <= h < cfg.num_heads:
                 raise ValueError(f"head {h} out of range (the model has {cfg.num_heads} heads)")
-        q0, q1 = (0, n_tokens) if query_range is None else (int(query_range[0]),
-                                                          int(query_range[1]))
+        if query_range is not None and (not isinstance(query_range, (tuple, list)) or
+                                        len(query_range) != 2):
+            raise TypeError(f"query_range must be a (start, stop) pair, got {query_range!r}")
+        q0, q1 = (0, n_tokens) if query_range is None else (
+            _check.integer("query_range start", query_range[0]),
+            _check.integer("query_range stop", query_range[1]))
         if not 0 <= q0 <= q1 <= n_tokens:
             raise ValueError(f"query_range {query_range} must lie within [0, {n_tokens}]")
         return cls(list(names), plan_layers, final, hs, q0, q1)
@@ -172,6 +179,7 @@ class KVCache:
 
     def __getitem__(self, layer: int) -> LayerKV:
         cfg = self._model.config
+        layer = _check.integer("layer", layer)
         if not -len(self) <= layer < len(self):
             raise IndexError(f"layer {layer} out of range ({len(self)} layers)")
         layer %= len(self)

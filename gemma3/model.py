@@ -11,14 +11,14 @@ from __future__ import annotations
 import os
 import random
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from . import _core
+from . import _check, _core
 from . import chat as _chat
 from . import inspect as _inspect
 from . import vision as _vision
@@ -46,38 +46,57 @@ class GenerationConfig:
     stop_token_ids: Sequence[int] | None = None
 
     def validate(self, vocab: int) -> None:
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be an integer >= 0, got {self.max_new_tokens!r}")
-        if not np.isfinite(self.temperature) or self.temperature < 0:
-            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not 0 <= self.min_p <= 1:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
-        if not self.repetition_penalty > 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
+        """Checks every field (TypeError for a wrong kind of value, ValueError out of range,
+        naming the argument) and normalizes ``stop`` to a tuple, ``logit_bias`` to a dict of
+        ints to floats and ``stop_token_ids`` to a tuple of ints."""
+        self.max_new_tokens = _check.integer("max_new_tokens", self.max_new_tokens, 0)
+        self.temperature = _check.number("temperature", self.temperature, 0)
+        self.top_k = _check.integer("top_k", self.top_k, 0)
+        self.top_p = _check.number("top_p", self.top_p, 0, 1, lo_open=True)
+        self.min_p = _check.number("min_p", self.min_p, 0, 1)
+        self.repetition_penalty = _check.number("repetition_penalty", self.repetition_penalty,
+                                                0, lo_open=True)
+        if self.seed is not None:
+            self.seed = _check.integer("seed", self.seed, 0, 2**64 - 1)
         if isinstance(self.stop, str):
             self.stop = (self.stop,)
+        if not isinstance(self.stop, (list, tuple)):
+            raise TypeError(f"stop must be a str or a list of str, got {type(self.stop).__name__}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError("stop must be a list of non-empty strings")
-        for t in self.logit_bias:
-            if not 0 <= int(t) < vocab:
-                raise ValueError(f"logit_bias token id {t} is out of range (vocab {vocab})")
+        self.stop = tuple(self.stop)
+        bias = {} if self.logit_bias is None else self.logit_bias
+        if not isinstance(bias, Mapping):
+            raise TypeError(f"logit_bias must be a dict {{token_id: bias}}, got "
+                            f"{type(bias).__name__}")
+        self.logit_bias = {
+            _check.integer("logit_bias token id", t, 0, vocab - 1):
+                _check.number(f"logit_bias[{t}]", b, finite=False) for t, b in bias.items()}
+        if self.stop_token_ids is not None:
+            if isinstance(self.stop_token_ids, (str, bytes)) or not isinstance(
+                    self.stop_token_ids, (Sequence, np.ndarray, set, frozenset)):
+                raise TypeError(f"stop_token_ids must be a list of token ids, got "
+                                f"{type(self.stop_token_ids).__name__}")
+            self.stop_token_ids = tuple(_check.integer("stop_token_ids item", t, 0, vocab - 1)
+                                        for t in self.stop_token_ids)
 
 
-def _as_ids(seq: Sequence[int] | np.ndarray, flatten: bool = False) -> list[int]:
-    """Token ids as Python ints; floats, bools and strings raise ValueError (never truncated)."""
+def _as_ids(seq: Sequence[int] | np.ndarray, flatten: bool = False, what: str = "token ids"
+            ) -> list[int]:
+    """Token ids as Python ints; floats, bools and strings raise ValueError (never truncated).
+    ``flatten`` also takes a (1, n) batch of one. ``what`` names the argument in messages."""
+    if isinstance(seq, (str, bytes)) or not isinstance(seq, (Sequence, np.ndarray)):
+        raise TypeError(f"{what} must be a str or a sequence of token ids, got "
+                        f"{type(seq).__name__}")
     if not isinstance(seq, np.ndarray) and any(isinstance(t, (bool, np.bool_)) for t in seq):
-        raise ValueError("token ids must be integers, got a bool")
+        raise ValueError(f"{what} must be integers, got a bool")
     arr = np.asarray(seq)
-    if flatten:
-        arr = arr.ravel()
+    if flatten and arr.ndim == 2 and arr.shape[0] == 1:
+        arr = arr[0]
     if arr.size == 0:
         return []
     if arr.dtype.kind not in "iu" or arr.ndim != 1:
-        raise ValueError(f"token ids must be a 1-D sequence of integers, got dtype {arr.dtype} "
+        raise ValueError(f"{what} must be a 1-D sequence of integers, got dtype {arr.dtype} "
                          f"and shape {arr.shape}")
     return arr.tolist()
 
@@ -276,7 +295,7 @@ class Model:
             if self.tokenizer is None:
                 raise ValueError("this checkpoint has no tokenizer: pass token ids")
             return self.tokenizer.encode(prompt, add_bos=add_bos)
-        ids = _as_ids(prompt)
+        ids = _as_ids(prompt, what="prompt")
         self._check_ids(ids)
         return ids
 
@@ -291,7 +310,7 @@ class Model:
         if images is not None:
             ids, mm = self._prompt(ids if isinstance(ids, str) else _as_ids(ids, flatten=True),
                                    images, pan_and_scan)
-        ids = self.encode(ids) if isinstance(ids, str) else _as_ids(ids, flatten=True)
+        ids = self.encode(ids) if isinstance(ids, str) else _as_ids(ids, True, "ids")
         if not ids:
             raise ValueError("logits() needs at least one token")
         self._check_ids(_vision.text_positions(ids, mm, self._mm_tokens()))
@@ -369,14 +388,16 @@ class Model:
                pan_and_scan: bool = False, **kwargs) -> Iterator[str]:
         """Yields text pieces as they are generated (never a broken UTF-8 sequence).
 
-        Arguments as :meth:`generate`. Stop strings end the stream; their text is not yielded.
+        Arguments as :meth:`generate`, checked when called (not at the first piece). Stop
+        strings end the stream; their text is not yielded.
         """
         gc = GenerationConfig(**kwargs)
         gc.validate(self.config.vocab_size)
-        if self.tokenizer is None:
-            raise ValueError("streaming text needs a tokenizer")
         ids, mm = self._prompt(prompt, images, pan_and_scan)
-        yield from self._stream(ids, mm, gc)
+        if self.tokenizer is None:
+            raise ValueError("streaming text needs a tokenizer (pass return_ids=True to "
+                             "generate() for token ids)")
+        return self._stream(ids, mm, gc)
 
     def _prompt(self, prompt: str | Sequence[int], images: Sequence[Any] | None,
                 pan_and_scan: bool) -> tuple[list[int], list]:
@@ -464,14 +485,13 @@ class Model:
         """
         kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                   top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
-                  stop=tuple(stop) if not isinstance(stop, str) else (stop,),
-                  logit_bias=dict(logit_bias or {}), stop_token_ids=stop_token_ids)
+                  stop=stop, logit_bias=logit_bias, stop_token_ids=stop_token_ids)
         if return_attention:
             cfg = self.config
             layers = list(range(cfg.num_layers)) if attention_layers is None else [
-                int(x) for x in attention_layers]
+                _check.integer("attention_layers item", x) for x in attention_layers]
             heads = list(range(cfg.num_heads)) if attention_heads is None else [
-                int(x) for x in attention_heads]
+                _check.integer("attention_heads item", x) for x in attention_heads]
             _inspect.CapturePlan.make(cfg, 1, [], layers, heads, None)  # validates
             gc = GenerationConfig(**kw)
             attn: list = []
@@ -497,7 +517,13 @@ class Model:
         temperature, stop strings, max_new_tokens...). Each sequence stops on its own. Greedy
         results equal one-by-one :meth:`generate` exactly. Returns texts (or id lists).
         """
+        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, (Sequence, np.ndarray)):
+            raise TypeError(f"prompts must be a list of prompts (str or token ids), got "
+                            f"{type(prompts).__name__}")
         prompts = list(prompts)
+        if settings is not None and (not isinstance(settings, Sequence) or not all(
+                isinstance(d, Mapping) for d in settings)):
+            raise TypeError("settings must be a list of dicts, one per prompt")
         if settings is not None and len(settings) != len(prompts):
             raise ValueError(f"settings has {len(settings)} entries for {len(prompts)} prompts")
         if not prompts:
@@ -643,9 +669,8 @@ class Model:
         mm: list = []
         if images is not None:
             text_or_ids, mm = self._prompt(text_or_ids if isinstance(text_or_ids, str) else
-                                           [int(t) for t in text_or_ids], images, pan_and_scan)
-        ids = self.encode(text_or_ids) if isinstance(text_or_ids, str) else [
-            int(t) for t in text_or_ids]
+                                           _as_ids(text_or_ids), images, pan_and_scan)
+        ids = self.encode(text_or_ids) if isinstance(text_or_ids, str) else _as_ids(text_or_ids)
         if not ids:
             raise ValueError("run_with_cache needs at least one token")
         self._check_ids(_vision.text_positions(ids, mm, self._mm_tokens()))
@@ -689,8 +714,7 @@ class Model:
                      ) -> tuple[np.ndarray, np.ndarray]:
         """Top-k next-token log-probabilities at every position, computed chunk by chunk
         (never a full (n_tokens, vocab) matrix): (ids (n, k) int64, logprobs (n, k) float32)."""
-        ids = self.encode(text_or_ids) if isinstance(text_or_ids, str) else [
-            int(t) for t in text_or_ids]
+        ids = self.encode(text_or_ids) if isinstance(text_or_ids, str) else _as_ids(text_or_ids)
         if not ids:
             raise ValueError("top_logprobs needs at least one token")
         self._check_ids(ids)
@@ -715,14 +739,11 @@ class Model:
         Returns the reply text, or an iterator of pieces with ``stream=True``. Keyword
         arguments as :meth:`generate`.
         """
-        ids, mm = self._chat_prompt(messages, pan_and_scan)
-        it = self._chat_stream(ids, mm, kwargs)
-        return it if stream else "".join(it)
-
-    def _chat_stream(self, ids: list[int], mm: list, kwargs: dict) -> Iterator[str]:
         gc = GenerationConfig(**kwargs)
         gc.validate(self.config.vocab_size)
-        yield from self._stream(ids, mm, gc)
+        ids, mm = self._chat_prompt(messages, pan_and_scan)
+        it = self._stream(ids, mm, gc)
+        return it if stream else "".join(it)
 
     def chat_ids(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
                  ) -> list[int]:
@@ -856,13 +877,15 @@ def load(path: str | os.PathLike | None = None, *, n_threads: int | None = None,
 
     if path is None:
         path = default_model_path()
-    path = os.fspath(path)
+    path = _check.path("path", path)
     if not os.path.exists(path):
         raise FileNotFoundError(2, "no such checkpoint file or directory", path)
     if n_threads is not None:
         if not isinstance(n_threads, int) or n_threads < 1:
             raise ValueError(f"n_threads must be a positive integer, got {n_threads!r}")
         _core.set_num_threads(n_threads)
+    if dtype is not None and not isinstance(dtype, str):
+        raise TypeError(f"dtype must be a str such as 'q8_0' or None, got {type(dtype).__name__}")
     vision = None
     if is_hf_dir(path):
         if mmproj is not None:
@@ -878,7 +901,7 @@ def load(path: str | os.PathLike | None = None, *, n_threads: int | None = None,
         tokenizer = (Tokenizer.from_gguf_metadata(md) if "tokenizer.ggml.tokens" in md
                      else None)
         if mmproj is not None:
-            mmproj = os.fspath(mmproj)
+            mmproj = _check.path("mmproj", mmproj)
             if not os.path.exists(mmproj):
                 raise FileNotFoundError(2, "no such mmproj file", mmproj)
             vision = _vision.load_mmproj(mmproj, cfg.hidden_size, dtype, tokenizer)
@@ -933,4 +956,4 @@ def check_cache_fits(cfg: Gemma3Config, max_seq_len: int, n_seq: int = 1) -> Non
 
 def set_num_threads(n: int) -> None:
     """Threads used by every model in this process (OpenMP and BLAS). 0 = all cores."""
-    _core.set_num_threads(int(n))
+    _core.set_num_threads(_check.integer("n_threads", n, 0))

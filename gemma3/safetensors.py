@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import _check
 from ._core import FormatError, Safetensors, UnsupportedError
 
 __all__ = ["DTYPES", "MAX_HEADER", "SafeTensor", "SafetensorsFile", "FormatError",
@@ -55,7 +56,7 @@ class SafetensorsFile:
     """
 
     def __init__(self, path: str | os.PathLike):
-        self.path = os.fspath(path)
+        self.path = _check.path("path", path)
         self._f = Safetensors(self.path)
         self.metadata: dict[str, str] = self._f.metadata()
         self.tensors: dict[str, SafeTensor] = {}
@@ -66,12 +67,14 @@ class SafetensorsFile:
 
     def raw(self, name: str) -> np.ndarray:
         """Read-only uint8 view of a tensor's bytes: ``(end - begin,) uint8``, zero copy."""
+        if name not in self._index:
+            raise KeyError(f"no tensor named {name!r} in {self.path}")
         return self._f.raw(self._index[name])
 
     def array(self, name: str) -> np.ndarray:
         """The tensor as float32 in its shape (BF16 widened exactly; other types converted)."""
-        t = self.tensors[name]
         raw = self.raw(name)
+        t = self.tensors[name]
         if t.dtype == "BF16":
             out = (raw.view("<u2").astype(np.uint32) << 16).view(np.float32)
         else:

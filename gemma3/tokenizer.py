@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gemma3 import _core
+from gemma3 import _check, _core
 
 __all__ = ["Tokenizer", "StreamDecoder"]
 
@@ -41,6 +41,14 @@ def _is_byte_token(text: str) -> bool:
 
 
 IMAGE_MARKUP = ("<start_of_image>", "<end_of_image>", "<image_soft_token>")
+
+
+def _text_bytes(text: str | bytes) -> bytes:
+    if isinstance(text, bytes):
+        return text
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str or bytes, got {type(text).__name__}")
+    return text.encode("utf-8")
 
 
 class StreamDecoder:
@@ -330,7 +338,7 @@ class Tokenizer:
         return self._unk_id
 
     def token_to_id(self, text: str) -> int | None:
-        i = self._core.find(text.encode("utf-8"))
+        i = self._core.find(_check.string("text", text).encode("utf-8"))
         return None if i < 0 else i
 
     def id_to_token(self, token_id: int) -> str:
@@ -345,7 +353,7 @@ class Tokenizer:
         return self.token_type(token_id) in (CONTROL, UNKNOWN, UNUSED)
 
     def _check_id(self, token_id) -> int:
-        i = int(token_id)
+        i = _check.integer("token_id", token_id)
         if not 0 <= i < len(self._tokens):
             raise ValueError(
                 f"token id {i} out of range for a vocabulary of size {len(self._tokens)}"
@@ -363,7 +371,7 @@ class Tokenizer:
         ``<start_of_turn>``, ...) as ordinary text; ``True`` maps it to the control token, which is
         what Hugging Face ``tokenizers`` always does. User-defined tokens are always split out.
         """
-        data = text if isinstance(text, bytes) else text.encode("utf-8")
+        data = _text_bytes(text)
         if self.add_space_prefix and data:
             data = b" " + data
         ids = self._core.encode(data, parse_special).tolist()
@@ -373,12 +381,18 @@ class Tokenizer:
 
     def encode_array(self, text: str | bytes, parse_special: bool = False) -> np.ndarray:
         """``(n,) int32`` ids, no BOS — the zero-copy variant of :meth:`encode`."""
-        data = text if isinstance(text, bytes) else text.encode("utf-8")
-        return self._core.encode(data, parse_special)
+        return self._core.encode(_text_bytes(text), parse_special)
 
     def decode_bytes(self, ids: Iterable[int] | np.ndarray, skip_special: bool = True) -> bytes:
+        if isinstance(ids, (str, bytes)):
+            raise TypeError(f"ids must be token ids (a list or 1-D array of int), got "
+                            f"{type(ids).__name__}")
         if not isinstance(ids, np.ndarray):
             ids = list(ids)
+            if any(isinstance(t, (list, tuple, np.ndarray)) for t in ids):
+                raise ValueError("ids must be a flat sequence of token ids, got a nested one")
+        elif ids.ndim != 1:
+            raise ValueError(f"ids must be 1-D, got an array of shape {ids.shape}")
         return self._core.decode(ids, not skip_special)
 
     def decode(self, ids: Iterable[int] | np.ndarray, skip_special: bool = True) -> str:

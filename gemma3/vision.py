@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _core
+from . import _check, _core
 from ._core import FormatError, UnsupportedError
 
 __all__ = ["VisionConfig", "VisionTower", "load_hf_vision", "load_mmproj", "token_grid",
@@ -179,9 +179,11 @@ def token_boxes(size: tuple[int, int], tokens_per_side: int = 16,
     original picture's pixels. ``size = (width, height)`` of the picture; ``box`` the region the
     encoded image covers (a pan & scan crop's box; default the whole picture). The encoder sees
     the region resized to a square, so each token covers an equal (1/s x 1/s) cell of it."""
-    w, h = size
+    if not isinstance(size, (tuple, list)) or len(size) != 2:
+        raise TypeError(f"size must be a (width, height) pair, got {size!r}")
+    w, h = (_check.number(f"size[{i}]", v, 0, lo_open=True) for i, v in enumerate(size))
     x0, y0, x1, y1 = box if box is not None else (0, 0, w, h)
-    s = tokens_per_side
+    s = _check.integer("tokens_per_side", tokens_per_side, 1)
     t = np.arange(s * s)
     r, c = t // s, t % s
     cw, ch = (x1 - x0) / s, (y1 - y0) / s

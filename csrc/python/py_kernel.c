@@ -148,11 +148,14 @@ static int parse_sampling(PyObject *kw_args, PyObject *kw, sample_args *a, PyObj
     a->p.top_k = top_k;
     if (!(a->p.top_p > 0.0f && a->p.top_p <= 1.0f) || !(a->p.min_p >= 0.0f && a->p.min_p <= 1.0f) ||
         !(a->p.repetition_penalty > 0.0f) || top_k < 0 || isnan(a->p.temperature)) {
-        PyErr_Format(PyExc_ValueError,
-                     "invalid sampling arguments: need top_p in (0, 1], min_p in [0, 1], "
-                     "repetition_penalty > 0, top_k >= 0 (got top_p=%g, min_p=%g, "
-                     "repetition_penalty=%g, top_k=%lld)",
-                     a->p.top_p, a->p.min_p, a->p.repetition_penalty, top_k);
+        char msg[256]; /* PyErr_Format has no %g */
+        PyOS_snprintf(msg, sizeof msg,
+                      "invalid sampling arguments: need top_p in (0, 1], min_p in [0, 1], "
+                      "repetition_penalty > 0, top_k >= 0, temperature not NaN (got top_p=%g, "
+                      "min_p=%g, repetition_penalty=%g, top_k=%lld, temperature=%g)",
+                      (double)a->p.top_p, (double)a->p.min_p, (double)a->p.repetition_penalty,
+                      top_k, (double)a->p.temperature);
+        PyErr_SetString(PyExc_ValueError, msg);
         return -1;
     }
     a->logits = (PyArrayObject *)PyArray_FROMANY(lo, NPY_FLOAT32, 1, 1, NPY_ARRAY_IN_ARRAY);
