@@ -162,9 +162,17 @@ def bandwidth_probe(threads: int, mib: int = 1024, reps: int = 5) -> float:
     return a.nbytes / statistics.median(_core.read_bandwidth(a)[0] for _ in range(reps)) / 1e9
 
 
-def weight_bytes_per_token(path: str) -> int:
+def weight_bytes_per_token(path: str, packed_bytes: int) -> tuple[int, int]:
+    """(bytes of weights in the file, bytes a decode step reads). With packing the packed copies
+    replace every matrix of a packable type; an untied token_embd is then only read one row per
+    token and is left out."""
     f = gemma3.GGUFFile(path)
-    return sum(t.nbytes for t in f.tensors.values())
+    in_file = sum(t.nbytes for t in f.tensors.values())
+    if not packed_bytes:
+        return in_file, in_file
+    rest = sum(t.nbytes for t in f.tensors.values()
+               if len(t.shape) < 2 or not _core.packed_supported(t.type_id))
+    return in_file, packed_bytes + rest
 
 
 def main(argv=None) -> int:
@@ -174,6 +182,8 @@ def main(argv=None) -> int:
     ap.add_argument("--depths", type=int, nargs="+", default=[0, 4096])
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--no-peer", action="store_true")
+    ap.add_argument("--no-pack", action="store_true",
+                    help="gemma3 with load(pack=False): the float dequantize-and-dot decode kernels")
     ap.add_argument("--peer-no-extra-bufts", action="store_true",
                     help="disable llama.cpp's repacked/AMX buffers (needed for AMX builds on "
                          "machines without AMX permission)")
@@ -197,9 +207,11 @@ def main(argv=None) -> int:
           f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT')}; load average {os.getloadavg()}")
     rows = []
     tg2 = None
+    packed = 0
     for th in a.threads:
         gemma3.set_num_threads(th)
-        model = gemma3.load(path, max_seq_len=n_ctx)
+        model = gemma3.load(path, max_seq_len=n_ctx, pack=False if a.no_pack else None)
+        packed = model.packed_bytes
         llm = llama_open(path, th, n_ctx, not a.peer_no_extra_bufts) if peer else None
         for d in a.depths:
             g_pp, g_tg = g3_run(model, d, a.reps)
@@ -225,11 +237,14 @@ def main(argv=None) -> int:
     for th, d, g_pp, l_pp, g_tg, l_tg in rows:
         print(f"| {th:7d} | {d:5d} | pp{PP} | {num(g_pp)}  | {num(l_pp)}     | {ratio(g_pp, l_pp)} |")
         print(f"| {th:7d} | {d:5d} | tg{TG} | {num(g_tg)}  | {num(l_tg)}     | {ratio(g_tg, l_tg)} |")
-    bpt = weight_bytes_per_token(path)
+    in_file, bpt = weight_bytes_per_token(path, packed)
+    print(f"\ngemma3 decode kernels: " + (f"packed integer (VNNI), {packed / 2**20:.1f} MiB packed"
+                                          if packed else "float dequantize-and-dot"))
     bw = bandwidth_probe(max(a.threads))
     if tg2:
         ach = bpt * tg2 / 1e9
-        print(f"\ndecode memory traffic: {bpt / 2**20:.1f} MiB of weights per token x {tg2:.1f} t/s "
+        print(f"decode memory traffic: {bpt / 2**20:.1f} MiB of weights read per token (the file "
+              f"holds {in_file / 2**20:.1f} MiB) x {tg2:.1f} t/s "
               f"= {ach:.2f} GB/s; streaming-read probe ({max(a.threads)} threads, 1 GiB): "
               f"{bw:.2f} GB/s -> {100 * ach / bw:.0f}% of the roofline "
               f"(roofline {bw * 1e9 / bpt:.1f} t/s)")
