@@ -278,7 +278,7 @@ static void qk_norm_rope(const g3_model *m, const g3_layer *L, scratch *s, int64
     const g3_config *c = &m->cfg;
     const int64_t hd = c->head_dim;
     const float *tab = L->is_global ? s->rope_global : s->rope_local; /* (T, hd) */
-#pragma omp parallel for num_threads(nt) schedule(static)
+#pragma omp parallel for num_threads(nt) if(T > 1) schedule(static)
     for (int64_t t = 0; t < T; t++) {
         const float *cs = tab + t * hd;
         for (int64_t h = 0; h < c->n_head; h++) {
@@ -298,7 +298,7 @@ static void qk_norm_rope(const g3_model *m, const g3_layer *L, scratch *s, int64
 static void add_normed(float *x, float *y, const float *w, int64_t T, int64_t n, float eps,
                        int nt)
 {
-#pragma omp parallel for num_threads(nt) schedule(static)
+#pragma omp parallel for num_threads(nt) if(T > 1) schedule(static)
     for (int64_t t = 0; t < T; t++) {
         g3_rmsnorm_f32(y + t * n, w, y + t * n, n, eps);
         for (int64_t i = 0; i < n; i++)
@@ -309,7 +309,7 @@ static void add_normed(float *x, float *y, const float *w, int64_t T, int64_t n,
 static void norm_rows(const float *x, const float *w, float *y, int64_t T, int64_t n, float eps,
                       int nt)
 {
-#pragma omp parallel for num_threads(nt) schedule(static)
+#pragma omp parallel for num_threads(nt) if(T > 1) schedule(static)
     for (int64_t t = 0; t < T; t++)
         g3_rmsnorm_f32(x + t * n, w, y + t * n, n, eps);
 }
@@ -324,7 +324,7 @@ static void save(float *dst, const float *src, int64_t n)
 static void geglu_rows(float *g, const float *u, int64_t n, int nt)
 {
     const int64_t chunk = 512;
-#pragma omp parallel for num_threads(nt) schedule(static)
+#pragma omp parallel for num_threads(nt) if(n > 8192) schedule(static)
     for (int64_t i0 = 0; i0 < n; i0 += chunk)
         g3_geglu_f32(g + i0, u + i0, g + i0, i0 + chunk < n ? chunk : n - i0);
 }
@@ -472,14 +472,14 @@ g3_status g3_model_forward(g3_model *m, const g3_batch *b, g3_err *err)
         return st;
     plan_tokens(m, b, &s);
     s.single = ng == 1;
-#pragma omp parallel for num_threads(nt) schedule(static)
+#pragma omp parallel for num_threads(nt) if(T > 1) schedule(static)
     for (int64_t t = 0; t < T; t++) {
         g3_rope_table(s.rope_local + t * c->head_dim, c->head_dim, s.pos[t], m->inv_freq_local);
         g3_rope_table(s.rope_global + t * c->head_dim, c->head_dim, s.pos[t], m->inv_freq_global);
     }
 
     double t_embed = g3_prof.enabled ? omp_get_wtime() : 0.0;
-#pragma omp parallel for num_threads(nt) schedule(static)
+#pragma omp parallel for num_threads(nt) if(T > 1) schedule(static)
     for (int64_t t = 0; t < T; t++) {
         float *x = s.x + t * E;
         if (b->embd && b->embd_mask && b->embd_mask[t]) {
