@@ -7,6 +7,8 @@
 #   tools/fuzz.sh tokenizer 300    # Python, atheris: tokenizer.json -> Tokenizer, encode/decode
 #   tools/fuzz.sh chat 300         # Python, atheris: chat rendering + prompt-markup tokenization
 #   tools/fuzz.sh image_py 300     # Python, atheris: gemma3.image load_image/preprocess of bytes
+#   tools/fuzz.sh TARGET --pick    # no fuzzing: refresh tests/data/fuzz_regressions/TARGET/corpus-*
+#                                  # with a small cover of the corpus (tools/fuzz_pick.py)
 #
 # C targets (tools/fuzz_<TARGET>.c) are built with clang under ASan + UBSan and libFuzzer (Debian:
 # apt-get install clang-14 libclang-rt-14-dev; image also needs libwebp-dev). Python targets
@@ -167,6 +169,22 @@ for i, dt in enumerate(["float32", "float16", "int8", "int64", "bool"]):
 esac
 if [ -d "$REGRESSIONS" ]; then
     cp "$REGRESSIONS"/* "$WORK/seeds/" 2>/dev/null || true
+fi
+
+# --pick: instead of fuzzing, refresh the regression set from the corpus (merge, then a greedy
+# cover of the merged edges and features, at most 45 files of at most 16 KiB; tools/fuzz_pick.py).
+if [ "$SECONDS_TO_RUN" = --pick ]; then
+    rm -rf "$WORK/merged" "$WORK/merge.ctl" && mkdir -p "$WORK/merged"
+    echo "== merging $WORK/corpus into $WORK/merged"
+    "${RUN[@]}" -merge=1 -merge_control_file="$WORK/merge.ctl" -max_len="$MAX_LEN" -timeout=60 \
+        -rss_limit_mb=2048 "$WORK/merged" "$WORK/seeds" "$WORK/corpus" >"$WORK/merge.log" 2>&1 ||
+        { tail -20 "$WORK/merge.log" >&2; exit 1; }
+    grep -E 'MERGE-OUTER: [0-9]+ new files' "$WORK/merge.log" || true
+    "$PY" "$ROOT/tools/fuzz_pick.py" "$WORK/merge.ctl" "$REGRESSIONS" 45 16384
+    # what the regression set itself covers (-runs=0: load the inputs, report, stop)
+    "${RUN[@]}" -runs=0 -max_len="$MAX_LEN" -timeout=60 -rss_limit_mb=2048 "$REGRESSIONS" 2>&1 |
+        grep -oE 'INITED cov: [0-9]+ ft: [0-9]+' | sed "s|^|regression set $REGRESSIONS: |" || true
+    exit 0
 fi
 
 # 3. Fuzz. New inputs go to corpus/, findings to artifacts/.
