@@ -109,7 +109,6 @@ else
     # incremental, under a lock), paired with a snapshot of the package's Python files, and run
     # with one runtime preloaded that holds both ASan and libFuzzer (atheris then uses that
     # libFuzzer, so C edges count as coverage). G3_FUZZ_ASAN=0 runs the installed gemma3 instead.
-    RUN=("$PY" "$HARNESS")
     if [ "${G3_FUZZ_ASAN:-1}" != 0 ]; then
         ASAN_DIR="${G3_FUZZ_ASAN_DIR:-/tmp/g3-fuzz-asan}"
         mkdir -p "$ASAN_DIR/ompinc" "$ASAN_DIR/lib"
@@ -142,12 +141,18 @@ else
         cp "$ASAN_DIR"/lib/gemma3/_core*.so "$WORK/lib/gemma3/"
         cp "$ROOT"/gemma3/*.py "$WORK/lib/gemma3/"
         PRELOAD="$ASAN_DIR/asan_with_fuzzer.so"
-        RUN=(env PYTHONPATH="$WORK/lib" LD_PRELOAD="$PRELOAD" "$PY" "$HARNESS")
         (cd / && PYTHONPATH="$WORK/lib" LD_PRELOAD="$PRELOAD" ASAN_OPTIONS=detect_leaks=0 "$PY" -c "
 import gemma3._core as c
 assert c.__file__.startswith('$WORK/lib'), c.__file__") ||
             { echo "fuzz.sh: the sanitized gemma3._core is not the one imported" >&2; exit 2; }
     fi
+    # an executable that runs the harness: libFuzzer re-executes its argv[0] for -merge
+    # (fuzz_common.main hands it G3_FUZZ_SELF as argv[0])
+    ENVS="G3_FUZZ_SELF=$WORK/harness.sh"
+    [ -n "$PRELOAD" ] && ENVS="$ENVS PYTHONPATH=$WORK/lib LD_PRELOAD=$PRELOAD"
+    printf '#!/bin/sh\nexec env %s "%s" "%s" "$@"\n' "$ENVS" "$PY" "$HARNESS" >"$WORK/harness.sh"
+    chmod +x "$WORK/harness.sh"
+    RUN=("$WORK/harness.sh")
     echo "== $HARNESS under atheris with $PY${PRELOAD:+ (ASan + coverage build of gemma3._core)}"
 fi
 
@@ -171,6 +176,11 @@ if [ -d "$REGRESSIONS" ]; then
     cp "$REGRESSIONS"/* "$WORK/seeds/" 2>/dev/null || true
 fi
 
+LEAKS=1
+[ "$KIND" = py ] && LEAKS=0  # CPython keeps allocations until exit by design
+export ASAN_OPTIONS="detect_leaks=$LEAKS:abort_on_error=0"
+export UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1"
+
 # --pick: instead of fuzzing, refresh the regression set from the corpus (merge, then a greedy
 # cover of the merged edges and features, at most 45 files of at most 16 KiB; tools/fuzz_pick.py).
 if [ "$SECONDS_TO_RUN" = --pick ]; then
@@ -190,10 +200,6 @@ fi
 # 3. Fuzz. New inputs go to corpus/, findings to artifacts/.
 echo "== fuzzing for $SECONDS_TO_RUN s (corpus $WORK/corpus)"
 set +e
-LEAKS=1
-[ "$KIND" = py ] && LEAKS=0  # CPython keeps allocations until exit by design
-ASAN_OPTIONS="detect_leaks=$LEAKS:abort_on_error=0" \
-UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1" \
 "${RUN[@]}" "$WORK/corpus" "$WORK/seeds" "${FUZZ_OPTS[@]}" >"$WORK/fuzz.log" 2>&1
 status=$?
 set -e

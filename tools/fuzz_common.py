@@ -22,6 +22,7 @@ modules and runs their regression files through :func:`run_one`.
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -57,5 +58,7 @@ def main(harness: ModuleType) -> None:
         return
     import atheris
 
+    # libFuzzer re-executes argv[0] for -merge: the executable wrapper fuzz.sh writes, not the .py
+    argv = [os.environ.get("G3_FUZZ_SELF", argv[0]), *argv[1:]]
     atheris.Setup(argv, lambda data: run_one(harness, data))
     atheris.Fuzz()
