@@ -28,7 +28,7 @@ from gemma3 import image as gimage
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).parent / "data" / "fuzz_regressions"
 TARGETS = ["gguf", "safetensors", "image", "tokenizer", "chat", "image_py"]
-MAX_FILES, MAX_BYTES = 60, 16 * 1024
+MAX_FILES, MAX_BYTES = 50, 16 * 1024
 
 
 def _files(target: str) -> list[Path]:

@@ -182,7 +182,7 @@ export ASAN_OPTIONS="detect_leaks=$LEAKS:abort_on_error=0"
 export UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1"
 
 # --pick: instead of fuzzing, refresh the regression set from the corpus (merge, then a greedy
-# cover of the merged edges and features, at most 45 files of at most 16 KiB; tools/fuzz_pick.py).
+# cover of the merged edges and features, files of at most 16 KiB; tools/fuzz_pick.py).
 if [ "$SECONDS_TO_RUN" = --pick ]; then
     rm -rf "$WORK/merged" "$WORK/merge.ctl" && mkdir -p "$WORK/merged"
     echo "== merging $WORK/corpus into $WORK/merged"
@@ -190,7 +190,9 @@ if [ "$SECONDS_TO_RUN" = --pick ]; then
         -rss_limit_mb=2048 "$WORK/merged" "$WORK/seeds" "$WORK/corpus" >"$WORK/merge.log" 2>&1 ||
         { tail -20 "$WORK/merge.log" >&2; exit 1; }
     grep -E 'MERGE-OUTER: [0-9]+ new files' "$WORK/merge.log" || true
-    "$PY" "$ROOT/tools/fuzz_pick.py" "$WORK/merge.ctl" "$REGRESSIONS" 45 16384
+    # 50 files per target in all: the named regression inputs stay, the cover fills the rest
+    named=$(find "$REGRESSIONS" -maxdepth 1 -type f ! -name 'corpus-*' 2>/dev/null | wc -l)
+    "$PY" "$ROOT/tools/fuzz_pick.py" "$WORK/merge.ctl" "$REGRESSIONS" $((named < 30 ? 50 - named : 20)) 16384
     # what the regression set itself covers (-runs=0: load the inputs, report, stop)
     "${RUN[@]}" -runs=0 -max_len="$MAX_LEN" -timeout=60 -rss_limit_mb=2048 "$REGRESSIONS" 2>&1 |
         grep -oE 'INITED cov: [0-9]+ ft: [0-9]+' | sed "s|^|regression set $REGRESSIONS: |" || true

@@ -10,7 +10,8 @@ takes the input that adds the most edges not yet covered, then features, then th
 until N inputs (default 40) or nothing new; inputs larger than MAX_BYTES (default 16384) are
 skipped. Copies them to OUT_DIR as ``corpus-<sha1[:12]>`` and removes older ``corpus-*`` files
 there (named regression inputs stay).
-tools/fuzz.sh TARGET --pick runs this (N = 45) into tests/data/fuzz_regressions/TARGET/.
+tools/fuzz.sh TARGET --pick runs this into tests/data/fuzz_regressions/TARGET/ (N: 50 files
+there in all).
 """
 
 from __future__ import annotations
