@@ -284,8 +284,14 @@ static PyObject *py_read_bandwidth(PyObject *mod, PyObject *arg)
     t = omp_get_wtime();
     const int nt = g3_get_threads();
 #pragma omp parallel for num_threads(nt) reduction(+ : total) schedule(static)
-    for (int64_t i0 = 0; i0 < n; i0 += CHUNK)
-        total += g3_dot_f32(d + i0, ones, i0 + CHUNK < n ? CHUNK : n - i0);
+    for (int64_t i0 = 0; i0 < n; i0 += CHUNK) {
+        const int64_t len = i0 + CHUNK < n ? CHUNK : n - i0;
+        /* the same 4 KiB software prefetch the packed decode kernels use (quant/packed.c), so
+         * the probe is the best streaming read this machine does, not a weaker one */
+        for (int64_t j = 0; j < len; j += 16)
+            __builtin_prefetch(d + i0 + j + 1024, 0, 3);
+        total += g3_dot_f32(d + i0, ones, len);
+    }
     t = omp_get_wtime() - t;
     Py_END_ALLOW_THREADS
     PyMem_Free(ones);

@@ -6,6 +6,7 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 
 #include "quant/blocks.h"
 
@@ -181,7 +182,15 @@ g3_status g3_pack(int type, const uint8_t *data, int64_t rows, int64_t cols, siz
         return g3_fail(err, G3_ERR_NOMEM, "matrix too large to pack");
     }
     const size_t total = (size_t)P->groups * P->group_bytes;
-    P->data = aligned_alloc(64, (total + 63) / 64 * 64);
+    /* large matrices on 2 MiB pages where the kernel allows it (THP "madvise" mode): a decode
+     * step streams every byte, and 4 KiB pages cost a TLB miss every 4 KiB */
+    const size_t huge = (size_t)2 << 20, align = total >= 2 * huge ? huge : 64;
+    const size_t alloc = (total + align - 1) / align * align;
+    P->data = aligned_alloc(align, alloc);
+#ifdef MADV_HUGEPAGE
+    if (P->data && align == huge && !getenv("G3_NO_HUGEPAGES"))
+        madvise(P->data, alloc, MADV_HUGEPAGE); /* advice only: failure changes nothing */
+#endif
     if (!P->data) {
         free(P);
         return g3_fail(err, G3_ERR_NOMEM, "out of memory packing a (%lld, %lld) %s matrix (%zu bytes)",
@@ -315,6 +324,13 @@ INL __m512 combine(__m512i a[3], int offset, const int32_t *ds0, const int32_t *
                                            _mm512_cvtepi32_ps(a[0])));
 }
 
+/* Software prefetch distance in bytes: the hardware prefetchers stop at 4 KiB page boundaries
+ * and ramp up again after each; asking for the record 4 KiB ahead keeps the stream going
+ * (LM head of the 270M file, one thread: 19 ms without, 13 ms with). */
+#ifndef G3_PACK_PREFETCH
+#define G3_PACK_PREFETCH 4096
+#endif
+
 INL void matvec_kind(const g3_packed *P, const g3_xq *xq, int64_t g0, int64_t g1, float *y,
                      const int vmode, const int smode, const int offset)
 {
@@ -333,6 +349,9 @@ INL void matvec_kind(const g3_packed *P, const g3_xq *xq, int64_t g0, int64_t g1
                 }
             }
             const int64_t col = 32 * b;
+            if (G3_PACK_PREFETCH > 0)
+                for (size_t o = 0; o < vb + 32; o += 64)
+                    _mm_prefetch((const char *)p + G3_PACK_PREFETCH + o, _MM_HINT_T0);
             __m512i a0[3], a1[3]; /* columns 0..15 and 16..31 (merged into a0 unless S_K6) */
             for (int q = 0; q < 3; q++)
                 a0[q] = a1[q] = _mm512_setzero_si512();
