@@ -60,6 +60,14 @@ rm -f "$LOGS"/*
 # 1. Build with -fsanitize=address,undefined (setup.py reads G3_SANITIZE) into $WORK only:
 #    separate --build-temp (objects) and --build-lib (the .so), never --inplace. --force: a
 #    reused G3_ASAN_DIR would otherwise keep a stale .so after a change to a header only.
+"$PYBIN" - <<'PYEOF' || exit 2
+import sys, setuptools
+major = int(setuptools.__version__.split(".")[0])
+if major < 77:
+    sys.exit(f"asan.sh: setuptools {setuptools.__version__} in {sys.executable} is older than "
+             "pyproject.toml's build requirement (>=77); run: "
+             f"{sys.executable} -m pip install 'setuptools>=77' (tools/bootstrap.sh does)")
+PYEOF
 echo "== building the sanitized extension in $WORK"
 G3_SANITIZE=1 "$PYBIN" setup.py -q build_ext --force --parallel 2 \
     --build-temp "$WORK/temp" --build-lib "$LIB" >"$WORK/build.log" 2>&1 || {

@@ -21,5 +21,8 @@ if command -v apt-get >/dev/null 2>&1; then
 fi
 PY="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip
+# pip, and the build requirements of pyproject.toml in the venv itself: tools/asan.sh and
+# tools/fuzz.sh build the extension with the venv's setuptools (no build isolation), and
+# setuptools < 77 rejects our license field.
+.venv/bin/python -m pip install -q --upgrade pip "setuptools>=77" wheel
 .venv/bin/python -m pip install -q -e ".[model,test]"
