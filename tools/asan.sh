@@ -3,9 +3,9 @@
 # gemma3._core.
 #
 #   tools/asan.sh                                  # the whole suite (tests/)
-#   tools/asan.sh --ci                             # the subset .ci/run runs (below)
+#   tools/asan.sh --quick                          # a quicker subset (below)
 #   tools/asan.sh tests/test_gguf.py -k hostile    # any pytest arguments
-#   tools/asan.sh --ci -x                          # --ci, then any pytest arguments (a -k
+#   tools/asan.sh --quick -x                       # --quick, then any pytest arguments (a -k
 #                                                  #   given here replaces the subset's -k)
 #
 # The sanitized extension is built into its own directory (G3_ASAN_DIR, default a temp dir that
@@ -21,15 +21,14 @@
 #     (allocator_may_return_null) and the warning ASan logs for them is not counted as a report;
 #   - one suppression, for Ray's setproctitle (see asan.supp below), not gemma3 code.
 #
-# Measured on the 2-core development machine (load 2-4 from other jobs), build included (35 s):
-#   whole suite  1452 passed, no report, 17.1 min (test time 993 s, of which the 270M reference
-#                model 226 s, eval jobs / lm-eval / Ray 171 s, leak loops 161 s, Ctrl-C 82 s)
-#   --ci         1349 passed, no report, 7.9 min (the CI job; the plain suite takes ~4 min)
-# The whole suite would take CI from ~4 to ~21 of its 40 minutes, and other jobs on the machine
-# have doubled a whole-suite run here, so CI runs --ci: the whole suite without the tests that run
-# the 270M model (-k "not 270m": the C code of the tiny fixtures, on a far larger model) and
-# without four files of Python front ends over the same entry points (eval jobs and lm-eval/Ray,
-# notebooks, the CLI, Ctrl-C delivery).
+# Measured on the 2-core development machine, build included (35 s):
+#   whole suite  1452 passed, no report: 12.6 min of tests on a quiet machine (.ci/run from a
+#                clean clone, bootstrap + plain suite + this: 18.0 min of CI's 40), 17.1 min
+#                with other jobs on the machine (load 2-4). .ci/run runs it.
+#   --quick      1349 passed, no report, 7.9 min with the same load.
+# --quick is the whole suite without the tests that run the 270M model (-k "not 270m": the C
+# code of the tiny fixtures, on a far larger model) and without four files of Python front ends over
+# the same entry points (eval jobs and lm-eval/Ray, notebooks, the CLI, Ctrl-C delivery).
 # It keeps the GGUF/safetensors/image readers and their hostile files (including the real 270M
 # GGUF), the fuzz regressions, all float/quantized/packed kernels, the tokenizer, the tiny text
 # and vision models, argument validation, chat-template security, the leak loops, and threads /
@@ -40,7 +39,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 if [ $# -eq 0 ]; then
     set -- tests
-elif [ "$1" = "--ci" ]; then
+elif [ "$1" = "--quick" ]; then
     shift
     set -- tests -k "not 270m" --ignore=tests/test_eval.py --ignore=tests/test_notebooks.py \
         --ignore=tests/test_cli_api.py --ignore=tests/test_interrupts.py "$@"
