@@ -36,7 +36,11 @@ __all__ = ["ImageInput", "load_image", "pan_and_scan", "preprocess", "resize", "
            "MAX_PIXELS"]
 
 MAX_SIDE = 16384
-MAX_PIXELS = 1 << 28
+# Largest picture decoded (width x height), checked from the header before any pixel memory
+# exists: a WebP file of a few dozen bytes can declare 16384 x 16384 (1 GiB as RGBA). 2^27
+# (e.g. 16384 x 8192, 512 MiB as RGBA) by default; assign gemma3.image.MAX_PIXELS to change it,
+# up to MAX_SIDE^2 (Pillow-decoded formats are also bound by PIL.Image.MAX_IMAGE_PIXELS).
+MAX_PIXELS = 1 << 27
 Box = tuple[int, int, int, int]  # (x0, y0, x1, y1), pixels, end-exclusive
 
 
@@ -60,12 +64,21 @@ def _pil():
     return Image, ImageOps
 
 
+def _max_pixels() -> int:
+    m = MAX_PIXELS
+    if isinstance(m, bool) or not isinstance(m, int) or not 0 < m <= MAX_SIDE * MAX_SIDE:
+        raise ValueError(f"gemma3.image.MAX_PIXELS must be an int in [1, {MAX_SIDE}^2], "
+                         f"got {m!r}")
+    return m
+
+
 def _check_size(w: int, h: int, what: str) -> None:
     if w <= 0 or h <= 0:
         raise ValueError(f"{what} has zero size ({w} x {h} pixels)")
-    if w > MAX_SIDE or h > MAX_SIDE or w * h > MAX_PIXELS:
+    m = _max_pixels()
+    if w > MAX_SIDE or h > MAX_SIDE or w * h > m:
         raise ValueError(f"{what} of {w} x {h} pixels is too large (limits: {MAX_SIDE} per side, "
-                         f"2^28 pixels)")
+                         f"{m} pixels: gemma3.image.MAX_PIXELS)")
 
 
 def _composite_white_pil_math(rgba: np.ndarray) -> np.ndarray:
@@ -104,7 +117,7 @@ def _from_bytes(data: bytes | memoryview, alpha: str, what: str) -> np.ndarray:
         raise ValueError(f"{what}: empty image data (0 bytes)")
     if _is_webp(data):
         try:
-            px = _core.webp_decode(data)
+            px = _core.webp_decode(data, max_pixels=_max_pixels())
         except _core.UnsupportedError:  # animated: Pillow gives the first frame
             px = None
         except ValueError as e:
@@ -126,7 +139,10 @@ def _from_bytes(data: bytes | memoryview, alpha: str, what: str) -> np.ndarray:
     except Image.UnidentifiedImageError:
         raise ValueError(f"{what}: not an image (format not recognised; first bytes "
                          f"{bytes(data[:8])!r})") from None
-    except (OSError, SyntaxError, Image.DecompressionBombError, EOFError) as e:
+    except Image.DecompressionBombError as e:  # MAX_PIXELS raised past Pillow's own limit
+        raise ValueError(f"{what}: too large for Pillow ({e}); PIL.Image.MAX_IMAGE_PIXELS "
+                         f"sets its limit") from None
+    except (OSError, SyntaxError, EOFError) as e:
         raise ValueError(f"{what}: broken or truncated image data ({e})") from None
 
 

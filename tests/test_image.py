@@ -153,9 +153,8 @@ def _png_bytes():
     return (IMAGES / "gray_250x180.png").read_bytes()
 
 
-def _huge_webp():
-    # a lossless VP8L header declaring 16384 x 16384 (the bitstream is cut short after it)
-    w, h = 16384, 16384
+def _huge_webp(w=16384, h=16384):
+    # a lossless VP8L header declaring w x h (the bitstream is cut short after it): 45 bytes
     bits = (w - 1) | ((h - 1) << 14) | (0 << 28)
     vp8l = b"\x2f" + bits.to_bytes(4, "little") + b"\x00" * 16
     chunk = b"VP8L" + len(vp8l).to_bytes(4, "little") + vp8l
@@ -167,7 +166,7 @@ HOSTILE = [
     ("webp-truncated", lambda: _webp_bytes()[:200], "truncated or corrupt|not a decodable"),
     ("webp-header-only", lambda: _webp_bytes()[:30], "not a decodable|truncated"),
     ("webp-garbage-payload", lambda: _webp_bytes()[:40] + b"\xff" * 3000, "corrupt|decodable"),
-    ("webp-huge", _huge_webp, "too large|truncated or corrupt|not a decodable"),
+    ("webp-huge", _huge_webp, "too large"),
     ("not-an-image", lambda: b"hello, this is text and not a picture at all", "not an image"),
     ("png-truncated", lambda: _png_bytes()[:100], "broken or truncated"),
     ("zero-size-array", lambda: np.zeros((0, 5, 3), np.uint8), "zero size"),
@@ -205,6 +204,61 @@ def test_huge_pil_image_rejected_before_decoding():
     im._size = (20000, 20000)  # what a hostile header declares
     with pytest.raises(ValueError, match="too large"):
         gi.load_image(im)
+
+
+def test_pixel_limit_is_checked_from_the_header(monkeypatch):
+    # 2^27 pixels by default: at the limit the header passes and the short bitstream fails to
+    # decode; one row more is refused from the header, before any pixel memory is allocated
+    assert gi.MAX_PIXELS == 1 << 27
+    with pytest.raises(ValueError, match="truncated or corrupt|not enough data"):
+        gi.load_image(_huge_webp(16384, 8192))
+    with pytest.raises(ValueError, match=r"16384 x 8193 pixels is too large .*134217728 pixels"):
+        gi.load_image(_huge_webp(16384, 8193))
+    # the C reader's own bound (2^28) when called without a limit, and with one
+    with pytest.raises(ValueError, match="truncated or corrupt|not enough data"):
+        gemma3._core.webp_decode(_huge_webp(16384, 8193))
+    with pytest.raises(ValueError, match="1000 x 400 pixels is too large"):
+        gemma3._core.webp_decode(_webp_bytes(), max_pixels=399_999)
+    assert gemma3._core.webp_decode(_webp_bytes(), max_pixels=400_000).shape == (400, 1000, 3)
+
+    # the limit is a setting: every source is held to it, and the old value restores them
+    monkeypatch.setattr(gi, "MAX_PIXELS", 1000 * 400 - 1)
+    sources = [_webp_bytes(), np.zeros((400, 1000, 3), np.uint8)]
+    if _has_pil():  # a PIL image and PNG bytes, both checked before decoding
+        import io
+
+        from PIL import Image
+        png = io.BytesIO()
+        Image.new("RGB", (1000, 400)).save(png, "PNG")
+        sources += [Image.new("RGB", (1000, 400)), png.getvalue()]
+    for src in sources:
+        with pytest.raises(ValueError, match="1000 x 400 pixels is too large"):
+            gi.load_image(src)
+    for bad in (0, -5, 2.5, "many", True, 16384 * 16384 + 1):
+        monkeypatch.setattr(gi, "MAX_PIXELS", bad)
+        with pytest.raises(ValueError, match="gemma3.image.MAX_PIXELS must be an int"):
+            gi.load_image(_webp_bytes())
+    monkeypatch.setattr(gi, "MAX_PIXELS", 1000 * 400)
+    for src in sources:
+        assert gi.load_image(src).shape == (400, 1000, 3)
+
+
+def _has_pil():
+    try:
+        import PIL  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def test_pillow_decompression_bomb_is_a_size_error(monkeypatch):
+    # MAX_PIXELS raised past Pillow's own limit: Pillow refuses, and the message says why
+    Image = pytest.importorskip("PIL.Image")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)  # errors above 2x: 250x180 is 45,000
+    with pytest.raises(ValueError, match="too large for Pillow.*MAX_IMAGE_PIXELS"):
+        gi.load_image(_png_bytes())
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 89_478_485)
+    assert gi.load_image(_png_bytes()).shape == (180, 250, 3)
 
 
 def test_webp_decode_never_crashes_on_mutations():

@@ -163,7 +163,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     g3_webp_info info;
     g3_err err = {{0}, 0};
-    g3_status st = g3_webp_probe(data, size, &info, &err);
+    g3_status st = g3_webp_probe(data, size, 0, &info, &err);
     if (st != G3_OK)
         check_failure(st, &err);
     else if (info.width <= 0 || info.height <= 0 || info.width > G3_IMAGE_MAX_SIDE ||

@@ -1,6 +1,7 @@
 /* py_image.c — image functions of gemma3._core (used by gemma3/image.py):
  *
- *   webp_decode(data) -> (h, w, 3|4) uint8        RGBA when the file has alpha
+ *   webp_decode(data, max_pixels=0) -> (h, w, 3|4) uint8   RGBA when the file has alpha;
+ *                                                  larger pictures raise before decoding
  *   image_resize(img (h, w, c) uint8, height, width) -> (height, width, c) uint8   Pillow BILINEAR
  *   image_preprocess(img (h, w, 3) uint8, size) -> (3, size, size) float32        resize, x/127.5-1
  *
@@ -17,8 +18,13 @@ static PyObject *raise(PyObject *module, g3_status st, const g3_err *err)
     return g3_py_raise(g3_py_state(module), st, err, NULL);
 }
 
-static PyObject *py_webp_decode(PyObject *module, PyObject *arg)
+static PyObject *py_webp_decode(PyObject *module, PyObject *args, PyObject *kw)
 {
+    static char *kwlist[] = {"data", "max_pixels", NULL};
+    PyObject *arg;
+    unsigned long long max_pixels = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|K", kwlist, &arg, &max_pixels))
+        return NULL;
     Py_buffer buf;
     if (PyObject_GetBuffer(arg, &buf, PyBUF_SIMPLE) < 0)
         return NULL;
@@ -26,7 +32,7 @@ static PyObject *py_webp_decode(PyObject *module, PyObject *arg)
     g3_webp_info info;
     g3_status st;
     PyObject *arr = NULL;
-    Py_BEGIN_ALLOW_THREADS st = g3_webp_probe(buf.buf, (size_t)buf.len, &info, &err);
+    Py_BEGIN_ALLOW_THREADS st = g3_webp_probe(buf.buf, (size_t)buf.len, max_pixels, &info, &err);
     Py_END_ALLOW_THREADS
     if (st) {
         raise(module, st, &err);
@@ -172,8 +178,9 @@ static PyObject *py_image_preprocess(PyObject *module, PyObject *args)
 }
 
 PyMethodDef g3_py_image_methods[] = {
-    {"webp_decode", py_webp_decode, METH_O,
-     "webp_decode(data) -> (h, w, 3|4) uint8 (RGBA when the file has alpha)"},
+    {"webp_decode", (PyCFunction)(void (*)(void))py_webp_decode, METH_VARARGS | METH_KEYWORDS,
+     "webp_decode(data, max_pixels=0) -> (h, w, 3|4) uint8 (RGBA when the file has alpha); "
+     "pictures over max_pixels (0: 2^28) raise ValueError before decoding"},
     {"image_resize", py_image_resize, METH_VARARGS,
      "image_resize(img (h, w, c) uint8, height, width) -> uint8: Pillow-exact BILINEAR"},
     {"image_preprocess", py_image_preprocess, METH_VARARGS,

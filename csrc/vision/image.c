@@ -42,9 +42,12 @@ static const char *vp8_status_name(VP8StatusCode s)
     return "unknown status";
 }
 
-g3_status g3_webp_probe(const uint8_t *data, size_t size, g3_webp_info *info, g3_err *err)
+g3_status g3_webp_probe(const uint8_t *data, size_t size, uint64_t max_pixels,
+                        g3_webp_info *info, g3_err *err)
 {
     memset(info, 0, sizeof *info);
+    if (max_pixels == 0 || max_pixels > G3_IMAGE_MAX_PIXELS)
+        max_pixels = G3_IMAGE_MAX_PIXELS;
     if (!data || size == 0)
         return g3_fail(err, G3_ERR_FORMAT, "empty WebP data (0 bytes)");
     WebPBitstreamFeatures f;
@@ -56,11 +59,11 @@ g3_status g3_webp_probe(const uint8_t *data, size_t size, g3_webp_info *info, g3
         return g3_fail(err, G3_ERR_FORMAT, "WebP image has zero size (%d x %d)", f.width,
                        f.height);
     if (f.width > G3_IMAGE_MAX_SIDE || f.height > G3_IMAGE_MAX_SIDE ||
-        (uint64_t)f.width * (uint64_t)f.height > G3_IMAGE_MAX_PIXELS)
+        (uint64_t)f.width * (uint64_t)f.height > max_pixels)
         return g3_fail(err, G3_ERR_ARG,
-                       "WebP image of %d x %d pixels is too large (limits: %d per side, 2^28 "
+                       "WebP image of %d x %d pixels is too large (limits: %d per side, %llu "
                        "pixels)",
-                       f.width, f.height, G3_IMAGE_MAX_SIDE);
+                       f.width, f.height, G3_IMAGE_MAX_SIDE, (unsigned long long)max_pixels);
     info->width = f.width;
     info->height = f.height;
     info->has_alpha = f.has_alpha;

@@ -12,6 +12,8 @@
 #include "g3.h"
 
 #define G3_IMAGE_MAX_SIDE 16384
+/* Hard limits (16384^2 is also the most a WebP header can declare); callers pass a lower pixel
+ * limit to g3_webp_probe, as the Python layer does (gemma3.image.MAX_PIXELS). */
 #define G3_IMAGE_MAX_PIXELS (1ull << 28)
 
 typedef struct {
@@ -20,8 +22,11 @@ typedef struct {
     int animated;
 } g3_webp_info;
 
-/* Reads the WebP header; validates the dimensions against the limits above. */
-g3_status g3_webp_probe(const uint8_t *data, size_t size, g3_webp_info *info, g3_err *err);
+/* Reads the WebP header; validates the dimensions against G3_IMAGE_MAX_SIDE and max_pixels
+ * (0 or anything above G3_IMAGE_MAX_PIXELS means G3_IMAGE_MAX_PIXELS), before any pixel memory
+ * exists: a few dozen bytes can declare a 16384 x 16384 picture. */
+g3_status g3_webp_probe(const uint8_t *data, size_t size, uint64_t max_pixels,
+                        g3_webp_info *info, g3_err *err);
 /* Decodes into out (height, width, channels) with channels 3 (RGB) or 4 (RGBA, not
  * premultiplied); info must come from g3_webp_probe of the same data. */
 g3_status g3_webp_decode(const uint8_t *data, size_t size, const g3_webp_info *info, int channels,
