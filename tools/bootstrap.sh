@@ -24,5 +24,5 @@ PY="${PYTHON:-python3}"
 # pip, and the build requirements of pyproject.toml in the venv itself: tools/asan.sh and
 # tools/fuzz.sh build the extension with the venv's setuptools (no build isolation), and
 # setuptools < 77 rejects our license field.
-.venv/bin/python -m pip install -q --upgrade pip "setuptools>=77" wheel
+.venv/bin/python -m pip install -q --upgrade pip "setuptools>=77"
 .venv/bin/python -m pip install -q -e ".[model,test]"
