@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import lzma
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -38,13 +36,11 @@ import pytest
 import gemma3
 from gemma3 import eval as ev
 from gemma3 import vision as V
-from gemma3.convert import hf_to_gguf
 from gemma3.model import PREFILL_CHUNK
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tests" / "fixtures" / "tiny" / "tiny"
 TINY_VISION = ROOT / "tests" / "fixtures" / "tiny_vision"
-TOKENIZER_JSON = ROOT.parent / "shared" / "data" / "gemma3-tokenizer.json.xz"
 LONG = 32768  # max_seq_len of the models here: a long prompt, a long generation
 
 
@@ -155,16 +151,9 @@ def test_interrupt_during_generation_ids():
 
 
 @pytest.fixture(scope="module")
-def text_model_path(tmp_path_factory) -> Path:
-    """The tiny checkpoint with the Gemma 3 tokenizer (truncated to its 512 ids), as a GGUF."""
-    if not TOKENIZER_JSON.exists():
-        pytest.skip(f"needs {TOKENIZER_JSON} (the published Gemma 3 tokenizer)")
-    d = tmp_path_factory.mktemp("tiny_tok")
-    for f in ("config.json", "model.safetensors"):
-        shutil.copy(TINY / f, d / f)
-    (d / "tokenizer.json").write_bytes(lzma.open(TOKENIZER_JSON).read())
-    hf_to_gguf(d, d / "tiny-tok.gguf")
-    return d / "tiny-tok.gguf"
+def text_model_path(tiny_tok_dir) -> Path:
+    """The tiny checkpoint with the Gemma 3 tokenizer, as a GGUF (conftest.py)."""
+    return tiny_tok_dir / "tiny-tok.gguf"
 
 
 def test_interrupt_during_streaming_chat(text_model_path):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import lzma
-import shutil
 import sys
 from pathlib import Path
 
@@ -304,17 +303,11 @@ def test_threads_same_greedy_tokens():
 
 
 @pytest.fixture(scope="module")
-def text_model(tmp_path_factory):
-    """The tiny checkpoint converted with the Gemma 3 tokenizer (truncated to its 512 ids:
-    specials, newline/space runs, byte tokens), or the 270M model without the tokenizer file."""
+def text_model(request):
+    """The tiny checkpoint converted with the Gemma 3 tokenizer (conftest.py), or the 270M
+    model without the tokenizer file."""
     if TOKENIZER_JSON.exists():
-        d = tmp_path_factory.mktemp("tiny_tok")
-        for f in ("config.json", "model.safetensors"):
-            shutil.copy(tiny_dir("tiny") / f, d / f)
-        (d / "tokenizer.json").write_bytes(lzma.open(TOKENIZER_JSON).read())
-        out = d / "tiny-tok.gguf"
-        hf_to_gguf(d, out)
-        return gemma3.load(out)
+        return gemma3.load(request.getfixturevalue("tiny_tok_dir") / "tiny-tok.gguf")
     try:
         return gemma3.load(max_seq_len=1024)
     except FileNotFoundError:
