@@ -233,6 +233,14 @@ class GGUFWriter:
                              f"({e})") from None
         self._kv[key] = _str_bytes(key) + blob
 
+    def _check_new_name(self, name: str) -> None:
+        """A tensor name not used yet, 1..63 bytes (GGML_MAX_NAME)."""
+        _check.string("name", name)
+        if any(n == name for n, *_ in self._tensors):
+            raise ValueError(f"duplicate tensor name {name!r}")
+        if not 0 < len(name.encode()) < 64:
+            raise ValueError(f"tensor name {name!r} must be 1..63 bytes")
+
     def _encode_value(self, value, vtype, elem_type) -> bytes:
         if vtype is not None:
             vt = _VT[vtype.upper()]
@@ -290,11 +298,7 @@ class GGUFWriter:
         own type for float16) with our C quantizers; with ``raw_shape`` the array is taken as the
         already-encoded uint8 bytes of a tensor of that NumPy shape and ``type``.
         """
-        _check.string("name", name)
-        if any(n == name for n, *_ in self._tensors):
-            raise ValueError(f"duplicate tensor name {name!r}")
-        if not 0 < len(name.encode()) < 64:
-            raise ValueError(f"tensor name {name!r} must be 1..63 bytes")
+        self._check_new_name(name)
         if raw_shape is not None:
             tid = ggml_type_id(type if type is not None else "F32")
             data = np.ascontiguousarray(array, dtype=np.uint8).tobytes()
@@ -330,11 +334,7 @@ class GGUFWriter:
         uint8 arrays, ...) that together are exactly the tensor's encoded data, rows in order.
         Multi-gigabyte files can so be written piece by piece without holding them in memory.
         """
-        _check.string("name", name)
-        if any(n == name for n, *_ in self._tensors):
-            raise ValueError(f"duplicate tensor name {name!r}")
-        if not 0 < len(name.encode()) < 64:
-            raise ValueError(f"tensor name {name!r} must be 1..63 bytes")
+        self._check_new_name(name)
         shape = tuple(_check.integer("shape item", s) for s in shape)
         if not 1 <= len(shape) <= 4 or min(shape) < 0:
             raise ValueError(f"tensor {name!r}: GGUF tensors have 1..4 dimensions >= 0, "
