@@ -86,10 +86,10 @@ def g3_breakdown(model, steps: int = 32) -> dict[str, float]:
     core = model._core
     core.reset(0)
     core.forward(np.asarray(tokens_for(16, model.config.vocab_size, 3), np.int32), 1)
-    _core.profile(True)
+    core.profile(True)
     for i in range(steps):
         core.forward(np.asarray([1000 + i], np.int32), 1)
-    p = _core.profile(False)
+    p = core.profile(False)
     return {k: v / steps for k, v in p.items() if k not in ("forwards", "tokens")}
 
 

@@ -357,8 +357,9 @@ SIMD_VS_SCALAR_ABS = 1e-5  # polynomial exp / sigmoid-form GELU vs libm: measure
 
 
 def test_simd_row_kernels_match_scalar(tmp_path):
-    """Odd sizes (25 patches: softmax rows with a tail; MLP 37; pool 1) through the SIMD row
-    kernels and, in a second process, the scalar reference kernels (G3_VISION_SCALAR=1)."""
+    """Odd sizes (25 patches: softmax rows with a tail; MLP 37; pool 1) through the SIMD kernels
+    and, in a second process, the scalar reference kernels (G3_ISA=scalar: the tower uses the
+    dispatcher's kernels like the text model)."""
     import os
     import subprocess
     import sys
@@ -366,7 +367,9 @@ def test_simd_row_kernels_match_scalar(tmp_path):
     outs = []
     for scalar in ("0", "1"):
         f = tmp_path / f"o{scalar}.npy"
-        env = dict(os.environ, G3_VISION_SCALAR=scalar)
+        env = {k: v for k, v in os.environ.items() if k != "G3_ISA"}
+        if scalar == "1":
+            env["G3_ISA"] = "scalar"
         subprocess.run([sys.executable, "-c", _ODD_TOWER, str(f)], check=True, env=env)
         outs.append(np.load(f))
     _close(outs[0], outs[1], SIMD_VS_SCALAR_ABS, "SIMD vs scalar tower")

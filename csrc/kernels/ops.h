@@ -1,21 +1,26 @@
-/* ops.h — single-threaded compute kernels over float32 rows. Callers (threading layer, forward
- * driver) split work into ranges and open the parallel regions; kernels never do. */
+/* ops.h — single-threaded compute kernels over float32 rows. Callers (matmul, forward driver,
+ * vision tower) split work into ranges and open the parallel regions; kernels never do.
+ * One file per operation: vec.c (dot, axpy), norm.c, rope.c, act.c (GELU/GeGLU, exp, softmax),
+ * attention.c, matmul.c; SIMD levels are chosen once by kernels/dispatch.c (G3_ISA). */
 #ifndef G3_OPS_H
 #define G3_OPS_H
 
 #include "g3.h"
 
-/* sum_i a[i]*b[i], float accumulation in SIMD lanes (AVX-512 / AVX2+FMA / scalar, run-time chosen) */
+/* vec.c: sum_i a[i]*b[i], float accumulation in SIMD lanes (AVX-512 / AVX2+FMA / scalar) */
 float g3_dot_f32(const float *a, const float *b, int64_t n);
 /* y[i] += a * x[i] */
 void g3_axpy_f32(float a, const float *x, float *y, int64_t n);
 
-/* Gemma RMSNorm: y = x / sqrt(mean(x^2) + eps) * w. The (1 + w) convention is settled by the
+/* norm.c. Gemma RMSNorm: y = x / sqrt(mean(x^2) + eps) * w. The (1 + w) convention is settled by the
  * loaders: w here is always the full multiplier (GGUF stores 1 + w; HF checkpoints get 1 added at
  * load). Sum of squares in double. y may alias x. */
 void g3_rmsnorm_f32(const float *x, const float *w, float *y, int64_t n, float eps);
+/* SigLIP LayerNorm: y = (x - mean) / sqrt(var + eps) * w + b, biased variance. y may alias x. */
+void g3_layernorm_f32(const float *x, const float *w, const float *b, float *y, int64_t n,
+                      float eps);
 
-/* NeoX / split-halves RoPE of one head vector x (d): pairs (i, i + d/2) rotated by
+/* rope.c. NeoX / split-halves RoPE of one head vector x (d): pairs (i, i + d/2) rotated by
  * theta_i = (float)pos * inv_freq[i], computed in float like the reference, cos/sin in double. */
 void g3_rope_neox_f32(float *x, int64_t d, int64_t pos, const float *inv_freq);
 /* The same rotation split in two: cs (d) = [cos theta_i | sin theta_i] for a position, computed
@@ -25,14 +30,15 @@ void g3_rope_apply_f32(float *x, int64_t d, const float *cs);
 /* inv_freq[i] = 1 / base^(2i/d) * freq_scale, i < d/2 (float, as in the reference). */
 void g3_rope_inv_freq(float *inv_freq, int64_t d, float base, float freq_scale);
 
-/* tanh-approximation GELU (gelu_pytorch_tanh, scalar reference) and GeGLU: out = gelu(gate) * up
- * (vectorized in vmath.c; out may alias gate) */
+/* act.c. tanh-approximation GELU (gelu_pytorch_tanh, scalar reference) and GeGLU:
+ * out = gelu(gate) * up (out may alias gate) */
 float g3_gelu_tanh(float x);
 void g3_geglu_f32(const float *gate, const float *up, float *out, int64_t n);
-/* x[i] = exp(x[i] - m) in place; returns the sum (vmath.c) */
+/* x[i] = gelu(x[i] + b[i]) (SigLIP's MLP: fc1 bias then GELU) */
+void g3_gelu_bias_f32(float *x, const float *b, int64_t n);
+/* x[i] = exp(x[i] - m) in place; returns the sum */
 double g3_expsum_f32(float *x, int64_t n, float m);
-
-/* In-place numerically stable softmax over n entries; returns the max (for callers that want it). */
+/* In-place numerically stable softmax over n entries. */
 void g3_softmax_f32(float *x, int64_t n);
 
 #endif

@@ -1,6 +1,8 @@
-/* vec.c — dot and axpy over float32 with run-time ISA dispatch.
- * dot(a, b) = sum a_i b_i; the scalar version (8 partial sums) is the reference and the fallback,
- * AVX2+FMA and AVX-512 variants are compiled with target attributes, each with a scalar tail. */
+/* vec.c — dot and axpy over float32, the inner loops of attention and of the small matmul path.
+ * dot(a, b) = sum a_i b_i; axpy: y += a x. The scalar versions (dot: 8 partial sums) are the
+ * reference and the fallback, AVX2+FMA and AVX-512 variants are compiled with target attributes,
+ * each with a scalar tail; kernels/dispatch.c picks one set for the whole process. */
+#include "kernels/dispatch.h"
 #include "kernels/ops.h"
 
 #include <immintrin.h>
@@ -57,30 +59,6 @@ __attribute__((target("avx512f"))) static float dot_avx512(const float *a, const
     return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
 }
 
-typedef float (*dot_fn)(const float *, const float *, int64_t);
-
-static dot_fn pick_dot(void)
-{
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f"))
-        return dot_avx512;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
-        return dot_avx2;
-    return dot_scalar;
-}
-
-static dot_fn dot_impl;
-
-float g3_dot_f32(const float *a, const float *b, int64_t n)
-{
-    dot_fn f = __atomic_load_n(&dot_impl, __ATOMIC_RELAXED);
-    if (!f) {
-        f = pick_dot();
-        __atomic_store_n(&dot_impl, f, __ATOMIC_RELAXED);
-    }
-    return f(a, b, n);
-}
-
 static void axpy_scalar(float a, const float *x, float *y, int64_t n)
 {
     for (int64_t i = 0; i < n; i++)
@@ -109,18 +87,12 @@ __attribute__((target("avx512f"))) static void axpy_avx512(float a, const float 
         y[i] += a * x[i];
 }
 
-typedef void (*axpy_fn)(float, const float *, float *, int64_t);
-static axpy_fn axpy_impl;
-
-void g3_axpy_f32(float a, const float *x, float *y, int64_t n)
+void g3_vec_kernels(int isa, g3_float_kernels *k)
 {
-    axpy_fn f = __atomic_load_n(&axpy_impl, __ATOMIC_RELAXED);
-    if (!f) {
-        __builtin_cpu_init();
-        f = __builtin_cpu_supports("avx512f") ? axpy_avx512
-            : (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) ? axpy_avx2
-                                                                                 : axpy_scalar;
-        __atomic_store_n(&axpy_impl, f, __ATOMIC_RELAXED);
-    }
-    f(a, x, y, n);
+    k->dot = isa >= G3_ISA_AVX512 ? dot_avx512 : isa == G3_ISA_AVX2 ? dot_avx2 : dot_scalar;
+    k->axpy = isa >= G3_ISA_AVX512 ? axpy_avx512 : isa == G3_ISA_AVX2 ? axpy_avx2 : axpy_scalar;
 }
+
+float g3_dot_f32(const float *a, const float *b, int64_t n) { return g3_fk()->dot(a, b, n); }
+
+void g3_axpy_f32(float a, const float *x, float *y, int64_t n) { g3_fk()->axpy(a, x, y, n); }

@@ -13,107 +13,56 @@
  * Keys for a query are read from the batch's own fresh K/V when their position is in this call,
  * otherwise from the cache; the batch is written into the cache only after the layer's attention,
  * so a ring of W slots suffices even when T > W.
+ *
+ * Every buffer is the model's run state (model/run.h), grown if needed before anything else
+ * happens: nothing here allocates, so a pass that starts runs to the end and the cache is never
+ * left half-written.
  */
 #include <math.h>
 #include <omp.h>
-#include <stdio.h>
-#include <stdlib.h>
 #include <string.h>
 
-#include <cblas.h>
-
+#include "kernels/attention.h"
 #include "kernels/ops.h"
 #include "model/model.h"
+#include "model/run.h"
 
-g3_profile g3_prof;
 const char *const g3_prof_names[G3_PROF_N] = {
     "embed", "norms", "qkv_proj", "qk_norm_rope", "attention", "o_proj", "gate_up_proj", "geglu",
     "down_proj", "lm_head",
 };
 
-/* Times a statement into g3_prof when profiling is on (one branch otherwise). */
+/* Times a statement into the model's profile when it is on (one branch otherwise). */
 #define PROF(cat, stmt)                                                                            \
     do {                                                                                           \
-        double t0_ = g3_prof.enabled ? omp_get_wtime() : 0.0;                                      \
+        double t0_ = m->prof.enabled ? omp_get_wtime() : 0.0;                                      \
         stmt;                                                                                      \
-        if (g3_prof.enabled)                                                                       \
-            g3_prof.seconds[cat] += omp_get_wtime() - t0_;                                         \
+        if (m->prof.enabled)                                                                       \
+            m->prof.seconds[cat] += omp_get_wtime() - t0_;                                         \
     } while (0)
 
-typedef struct {
-    float *x, *h, *q, *k, *v, *z, *g, *u, *scores;
-    int64_t *key_hi; /* (T) last key position visible to each query (image groups extend it) */
-    int64_t *pos;    /* (T) absolute position of each token in its sequence */
-    int64_t *first;  /* (T) batch index of the first token of its group */
-    int32_t *seq;    /* (T) sequence of each token */
-    int64_t *gend;   /* (T) position of the last token of its group */
-    int64_t max_keys; /* longest key range of any token */
-    int single;       /* every token belongs to one sequence */
-    float *rope_local, *rope_global; /* (T, head_dim) cos|sin of each token's position */
-} scratch;
-
-static void scratch_free(scratch *s)
+/* The keys/values of kv-head offset goff that a query at positions [lo, hi] reads, as spans in
+ * position order: the cached part (global layers: slot = position, one span; local layers: a ring,
+ * split where it wraps) then this call's fresh rows of the sequence (see the file comment). */
+static int kv_spans(const g3_layer *L, const float *ck, const float *cv, const float *fk,
+                    const float *fv, int64_t n_past, int64_t lo, int64_t hi, int64_t goff,
+                    int64_t kvw, g3_kv_span sp[4])
 {
-    free(s->x);
-    free(s->h);
-    free(s->q);
-    free(s->k);
-    free(s->v);
-    free(s->z);
-    free(s->g);
-    free(s->u);
-    free(s->scores);
-    free(s->key_hi);
-    free(s->pos);
-    free(s->first);
-    free(s->seq);
-    free(s->gend);
-    free(s->rope_local);
-    free(s->rope_global);
-}
-
-static g3_status scratch_alloc(scratch *s, const g3_config *c, int64_t T, int64_t max_keys,
-                               int nt, g3_err *err)
-{
-    const size_t t = (size_t)T;
-    memset(s, 0, sizeof *s);
-    s->x = malloc(sizeof(float) * t * c->n_embd);
-    s->h = malloc(sizeof(float) * t * c->n_embd);
-    s->q = malloc(sizeof(float) * t * c->n_head * c->head_dim);
-    s->k = malloc(sizeof(float) * t * c->n_head_kv * c->head_dim);
-    s->v = malloc(sizeof(float) * t * c->n_head_kv * c->head_dim);
-    s->z = malloc(sizeof(float) * t * c->n_head * c->head_dim);
-    s->g = malloc(sizeof(float) * t * c->n_ff);
-    s->u = malloc(sizeof(float) * t * c->n_ff);
-    s->scores = malloc(sizeof(float) * (size_t)nt * (size_t)max_keys * 2); /* scores + raw copy */
-    s->key_hi = malloc(sizeof(int64_t) * t);
-    s->pos = malloc(sizeof(int64_t) * t);
-    s->first = malloc(sizeof(int64_t) * t);
-    s->seq = malloc(sizeof(int32_t) * t);
-    s->gend = malloc(sizeof(int64_t) * t);
-    s->rope_local = malloc(sizeof(float) * t * c->head_dim);
-    s->rope_global = malloc(sizeof(float) * t * c->head_dim);
-    s->max_keys = max_keys;
-    if (!s->x || !s->h || !s->q || !s->k || !s->v || !s->z || !s->g || !s->u || !s->scores ||
-        !s->key_hi || !s->pos || !s->first || !s->seq || !s->gend || !s->rope_local ||
-        !s->rope_global) {
-        scratch_free(s);
-        return g3_fail(err, G3_ERR_NOMEM, "out of memory for a %lld-token forward pass",
-                       (long long)T);
+    int n = 0;
+    const int64_t c_hi = hi < n_past - 1 ? hi : n_past - 1;
+    for (int64_t j = lo; j <= c_hi && n < 3;) {
+        const int64_t slot = L->is_global ? j : j % L->n_slots;
+        int64_t len = c_hi - j + 1;
+        if (!L->is_global && slot + len > L->n_slots)
+            len = L->n_slots - slot;
+        sp[n++] = (g3_kv_span){ck + slot * kvw + goff, cv + slot * kvw + goff, len};
+        j += len;
     }
-    return G3_OK;
-}
-
-/* Key or value row of kv-head g at absolute position pos of a sequence whose cache holds
- * n_past positions; fresh points at the batch rows of that sequence (see the file comment). */
-static inline const float *kv_row(const g3_layer *L, const float *cache, const float *fresh,
-                                  int64_t n_past, int64_t pos, int64_t g, int64_t kvw,
-                                  int64_t hd)
-{
-    if (pos >= n_past)
-        return fresh + (pos - n_past) * kvw + g * hd;
-    int64_t slot = L->is_global ? pos : pos % L->n_slots;
-    return cache + slot * kvw + g * hd;
+    const int64_t f0 = lo > n_past ? lo : n_past;
+    if (f0 <= hi)
+        sp[n++] = (g3_kv_span){fk + (f0 - n_past) * kvw + goff, fv + (f0 - n_past) * kvw + goff,
+                               hi - f0 + 1};
+    return n;
 }
 
 /* Records one query row's scores/probabilities over all key positions (0 outside [lo, hi]). */
@@ -136,53 +85,64 @@ static void capture_row(const g3_layer_capture *cap, int64_t h, int64_t t, int64
     }
 }
 
-static void attention(const g3_model *m, int64_t il, scratch *s, int64_t T, int nt,
-                      const g3_layer_capture *cap)
+static int wants_pattern(const g3_layer_capture *cap)
+{
+    return cap && (cap->pattern || cap->scores) && cap->n_heads_sel > 0;
+}
+
+/* Attention query row by query row (decode, batches of several sequences, short chunks). */
+static void attention_rows(const g3_model *m, int64_t il, g3_run *s, int64_t T, int nt,
+                           const g3_layer_capture *cap)
 {
     const g3_config *c = &m->cfg;
     const g3_layer *L = &m->layers[il];
     const int64_t hd = c->head_dim, kvw = c->n_head_kv * hd, qw = c->n_head * hd;
-    const int64_t rep = c->n_head / c->n_head_kv, max_keys = s->max_keys;
-    const int want = cap && (cap->pattern || cap->scores) && cap->n_heads_sel > 0;
+    const int64_t rep = c->n_head / c->n_head_kv, keys = s->keys;
+    const int want = wants_pattern(cap);
 #pragma omp parallel for collapse(2) num_threads(nt) schedule(dynamic, 1)
     for (int64_t t = 0; t < T; t++)
         for (int64_t h = 0; h < c->n_head; h++) {
             /* each thread's slice holds the scores, then (when capturing) a raw copy */
-            float *sc = s->scores + (size_t)omp_get_thread_num() * max_keys * 2;
+            float *sc = s->scores + (size_t)omp_get_thread_num() * keys * 2;
             const g3_seq *sq = &m->seqs[s->seq[t]];
-            const int64_t p = s->pos[t], g = h / rep, n_past = sq->n_past;
+            const int64_t p = s->pos[t], n_past = sq->n_past;
             const float *fk = s->k + s->first[t] * kvw, *fv = s->v + s->first[t] * kvw;
             int64_t lo = 0, hi = s->key_hi[t];
             if (!L->is_global && p - c->window + 1 > 0)
                 lo = p - c->window + 1;
-            const float *q = s->q + t * qw + h * hd;
-            for (int64_t j = lo; j <= hi; j++)
-                sc[j - lo] = g3_dot_f32(q, kv_row(L, sq->k[il], fk, n_past, j, g, kvw, hd), hd) *
-                             c->attn_scale;
+            g3_kv_span sp[4];
+            const int nsp = kv_spans(L, sq->k[il], sq->v[il], fk, fv, n_past, lo, hi,
+                                     (h / rep) * hd, kvw, sp);
+            g3_attn_scores_f32(s->q + t * qw + h * hd, hd, sp, nsp, kvw, c->attn_scale, sc);
             float *raw = NULL;
             if (want) {
-                raw = sc + max_keys;
+                raw = sc + keys;
                 memcpy(raw, sc, sizeof(float) * (hi - lo + 1));
             }
             g3_softmax_f32(sc, hi - lo + 1);
             if (want)
                 capture_row(cap, h, t, n_past + T, lo, hi, raw, sc);
-            float *z = s->z + t * qw + h * hd;
-            memset(z, 0, sizeof(float) * hd);
-            for (int64_t j = lo; j <= hi; j++)
-                g3_axpy_f32(sc[j - lo], kv_row(L, sq->v[il], fv, n_past, j, g, kvw, hd), z, hd);
+            g3_attn_mix_f32(sc, sp, nsp, kvw, hd, s->z + t * qw + h * hd);
         }
 }
 
-#define G3_ATTN_BLAS_MIN 32 /* queries of one sequence from which attention uses sgemm */
-#define G3_ATTN_QTILE 128   /* query rows per sgemm tile (bounds the score buffer) */
+typedef struct {
+    const g3_layer_capture *cap;
+    int64_t h, t0, k0, n_keys;
+} tile_capture;
+
+static void tile_capture_row(void *ctx, int64_t r, int64_t lo, int64_t hi, const float *raw,
+                             const float *prob)
+{
+    const tile_capture *tc = ctx;
+    capture_row(tc->cap, tc->h, tc->t0 + r, tc->n_keys, tc->k0 + lo, tc->k0 + hi, raw, prob);
+}
 
 /* Attention of a single-sequence chunk through sgemm: the keys/values the chunk can see are
  * gathered into contiguous (n_keys, kvw) buffers (cache part unrolled in position order, then the
- * fresh rows), then per head and query tile S = Q K^T (sgemm), mask + softmax per row (OpenMP),
- * Z = P V (sgemm). BLAS is called outside OpenMP regions. Same math as attention(). */
-static g3_status attention_blas(const g3_model *m, int64_t il, scratch *s, int64_t T, int nt,
-                                const g3_layer_capture *cap, g3_err *err)
+ * fresh rows), then per head and query tile g3_attn_tile_f32. Same math as attention_rows(). */
+static void attention_tiles(const g3_model *m, int64_t il, g3_run *s, int64_t T, int nt,
+                            const g3_layer_capture *cap)
 {
     const g3_config *c = &m->cfg;
     const g3_layer *L = &m->layers[il];
@@ -195,68 +155,40 @@ static g3_status attention_blas(const g3_model *m, int64_t il, scratch *s, int64
         k0 = p0 - c->window + 1;
     const int64_t nk = n_past + T - k0;
     const int64_t qt = T < G3_ATTN_QTILE ? T : G3_ATTN_QTILE;
-    const int want = cap && (cap->pattern || cap->scores) && cap->n_heads_sel > 0;
-    float *K = malloc(sizeof(float) * (size_t)(nk * kvw * 2));
-    float *S = malloc(sizeof(float) * (size_t)(qt * nk));
-    float *raw_all = want ? malloc(sizeof(float) * (size_t)(nt * nk)) : NULL; /* per thread */
-    if (!K || !S || (want && !raw_all)) {
-        free(K);
-        free(S);
-        free(raw_all);
-        return g3_fail(err, G3_ERR_NOMEM, "out of memory for attention over %lld keys",
-                       (long long)nk);
+    float *K = s->kv, *V = s->kv + s->gather_keys * kvw;
+    g3_kv_span sp[4];
+    const int nsp = kv_spans(L, sq->k[il], sq->v[il], s->k, s->v, n_past, k0, n_past + T - 1, 0,
+                             kvw, sp);
+    for (int i = 0, row = 0; i < nsp; row += (int)sp[i].n, i++) {
+        memcpy(K + row * kvw, sp[i].k, sizeof(float) * (size_t)(sp[i].n * kvw));
+        memcpy(V + row * kvw, sp[i].v, sizeof(float) * (size_t)(sp[i].n * kvw));
     }
-    float *V = K + nk * kvw;
-    for (int64_t j = k0; j < n_past + T; j++) {
-        memcpy(K + (j - k0) * kvw, kv_row(L, sq->k[il], s->k, n_past, j, 0, kvw, hd),
-               sizeof(float) * kvw);
-        memcpy(V + (j - k0) * kvw, kv_row(L, sq->v[il], s->v, n_past, j, 0, kvw, hd),
-               sizeof(float) * kvw);
-    }
+    tile_capture tc = {cap, 0, 0, k0, n_past + T};
+    const g3_attn_observer obs = {tile_capture_row, &tc, s->scores, 2 * s->keys};
     for (int64_t h = 0; h < c->n_head; h++) {
         const int64_t g = h / rep;
         for (int64_t t0 = 0; t0 < T; t0 += qt) {
             const int64_t nq = t0 + qt < T ? qt : T - t0;
             int64_t ncol = 0; /* keys past the tile's last visible one are never computed */
-            for (int64_t t = t0; t < t0 + nq; t++)
-                ncol = s->key_hi[t] - k0 + 1 > ncol ? s->key_hi[t] - k0 + 1 : ncol;
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)nq, (int)ncol, (int)hd,
-                        c->attn_scale, s->q + t0 * qw + h * hd, (int)qw, K + g * hd, (int)kvw,
-                        0.0f, S, (int)nk);
-#pragma omp parallel for num_threads(nt) schedule(static)
             for (int64_t r = 0; r < nq; r++) {
                 const int64_t t = t0 + r, p = s->pos[t];
-                int64_t lo = 0, hi = s->key_hi[t];
+                int64_t lo = 0;
                 if (!L->is_global && p - c->window + 1 > 0)
                     lo = p - c->window + 1;
-                float *row = S + r * nk;
-                float *vis = row + (lo - k0);
-                const int64_t n = hi - lo + 1;
-                float *raw = NULL;
-                if (want) { /* the scores before softmax, for hook_attn_scores */
-                    raw = raw_all + (size_t)omp_get_thread_num() * nk;
-                    memcpy(raw, vis, sizeof(float) * n);
-                }
-                g3_softmax_f32(vis, n);
-                if (want)
-                    capture_row(cap, h, t, n_past + T, lo, hi, raw, vis);
-                for (int64_t j = 0; j < lo - k0; j++)
-                    row[j] = 0.0f;
-                for (int64_t j = hi - k0 + 1; j < ncol; j++)
-                    row[j] = 0.0f;
+                s->tile_lo[r] = lo - k0;
+                s->tile_hi[r] = s->key_hi[t] - k0;
+                ncol = s->tile_hi[r] + 1 > ncol ? s->tile_hi[r] + 1 : ncol;
             }
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)nq, (int)hd, (int)ncol,
-                        1.0f, S, (int)nk, V + g * hd, (int)kvw, 0.0f, s->z + t0 * qw + h * hd,
-                        (int)qw);
+            tc.h = h;
+            tc.t0 = t0;
+            g3_attn_tile_f32(s->q + t0 * qw + h * hd, qw, K + g * hd, V + g * hd, kvw, nq, ncol,
+                             hd, c->attn_scale, s->tile_lo, s->tile_hi, s->S, nk,
+                             s->z + t0 * qw + h * hd, qw, nt, wants_pattern(cap) ? &obs : NULL);
         }
     }
-    free(K);
-    free(S);
-    free(raw_all);
-    return G3_OK;
 }
 
-static void store_kv(const g3_model *m, int64_t il, const scratch *s, int64_t T)
+static void store_kv(const g3_model *m, int64_t il, const g3_run *s, int64_t T)
 {
     const g3_config *c = &m->cfg;
     const g3_layer *L = &m->layers[il];
@@ -273,7 +205,7 @@ static void store_kv(const g3_model *m, int64_t il, const scratch *s, int64_t T)
 }
 
 /* q/k RMSNorm per head, then RoPE with the layer kind's frequencies. */
-static void qk_norm_rope(const g3_model *m, const g3_layer *L, scratch *s, int64_t T, int nt)
+static void qk_norm_rope(const g3_model *m, const g3_layer *L, g3_run *s, int64_t T, int nt)
 {
     const g3_config *c = &m->cfg;
     const int64_t hd = c->head_dim;
@@ -329,7 +261,7 @@ static void geglu_rows(float *g, const float *u, int64_t n, int nt)
         g3_geglu_f32(g + i0, u + i0, g + i0, i0 + chunk < n ? chunk : n - i0);
 }
 
-static g3_status layer_forward(g3_model *m, int64_t il, scratch *s, int64_t T, int nt,
+static g3_status layer_forward(g3_model *m, int64_t il, g3_run *s, int64_t T, int nt, int single,
                                const g3_layer_capture *cap, g3_err *err)
 {
     const g3_config *c = &m->cfg;
@@ -342,16 +274,14 @@ static g3_status layer_forward(g3_model *m, int64_t il, scratch *s, int64_t T, i
     PROF(G3_PROF_NORM, norm_rows(s->x, L->attn_norm, s->h, T, E, c->eps, nt));
     const g3_weight *qkv[3] = {&L->q, &L->k, &L->v};
     float *qkv_out[3] = {s->q, s->k, s->v};
-    PROF(G3_PROF_QKV, st = g3_matmul_multi(3, qkv, s->h, T, qkv_out, err));
+    PROF(G3_PROF_QKV, st = g3_matmul_multi(3, qkv, s->h, T, qkv_out, &s->mm, err));
     if (st)
         return st;
     PROF(G3_PROF_ROPE, qk_norm_rope(m, L, s, T, nt));
-    if (s->single && T >= G3_ATTN_BLAS_MIN)
-        PROF(G3_PROF_ATTN, st = attention_blas(m, il, s, T, nt, cap, err));
+    if (single && T >= G3_ATTN_BLAS_MIN)
+        PROF(G3_PROF_ATTN, attention_tiles(m, il, s, T, nt, cap));
     else
-        PROF(G3_PROF_ATTN, attention(m, il, s, T, nt, cap));
-    if (st)
-        return st;
+        PROF(G3_PROF_ATTN, attention_rows(m, il, s, T, nt, cap));
     PROF(G3_PROF_ATTN, store_kv(m, il, s, T));
     if (cap) {
         save(cap->q, s->q, nq);
@@ -359,7 +289,7 @@ static g3_status layer_forward(g3_model *m, int64_t il, scratch *s, int64_t T, i
         save(cap->v, s->v, nkv);
         save(cap->z, s->z, nq);
     }
-    PROF(G3_PROF_OPROJ, st = g3_matmul(&L->o, s->z, T, s->h, err));
+    PROF(G3_PROF_OPROJ, st = g3_matmul(&L->o, s->z, T, s->h, &s->mm, err));
     if (st)
         return st;
     PROF(G3_PROF_NORM, add_normed(s->x, s->h, L->post_attn_norm, T, E, c->eps, nt));
@@ -370,11 +300,11 @@ static g3_status layer_forward(g3_model *m, int64_t il, scratch *s, int64_t T, i
     PROF(G3_PROF_NORM, norm_rows(s->x, L->ffn_norm, s->h, T, E, c->eps, nt));
     const g3_weight *gu[2] = {&L->gate, &L->up};
     float *gu_out[2] = {s->g, s->u};
-    PROF(G3_PROF_GATE_UP, st = g3_matmul_multi(2, gu, s->h, T, gu_out, err));
+    PROF(G3_PROF_GATE_UP, st = g3_matmul_multi(2, gu, s->h, T, gu_out, &s->mm, err));
     if (st)
         return st;
     PROF(G3_PROF_GEGLU, geglu_rows(s->g, s->u, T * F, nt));
-    PROF(G3_PROF_DOWN, st = g3_matmul(&L->down, s->g, T, s->h, err));
+    PROF(G3_PROF_DOWN, st = g3_matmul(&L->down, s->g, T, s->h, &s->mm, err));
     if (st)
         return st;
     PROF(G3_PROF_NORM, add_normed(s->x, s->h, L->post_ffn_norm, T, E, c->eps, nt));
@@ -429,7 +359,7 @@ static g3_status check_batch(const g3_model *m, const g3_batch *b, g3_err *err)
 }
 
 /* Per-token sequence, position, group start and last visible key. */
-static void plan_tokens(const g3_model *m, const g3_batch *b, scratch *s)
+static void plan_tokens(const g3_model *m, const g3_batch *b, g3_run *s)
 {
     const int64_t ng = b->group_len ? b->n_groups : 1, T = b->n_tokens;
     int64_t t = 0;
@@ -467,21 +397,24 @@ g3_status g3_model_forward(g3_model *m, const g3_batch *b, g3_err *err)
         int64_t k = m->seqs[sq].n_past + (b->group_len ? b->group_len[g] : T);
         max_keys = k > max_keys ? k : max_keys;
     }
-    scratch s;
-    if ((st = scratch_alloc(&s, c, T, max_keys, nt, err)))
+    /* the only place a forward pass may fail for want of memory: before it touches anything */
+    if (!g3_run_fits(m->run, T, max_keys, nt) &&
+        (st = g3_run_reserve(m, T, max_keys, nt, err)))
         return st;
-    plan_tokens(m, b, &s);
-    s.single = ng == 1;
+    g3_run *s = m->run;
+    plan_tokens(m, b, s);
+    const int single = ng == 1;
 #pragma omp parallel for num_threads(nt) if(T > 1) schedule(static)
     for (int64_t t = 0; t < T; t++) {
-        g3_rope_table(s.rope_local + t * c->head_dim, c->head_dim, s.pos[t], m->inv_freq_local);
-        g3_rope_table(s.rope_global + t * c->head_dim, c->head_dim, s.pos[t], m->inv_freq_global);
+        g3_rope_table(s->rope_local + t * c->head_dim, c->head_dim, s->pos[t], m->inv_freq_local);
+        g3_rope_table(s->rope_global + t * c->head_dim, c->head_dim, s->pos[t],
+                      m->inv_freq_global);
     }
 
-    double t_embed = g3_prof.enabled ? omp_get_wtime() : 0.0;
+    double t_embed = m->prof.enabled ? omp_get_wtime() : 0.0;
 #pragma omp parallel for num_threads(nt) if(T > 1) schedule(static)
     for (int64_t t = 0; t < T; t++) {
-        float *x = s.x + t * E;
+        float *x = s->x + t * E;
         if (b->embd && b->embd_mask && b->embd_mask[t]) {
             memcpy(x, b->embd + t * E, sizeof(float) * E);
         } else {
@@ -490,44 +423,38 @@ g3_status g3_model_forward(g3_model *m, const g3_batch *b, g3_err *err)
                 x[i] *= c->embd_scale;
         }
     }
-    if (g3_prof.enabled) {
-        g3_prof.seconds[G3_PROF_EMBED] += omp_get_wtime() - t_embed;
-        g3_prof.forwards++;
-        g3_prof.tokens += T;
+    if (m->prof.enabled) {
+        m->prof.seconds[G3_PROF_EMBED] += omp_get_wtime() - t_embed;
+        m->prof.forwards++;
+        m->prof.tokens += T;
     }
+    /* From here on no step can fail for lack of memory; a matmul reports an error only if the run
+     * state was sized wrongly (a bug), and then the cache may hold part of this batch. */
     const g3_capture *cap = b->capture;
     for (int64_t i = 0; i < c->n_layer && !st; i++)
-        st = layer_forward(m, i, &s, T, nt, cap && cap->layers ? &cap->layers[i] : NULL, err);
+        st = layer_forward(m, i, s, T, nt, single, cap && cap->layers ? &cap->layers[i] : NULL,
+                           err);
     if (!st && cap && cap->final_norm)
-        norm_rows(s.x, m->output_norm, cap->final_norm, T, E, c->eps, nt);
+        norm_rows(s->x, m->output_norm, cap->final_norm, T, E, c->eps, nt);
     if (!st && b->logits_mode) {
         int64_t n = T;
         if (b->logits_mode == 1) { /* the last token of every group */
             n = 0;
             for (int64_t t = 0; t < T; t++)
-                if (t + 1 == T || s.first[t + 1] != s.first[t])
-                    memcpy(s.x + (n++) * E, s.x + t * E, sizeof(float) * E);
+                if (t + 1 == T || s->first[t + 1] != s->first[t])
+                    memcpy(s->x + (n++) * E, s->x + t * E, sizeof(float) * E);
         }
-        PROF(G3_PROF_LM_HEAD, norm_rows(s.x, m->output_norm, s.h, n, E, c->eps, nt);
-             st = g3_matmul(&m->output, s.h, n, b->logits, err));
+        PROF(G3_PROF_LM_HEAD, norm_rows(s->x, m->output_norm, s->h, n, E, c->eps, nt);
+             st = g3_matmul(&m->output, s->h, n, b->logits, &s->mm, err));
         if (!st && c->final_softcap > 0) {
             const float cap_v = c->final_softcap;
             for (int64_t i = 0; i < n * c->n_vocab; i++)
                 b->logits[i] = cap_v * tanhf(b->logits[i] / cap_v);
         }
     }
-    if (!st) {
+    if (!st)
         for (int64_t g = 0; g < ng; g++)
             m->seqs[b->group_seq ? b->group_seq[g] : 0].n_past +=
                 b->group_len ? b->group_len[g] : T;
-    } else if (st == G3_ERR_NOMEM) {
-        /* a layer may have written part of this batch into the local rings, overwriting
-         * positions the cached context still needs: start over rather than compute garbage */
-        for (int64_t g = 0; g < ng; g++)
-            g3_model_reset(m, b->group_seq ? b->group_seq[g] : 0);
-        size_t len = strlen(err->msg);
-        snprintf(err->msg + len, sizeof err->msg - len, " (the KV cache was cleared)");
-    }
-    scratch_free(&s);
     return st;
 }

@@ -5,6 +5,7 @@
 #include <string.h>
 
 #include "kernels/ops.h"
+#include "model/run.h"
 #include "quant/packed.h"
 
 g3_status g3_model_create(const g3_config *cfg, const uint8_t *is_global, g3_model **out,
@@ -230,6 +231,7 @@ void g3_model_free(g3_model *m)
     free(m->layers);
     free(m->inv_freq_global);
     free(m->inv_freq_local);
+    g3_run_free(m->run);
     free(m);
 }
 

@@ -8,18 +8,7 @@
 #define G3_MODEL_H
 
 #include "g3.h"
-
-struct g3_packed_s;
-
-typedef struct g3_weight_s {
-    int type;           /* ggml type id */
-    int64_t rows, cols; /* y = W x: rows outputs, cols inputs (contiguous) */
-    size_t row_bytes;
-    const uint8_t *data;
-    /* the same matrix repacked for the integer decode kernels (quant/packed.h), or NULL; owned
-     * by the model (g3_model_pack) */
-    const struct g3_packed_s *packed;
-} g3_weight;
+#include "kernels/matmul.h" /* g3_weight */
 
 typedef struct {
     int64_t n_vocab, n_embd, n_layer, n_head, n_head_kv, head_dim, n_ff;
@@ -50,6 +39,20 @@ typedef struct {
     float **k, **v; /* (n_layer) */
 } g3_seq;
 
+/* Optional per-op timing of a model's forward passes (seconds accumulated while enabled). */
+enum {
+    G3_PROF_EMBED, G3_PROF_NORM, G3_PROF_QKV, G3_PROF_ROPE, G3_PROF_ATTN, G3_PROF_OPROJ,
+    G3_PROF_GATE_UP, G3_PROF_GEGLU, G3_PROF_DOWN, G3_PROF_LM_HEAD, G3_PROF_N
+};
+typedef struct {
+    int enabled;
+    double seconds[G3_PROF_N];
+    int64_t forwards, tokens;
+} g3_profile;
+extern const char *const g3_prof_names[G3_PROF_N];
+
+struct g3_run_s; /* model/run.h */
+
 typedef struct g3_model {
     g3_config cfg;
     g3_weight tok_embd; /* (n_vocab, n_embd) */
@@ -61,6 +64,8 @@ typedef struct g3_model {
     float *inv_freq_global, *inv_freq_local; /* (head_dim / 2) */
     struct g3_packed_s **packs; /* what g3_model_pack made, freed with the model */
     int n_packs;
+    struct g3_run_s *run; /* forward-pass buffers (model/run.h), grown between calls only */
+    g3_profile prof;      /* this model's per-op timings (forward.c; read by Model.profile) */
 } g3_model;
 
 /* Creates a model over cfg with layers' weights to be bound by the caller (fields of
@@ -122,30 +127,5 @@ typedef struct {
 
 g3_status g3_model_forward(g3_model *m, const g3_batch *b, g3_err *err);
 
-/* y (T, W->rows) = x (T, W->cols) @ W^T; parallel (threading.c). */
-g3_status g3_matmul(const g3_weight *W, const float *x, int64_t T, float *y, g3_err *err);
-/* n products sharing the input x (same cols): y[i] = x @ W[i]^T, one parallel region when the
- * per-row kernel is used. */
-g3_status g3_matmul_multi(int n, const g3_weight *const *W, const float *x, int64_t T,
-                          float *const *y, g3_err *err);
-/* Dequantizes row r of W into dst (W->cols floats). */
-void g3_weight_row(const g3_weight *W, int64_t r, float *dst);
-
-/* Optional per-op timing of forward passes (seconds accumulated while enabled). */
-enum {
-    G3_PROF_EMBED, G3_PROF_NORM, G3_PROF_QKV, G3_PROF_ROPE, G3_PROF_ATTN, G3_PROF_OPROJ,
-    G3_PROF_GATE_UP, G3_PROF_GEGLU, G3_PROF_DOWN, G3_PROF_LM_HEAD, G3_PROF_N
-};
-typedef struct {
-    int enabled;
-    double seconds[G3_PROF_N];
-    int64_t forwards, tokens;
-} g3_profile;
-extern g3_profile g3_prof;
-extern const char *const g3_prof_names[G3_PROF_N];
-
-/* threading.c: the one place thread counts are set (OpenMP and BLAS). */
-void g3_set_threads(int n);
-int g3_get_threads(void);
 
 #endif

@@ -16,6 +16,7 @@
 
 #include "kernels/ops.h"
 #include "model/model.h"
+#include "model/run.h"
 
 typedef struct {
     PyObject_HEAD
@@ -156,7 +157,8 @@ static int model_init(ModelObject *self, PyObject *args, PyObject *kw)
     for (int64_t i = 0; i < cfg.n_layer; i++)
         if (bind_layer(self, weights, i) < 0)
             goto done;
-    if ((st = g3_model_check(self->m, &err)) || (st = g3_model_set_n_seq(self->m, 1, &err))) {
+    if ((st = g3_model_check(self->m, &err)) || (st = g3_model_set_n_seq(self->m, 1, &err)) ||
+        (st = g3_run_reserve_default(self->m, &err))) {
         g3_py_raise(ms, st, &err, NULL);
         goto done;
     }
@@ -501,13 +503,16 @@ static PyObject *model_head(ModelObject *self, PyObject *args)
     g3_err err = {{0}, 0};
     g3_status st = G3_OK;
     float *xd = PyArray_DATA(x);
+    g3_matmul_ws ws = {0}; /* its own scratch: any n, and the run state is the forward's */
     Py_BEGIN_ALLOW_THREADS
     if (normalize)
         for (npy_intp r = 0; r < dims[0]; r++)
             g3_rmsnorm_f32(xd + r * c->n_embd, self->m->output_norm, xd + r * c->n_embd,
                            c->n_embd, c->eps);
-    if (dims[0] > 0)
-        st = g3_matmul(&self->m->output, xd, dims[0], PyArray_DATA(out), &err);
+    g3_matmul_ws_need(&ws, &self->m->output, dims[0], g3_get_threads());
+    if (dims[0] > 0 && !(st = g3_matmul_ws_alloc(&ws, &err)))
+        st = g3_matmul(&self->m->output, xd, dims[0], PyArray_DATA(out), &ws, &err);
+    g3_matmul_ws_free(&ws);
     Py_END_ALLOW_THREADS
     if (st) {
         Py_DECREF(out);
@@ -575,6 +580,43 @@ static PyObject *model_get_cache_bytes(ModelObject *self, void *c)
     return PyLong_FromSize_t(self->m ? g3_model_cache_bytes(self->m) : 0);
 }
 
+/* profile(enable: bool | None) -> dict of this model's seconds per op since the last call
+ * (resets them); enable switches timing on or off (None: unchanged). */
+static PyObject *model_profile(ModelObject *self, PyObject *args)
+{
+    int enable = -1;
+    if (!PyArg_ParseTuple(args, "|p", &enable))
+        return NULL;
+    if (enter(self) < 0)
+        return NULL;
+    g3_profile *p = &self->m->prof;
+    PyObject *d = PyDict_New();
+    for (int i = 0; d && i < G3_PROF_N; i++) {
+        PyObject *v = PyFloat_FromDouble(p->seconds[i]);
+        if (!v || PyDict_SetItemString(d, g3_prof_names[i], v) < 0)
+            Py_CLEAR(d);
+        Py_XDECREF(v);
+    }
+    if (d) {
+        PyObject *f = PyLong_FromLongLong(p->forwards), *t = PyLong_FromLongLong(p->tokens);
+        if (!f || !t || PyDict_SetItemString(d, "forwards", f) < 0 ||
+            PyDict_SetItemString(d, "tokens", t) < 0)
+            Py_CLEAR(d);
+        Py_XDECREF(f);
+        Py_XDECREF(t);
+    }
+    int was = p->enabled;
+    memset(p, 0, sizeof *p);
+    p->enabled = enable < 0 ? was : enable;
+    self->busy = 0;
+    return d;
+}
+
+static PyObject *model_get_run_bytes(ModelObject *self, void *c)
+{
+    return PyLong_FromSize_t(self->m ? g3_run_bytes(self->m) : 0);
+}
+
 static PyMethodDef model_methods[] = {
     {"forward", (PyCFunction)(void (*)(void))model_forward, METH_VARARGS | METH_KEYWORDS,
      "forward(ids, logits=1, embd=None, embd_mask=None)"},
@@ -590,6 +632,9 @@ static PyMethodDef model_methods[] = {
      "kv_buffers(layer) -> (k, v, is_global): read-only views of the layer's cache"},
     {"truncate", (PyCFunction)model_truncate, METH_VARARGS,
      "truncate(n, seq=0) -> bool: keep the first n positions if the local rings allow it"},
+    {"profile", (PyCFunction)model_profile, METH_VARARGS,
+     "profile(enable=None) -> this model's per-op seconds of forward passes since the last call "
+     "(resets)"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -605,6 +650,8 @@ static PyGetSetDef model_getset[] = {
     {"cache_bytes", (getter)model_get_cache_bytes, NULL,
      "bytes reserved by one sequence's KV cache", NULL},
     {"n_seq", (getter)model_get_n_seq, NULL, "sequences with a KV cache", NULL},
+    {"run_bytes", (getter)model_get_run_bytes, NULL,
+     "bytes of forward-pass buffers (grown between calls when a call needs more)", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
@@ -642,36 +689,7 @@ static PyObject *py_get_threads(PyObject *mod, PyObject *unused)
     return PyLong_FromLong(g3_get_threads());
 }
 
-/* profile(enable: bool | None) -> dict of seconds per op since the last reset (resets it) */
-static PyObject *py_profile(PyObject *mod, PyObject *args)
-{
-    int enable = -1;
-    if (!PyArg_ParseTuple(args, "|p", &enable))
-        return NULL;
-    PyObject *d = PyDict_New();
-    for (int i = 0; d && i < G3_PROF_N; i++) {
-        PyObject *v = PyFloat_FromDouble(g3_prof.seconds[i]);
-        if (!v || PyDict_SetItemString(d, g3_prof_names[i], v) < 0)
-            Py_CLEAR(d);
-        Py_XDECREF(v);
-    }
-    if (d) {
-        PyObject *f = PyLong_FromLongLong(g3_prof.forwards), *t = PyLong_FromLongLong(g3_prof.tokens);
-        if (!f || !t || PyDict_SetItemString(d, "forwards", f) < 0 ||
-            PyDict_SetItemString(d, "tokens", t) < 0)
-            Py_CLEAR(d);
-        Py_XDECREF(f);
-        Py_XDECREF(t);
-    }
-    int was = g3_prof.enabled;
-    memset(&g3_prof, 0, sizeof g3_prof);
-    g3_prof.enabled = enable < 0 ? was : enable;
-    return d;
-}
-
 static PyMethodDef thread_methods[] = {
-    {"profile", py_profile, METH_VARARGS,
-     "profile(enable=None) -> per-op seconds of forward passes since the last call (resets)"},
     {"set_num_threads", py_set_threads, METH_O, "threads for OpenMP and BLAS (0 = all cores)"},
     {"get_num_threads", py_get_threads, METH_NOARGS, "current thread count"},
     {NULL, NULL, 0, NULL},

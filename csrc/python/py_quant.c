@@ -445,16 +445,29 @@ static PyObject *py_packed_supported(PyObject *self, PyObject *arg)
 
 PyDoc_STRVAR(isa_doc,
 "isa() -> dict\n--\n\n"
-"Kernel selection: {'cpu': best ISA this CPU runs, 'selected': the level in use (lowered by the\n"
-"G3_ISA environment variable, read once), 'env': G3_ISA or None, 'to_float': {type: isa},\n"
-"'dot_f32': {type: isa}} with ISA names 'scalar', 'avx2', 'avx512'.");
+"Kernel selection, as the dispatcher (kernels/dispatch.c) made it: {'cpu': best ISA this CPU runs,\n"
+"'selected': the level in use (lowered by the G3_ISA environment variable, read once), 'env':\n"
+"G3_ISA or None, 'to_float': {type: isa}, 'dot_f32': {type: isa}, 'kernels': {float kernel: isa}\n"
+"(dot, axpy, expsum, softmax, geglu, gelu_bias, rmsnorm, layernorm, rope), 'packed': 'avx512vnni'\n"
+"or 'off'} with ISA names 'scalar', 'avx2', 'avx512'.");
 
 static PyObject *py_isa(PyObject *self, PyObject *unused)
 {
-    PyObject *d = NULL, *tf = NULL, *dot = NULL;
+    PyObject *d = NULL, *tf = NULL, *dot = NULL, *fk = NULL;
     const char *env = g3_isa_env();
-    if (!(tf = PyDict_New()) || !(dot = PyDict_New()))
+    if (!(tf = PyDict_New()) || !(dot = PyDict_New()) || !(fk = PyDict_New()))
         goto error;
+    const char *names[32];
+    int isa[32];
+    const int nk = g3_float_kernels_report(names, isa, 32);
+    for (int i = 0; i < nk; i++) {
+        PyObject *v = PyUnicode_FromString(g3_isa_name(isa[i]));
+        if (!v || PyDict_SetItemString(fk, names[i], v) < 0) {
+            Py_XDECREF(v);
+            goto error;
+        }
+        Py_DECREF(v);
+    }
     for (int type = 0; type < G3_TYPE_COUNT; type++) {
         const g3_type_traits *t = g3_type_get(type);
         for (int which = 0; which < 2; which++) {
@@ -469,11 +482,14 @@ static PyObject *py_isa(PyObject *self, PyObject *unused)
             Py_DECREF(v);
         }
     }
-    d = Py_BuildValue("{s:s,s:s,s:z,s:O,s:O}", "cpu", g3_isa_name(g3_isa_cpu()), "selected",
-                      g3_isa_name(g3_isa_selected()), "env", env, "to_float", tf, "dot_f32", dot);
+    d = Py_BuildValue("{s:s,s:s,s:z,s:O,s:O,s:O,s:s}", "cpu", g3_isa_name(g3_isa_cpu()),
+                      "selected", g3_isa_name(g3_isa_selected()), "env", env, "to_float", tf,
+                      "dot_f32", dot, "kernels", fk, "packed",
+                      g3_isa_vnni() ? "avx512vnni" : "off");
 error:
     Py_XDECREF(tf);
     Py_XDECREF(dot);
+    Py_XDECREF(fk);
     return d;
 }
 

@@ -259,8 +259,8 @@ float g3_dot_iq4_xs_f32_ref(const void *w, const float *x, int64_t n);
 G3_ISA_KERNELS(avx2)
 G3_ISA_KERNELS(avx512)
 
-/* Kernel ISA levels, in increasing order of preference. */
-enum { G3_ISA_SCALAR = 0, G3_ISA_AVX2 = 1, G3_ISA_AVX512 = 2, G3_ISA_COUNT = 3 };
+/* Kernel ISA levels and the CPU / G3_ISA selection live in the dispatcher. */
+#include "kernels/dispatch.h"
 
 /* The traits entry holding only the scalar references (traits.c), whatever g3_type_get selected:
  * the oracle that ISA variants are tested against. */
@@ -270,13 +270,8 @@ const g3_type_traits *g3_type_get_ref(int type);
  * at that level keep the next lower one), or NULL if this CPU cannot run `isa`. */
 const g3_type_traits *g3_type_get_isa(int type, int isa);
 
-/* Kernel selection facts: the best ISA this CPU supports, the one selected (lowered by G3_ISA), the
- * raw G3_ISA value (NULL if unset), and the ISA of the kernel picked for one slot of a type
- * (which: 0 = to_float, 1 = dot_f32; -1 if the slot is NULL). */
-int g3_isa_cpu(void);
-int g3_isa_selected(void);
-const char *g3_isa_env(void);
+/* The ISA of the kernel picked for one slot of a type (which: 0 = to_float, 1 = dot_f32; -1 if
+ * the slot is NULL). */
 int g3_type_kernel_isa(int type, int which);
-const char *g3_isa_name(int isa);
 
 #endif /* G3_QUANT_BLOCKS_H */

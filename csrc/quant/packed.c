@@ -40,13 +40,7 @@ static size_t header_bytes(int smode) { return smode == S_K4 ? 128 : smode == S_
 int g3_pack_supported(int type)
 {
     pack_kind k;
-    if (!kind_of(type, &k) || g3_isa_selected() < G3_ISA_AVX512)
-        return 0;
-    static int vnni = -1;
-    if (vnni < 0)
-        vnni = __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw") &&
-               __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("f16c");
-    return vnni;
+    return kind_of(type, &k) && g3_isa_vnni(); /* the dispatcher: AVX-512 selected + VNNI */
 }
 
 /* ---- packing ----------------------------------------------------------------------------------- */

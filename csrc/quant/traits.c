@@ -11,16 +11,14 @@
  * AVX2 > reference, as far as __builtin_cpu_supports() allows (AVX2 needs avx2+fma+f16c; AVX-512
  * needs avx512f/bw/vl/dq + f16c). A type without a variant at some level keeps the next lower one.
  *
- * The environment variable G3_ISA (read once, at that first call) lowers the level used by
- * g3_type_get(): G3_ISA=scalar forces the references, G3_ISA=avx2 stops at AVX2, G3_ISA=avx512 (or
- * unset, or any other value) takes the best the CPU has; it can never raise the level above what
- * the CPU supports. g3_type_get_isa() returns the table of one level regardless of G3_ISA, so tests
+ * The CPU level and the G3_ISA environment variable are kernels/dispatch.c's business: this table
+ * builds every level the CPU runs and g3_type_get() serves the one the dispatcher selected
+ * (G3_ISA=scalar: the references; G3_ISA=avx2: at most AVX2). g3_type_get_isa() returns the table of one level regardless of G3_ISA, so tests
  * and benchmarks can compare ISAs in one process; g3_type_get_ref() keeps the references reachable
  * as the oracle for tests.
  */
 #include <pthread.h>
 #include <stdint.h>
-#include <stdlib.h>
 #include <string.h>
 
 #include "quant/blocks.h"
@@ -95,9 +93,7 @@ static const g3_type_traits unknown_type = {.name = "unknown", .known = 0};
 
 static g3_type_traits tables[G3_ISA_COUNT][G3_TYPE_COUNT]; /* [isa][type], cumulative */
 static int8_t kernel_isa[G3_ISA_COUNT][G3_TYPE_COUNT][2];   /* ISA of [..][..][to_float, dot_f32] */
-static int isa_cpu = G3_ISA_SCALAR, isa_selected = G3_ISA_SCALAR;
-static char isa_env[16];       /* G3_ISA as read (truncated), "" if unset */
-static int isa_env_set = 0;
+static int isa_cpu = G3_ISA_SCALAR, isa_selected = G3_ISA_SCALAR; /* from the dispatcher */
 static pthread_once_t table_once = PTHREAD_ONCE_INIT;
 
 typedef struct {
@@ -118,18 +114,6 @@ typedef struct {
 
 static const isa_variant avx2_variants[] = VARIANTS(avx2);
 static const isa_variant avx512_variants[] = VARIANTS(avx512);
-
-static int detect_cpu(void)
-{
-    __builtin_cpu_init();
-    const int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                     __builtin_cpu_supports("f16c");
-    if (!avx2)
-        return G3_ISA_SCALAR;
-    const int avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-    return avx512 ? G3_ISA_AVX512 : G3_ISA_AVX2;
-}
 
 static void overlay(int isa, const isa_variant *v, size_t count)
 {
@@ -156,23 +140,14 @@ static void select_kernels(void)
         memcpy(tables[isa], tables[isa - 1], sizeof tables[isa]);
         memcpy(kernel_isa[isa], kernel_isa[isa - 1], sizeof kernel_isa[isa]);
     }
-    isa_cpu = detect_cpu();
+    isa_cpu = g3_isa_cpu();
     if (isa_cpu >= G3_ISA_AVX2) {
         overlay(G3_ISA_AVX2, avx2_variants, sizeof avx2_variants / sizeof avx2_variants[0]);
         overlay(G3_ISA_AVX512, avx2_variants, sizeof avx2_variants / sizeof avx2_variants[0]);
     }
     if (isa_cpu >= G3_ISA_AVX512)
         overlay(G3_ISA_AVX512, avx512_variants, sizeof avx512_variants / sizeof avx512_variants[0]);
-    isa_selected = isa_cpu;
-    const char *env = getenv("G3_ISA");
-    if (env) { /* keep a copy: a later setenv() may free the original */
-        isa_env_set = 1;
-        strncpy(isa_env, env, sizeof isa_env - 1);
-    }
-    if (env && strcmp(env, "scalar") == 0)
-        isa_selected = G3_ISA_SCALAR;
-    else if (env && strcmp(env, "avx2") == 0 && isa_selected > G3_ISA_AVX2)
-        isa_selected = G3_ISA_AVX2;
+    isa_selected = g3_isa_selected();
 }
 
 const g3_type_traits *g3_type_get(int type)
@@ -193,36 +168,12 @@ const g3_type_traits *g3_type_get_isa(int type, int isa)
     return &tables[isa][type];
 }
 
-int g3_isa_cpu(void)
-{
-    pthread_once(&table_once, select_kernels);
-    return isa_cpu;
-}
-
-int g3_isa_selected(void)
-{
-    pthread_once(&table_once, select_kernels);
-    return isa_selected;
-}
-
-const char *g3_isa_env(void)
-{
-    pthread_once(&table_once, select_kernels);
-    return isa_env_set ? isa_env : NULL;
-}
-
 int g3_type_kernel_isa(int type, int which)
 {
     pthread_once(&table_once, select_kernels);
     if (type < 0 || type >= G3_TYPE_COUNT || which < 0 || which > 1)
         return -1;
     return kernel_isa[isa_selected][type][which];
-}
-
-const char *g3_isa_name(int isa)
-{
-    static const char *const names[G3_ISA_COUNT] = {"scalar", "avx2", "avx512"};
-    return isa >= 0 && isa < G3_ISA_COUNT ? names[isa] : "none";
 }
 
 const g3_type_traits *g3_type_get_ref(int type)

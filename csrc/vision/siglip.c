@@ -1,186 +1,21 @@
 /* siglip.c — SigLIP vision tower and Gemma 3 projector forward pass (see siglip.h for the math).
  *
  * One image at a time: P = 4096 rows for the real model, so every matrix product is a BLAS-sized
- * one (g3_matmul). Attention runs head by head: S = Q_h K_h^T (sgemm, P x P), row softmax in an
- * OpenMP region, Z_h = S V_h (sgemm). The P x P score matrix of one head (64 MiB at P = 4096) is
- * the largest buffer; when a layer is captured the softmax is written straight into the caller's
- * (n_head, P, P) buffer instead. BLAS is only called outside OpenMP regions (threading.c policy).
+ * one (g3_matmul). Attention runs head by head as one P x P tile of g3_attn_tile_f32: S = Q_h K_h^T
+ * (sgemm), row softmax in an OpenMP region, Z_h = S V_h (sgemm). The P x P score matrix of one head
+ * (64 MiB at P = 4096) is the largest buffer; when a layer is captured the softmax is written
+ * straight into the caller's (n_head, P, P) buffer instead. BLAS is only called outside OpenMP
+ * regions. The row kernels (LayerNorm, softmax, bias + GELU) are the shared ones in kernels/, so
+ * G3_ISA selects the tower's SIMD level like the text model's.
  */
 #include "vision/siglip.h"
 
-#include <cblas.h>
-#include <immintrin.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "kernels/attention.h"
 #include "kernels/ops.h"
-
-/* ---- row kernels: softmax over P scores and bias + GELU over the MLP width -----------------
- * The tower evaluates 16 x 4096 x 4096 exponentials and 4096 x 4304 GELUs per layer, so libm's
- * scalar expf/tanhf would cost as much as the matrix products. The scalar versions (the
- * g3_softmax_f32 / g3_gelu_tanh kernels) stay the reference and the fallback; the AVX2 and
- * AVX-512 variants use exp(x) = 2^n p(r), r = x - n ln2 in [-ln2/2, ln2/2], p the degree-6
- * Taylor polynomial (relative error ~1e-7), and gelu_tanh(x) = x * sigmoid(2 y) with
- * y = sqrt(2/pi) (x + 0.044715 x^3), the same function as 0.5 x (1 + tanh(y)). */
-typedef void (*row_fn)(float *x, const float *b, int64_t n);
-
-static void softmax_ref(float *x, const float *b, int64_t n) { g3_softmax_f32(x, n); }
-
-static void gelu_ref(float *x, const float *b, int64_t n)
-{
-    for (int64_t i = 0; i < n; i++)
-        x[i] = g3_gelu_tanh(x[i] + b[i]);
-}
-
-#define EXP_C6 (1.0f / 720)
-#define EXP_C5 (1.0f / 120)
-#define EXP_C4 (1.0f / 24)
-#define EXP_C3 (1.0f / 6)
-#define GELU_K 0.7978845608028654f
-
-__attribute__((target("avx512f"))) static inline __m512 exp512(__m512 x)
-{
-    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(EXP_C6), r, _mm512_set1_ps(EXP_C5));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(EXP_C4));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(EXP_C3));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    __m512i e = _mm512_slli_epi32(_mm512_cvtps_epi32(n), 23);
-    return _mm512_castsi512_ps(_mm512_add_epi32(_mm512_castps_si512(p), e));
-}
-
-__attribute__((target("avx512f"))) static void softmax_avx512(float *x, const float *b,
-                                                               int64_t n)
-{
-    __m512 vm = _mm512_set1_ps(-INFINITY);
-    int64_t i = 0;
-    for (; i + 16 <= n; i += 16)
-        vm = _mm512_max_ps(vm, _mm512_loadu_ps(x + i));
-    float m = _mm512_reduce_max_ps(vm);
-    for (; i < n; i++)
-        m = x[i] > m ? x[i] : m;
-    const __m512 mv = _mm512_set1_ps(m);
-    __m512 vs = _mm512_setzero_ps();
-    for (i = 0; i + 16 <= n; i += 16) {
-        __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(x + i), mv));
-        _mm512_storeu_ps(x + i, e);
-        vs = _mm512_add_ps(vs, e);
-    }
-    double sum = _mm512_reduce_add_ps(vs);
-    for (; i < n; i++) {
-        x[i] = expf(x[i] - m);
-        sum += x[i];
-    }
-    const __m512 inv = _mm512_set1_ps((float)(1.0 / sum));
-    for (i = 0; i + 16 <= n; i += 16)
-        _mm512_storeu_ps(x + i, _mm512_mul_ps(_mm512_loadu_ps(x + i), inv));
-    for (; i < n; i++)
-        x[i] *= (float)(1.0 / sum);
-}
-
-__attribute__((target("avx512f"))) static void gelu_avx512(float *x, const float *b, int64_t n)
-{
-    int64_t i = 0;
-    for (; i + 16 <= n; i += 16) {
-        __m512 v = _mm512_add_ps(_mm512_loadu_ps(x + i), _mm512_loadu_ps(b + i));
-        __m512 y = _mm512_mul_ps(_mm512_set1_ps(2.0f * GELU_K),
-                                 _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(0.044715f), v),
-                                                 _mm512_mul_ps(v, v), v));
-        __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), y)); /* x / (1 + exp(-2y)) */
-        _mm512_storeu_ps(x + i, _mm512_div_ps(v, _mm512_add_ps(_mm512_set1_ps(1.0f), e)));
-    }
-    for (; i < n; i++)
-        x[i] = g3_gelu_tanh(x[i] + b[i]);
-}
-
-__attribute__((target("avx2,fma"))) static inline __m256 exp256(__m256 x)
-{
-    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
-    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
-                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(EXP_C6), r, _mm256_set1_ps(EXP_C5));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(EXP_C4));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(EXP_C3));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-    __m256i e = _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23);
-    return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), e));
-}
-
-__attribute__((target("avx2,fma"))) static void softmax_avx2(float *x, const float *b, int64_t n)
-{
-    float m = -INFINITY;
-    for (int64_t i = 0; i < n; i++)
-        m = x[i] > m ? x[i] : m;
-    const __m256 mv = _mm256_set1_ps(m);
-    __m256 vs = _mm256_setzero_ps();
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-        __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(x + i), mv));
-        _mm256_storeu_ps(x + i, e);
-        vs = _mm256_add_ps(vs, e);
-    }
-    float lanes[8];
-    _mm256_storeu_ps(lanes, vs);
-    double sum = 0.0;
-    for (int k = 0; k < 8; k++)
-        sum += lanes[k];
-    for (; i < n; i++) {
-        x[i] = expf(x[i] - m);
-        sum += x[i];
-    }
-    const float inv = (float)(1.0 / sum);
-    for (i = 0; i < n; i++)
-        x[i] *= inv;
-}
-
-__attribute__((target("avx2,fma"))) static void gelu_avx2(float *x, const float *b, int64_t n)
-{
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-        __m256 v = _mm256_add_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(b + i));
-        __m256 y = _mm256_mul_ps(_mm256_set1_ps(2.0f * GELU_K),
-                                 _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(0.044715f), v),
-                                                 _mm256_mul_ps(v, v), v));
-        __m256 e = exp256(_mm256_sub_ps(_mm256_setzero_ps(), y));
-        _mm256_storeu_ps(x + i, _mm256_div_ps(v, _mm256_add_ps(_mm256_set1_ps(1.0f), e)));
-    }
-    for (; i < n; i++)
-        x[i] = g3_gelu_tanh(x[i] + b[i]);
-}
-
-static row_fn softmax_row, gelu_row;
-
-/* G3_VISION_SCALAR=1 forces the reference kernels (to check the SIMD ones against them). */
-static void pick_kernels(void)
-{
-    if (__atomic_load_n(&softmax_row, __ATOMIC_ACQUIRE))
-        return;
-    row_fn sm = softmax_ref, ge = gelu_ref;
-    const char *env = getenv("G3_VISION_SCALAR");
-    __builtin_cpu_init();
-    if (env && *env && *env != '0') {
-        /* keep the reference */
-    } else if (__builtin_cpu_supports("avx512f")) {
-        sm = softmax_avx512;
-        ge = gelu_avx512;
-    } else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-        sm = softmax_avx2;
-        ge = gelu_avx2;
-    }
-    __atomic_store_n(&gelu_row, ge, __ATOMIC_RELEASE);
-    __atomic_store_n(&softmax_row, sm, __ATOMIC_RELEASE);
-}
 
 g3_status g3_vision_create(const g3_vision_config *cfg, g3_vision **out, g3_err *err)
 {
@@ -275,32 +110,12 @@ g3_status g3_vision_check(const g3_vision *v, g3_err *err)
     return G3_OK;
 }
 
-/* LayerNorm of one row: y = (x - mean) / sqrt(var + eps) * w + b, biased variance, sums in
- * double (torch computes float32 with a compensated reduction; both are within a few ulps). */
-static void layernorm_row(const float *x, const float *w, const float *b, float *y, int64_t n,
-                          float eps)
-{
-    double s = 0.0;
-    for (int64_t i = 0; i < n; i++)
-        s += x[i];
-    const double mean = s / (double)n;
-    double ss = 0.0;
-    for (int64_t i = 0; i < n; i++) {
-        double d = x[i] - mean;
-        ss += d * d;
-    }
-    const float inv = (float)(1.0 / sqrt(ss / (double)n + (double)eps));
-    const float m = (float)mean;
-    for (int64_t i = 0; i < n; i++)
-        y[i] = (x[i] - m) * inv * w[i] + b[i];
-}
-
 static void layernorm_rows(const float *x, const float *w, const float *b, float *y, int64_t T,
                            int64_t n, float eps, int nt)
 {
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (int64_t t = 0; t < T; t++)
-        layernorm_row(x + t * n, w, b, y + t * n, n, eps);
+        g3_layernorm_f32(x + t * n, w, b, y + t * n, n, eps);
 }
 
 static void add_bias_rows(float *y, const float *b, int64_t T, int64_t n, int nt)
@@ -337,6 +152,8 @@ static void im2col(const g3_vision *v, const float *pixels, float *cols, int nt)
 
 typedef struct {
     float *x, *h, *q, *k, *v, *z, *f, *scores;
+    int64_t *lo, *hi; /* (P) visible keys of every query row: all of them */
+    g3_matmul_ws mm;
 } vbufs;
 
 static void vbufs_free(vbufs *b)
@@ -349,9 +166,13 @@ static void vbufs_free(vbufs *b)
     free(b->z);
     free(b->f);
     free(b->scores);
+    free(b->lo);
+    free(b->hi);
+    g3_matmul_ws_free(&b->mm);
 }
 
-/* Bidirectional multi-head attention over the P rows of q/k/v (P, D) -> z (P, D). */
+/* Bidirectional multi-head attention over the P rows of q/k/v (P, D) -> z (P, D), one head at a
+ * time as a single (P x P) tile. */
 static void attention(const g3_vision *v, vbufs *b, float *capture, int nt)
 {
     const g3_vision_config *c = &v->cfg;
@@ -359,13 +180,8 @@ static void attention(const g3_vision *v, vbufs *b, float *capture, int nt)
     const float scale = 1.0f / sqrtf((float)hd);
     for (int64_t h = 0; h < c->n_head; h++) {
         float *S = capture ? capture + (size_t)h * P * P : b->scores;
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)P, (int)P, (int)hd, scale,
-                    b->q + h * hd, (int)D, b->k + h * hd, (int)D, 0.0f, S, (int)P);
-#pragma omp parallel for num_threads(nt) schedule(static)
-        for (int64_t r = 0; r < P; r++)
-            softmax_row(S + r * P, NULL, P);
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)P, (int)hd, (int)P, 1.0f, S,
-                    (int)P, b->v + h * hd, (int)D, 0.0f, b->z + h * hd, (int)D);
+        g3_attn_tile_f32(b->q + h * hd, D, b->k + h * hd, b->v + h * hd, D, P, P, hd, scale,
+                         b->lo, b->hi, S, P, b->z + h * hd, D, nt, NULL);
     }
 }
 
@@ -377,24 +193,24 @@ static g3_status layer_forward(const g3_vision *v, int64_t il, vbufs *b, float *
     const int64_t P = v->n_patches, D = c->n_embd, F = c->n_ff;
     g3_status st;
     layernorm_rows(b->x, L->ln1_w, L->ln1_b, b->h, P, D, c->eps, nt);
-    if ((st = g3_matmul(&L->q, b->h, P, b->q, err)) ||
-        (st = g3_matmul(&L->k, b->h, P, b->k, err)) ||
-        (st = g3_matmul(&L->v, b->h, P, b->v, err)))
+    if ((st = g3_matmul(&L->q, b->h, P, b->q, &b->mm, err)) ||
+        (st = g3_matmul(&L->k, b->h, P, b->k, &b->mm, err)) ||
+        (st = g3_matmul(&L->v, b->h, P, b->v, &b->mm, err)))
         return st;
     add_bias_rows(b->q, L->q_b, P, D, nt);
     add_bias_rows(b->k, L->k_b, P, D, nt);
     add_bias_rows(b->v, L->v_b, P, D, nt);
     attention(v, b, capture, nt);
-    if ((st = g3_matmul(&L->o, b->z, P, b->h, err)))
+    if ((st = g3_matmul(&L->o, b->z, P, b->h, &b->mm, err)))
         return st;
     add_resid_rows(b->x, b->h, L->o_b, P, D, nt);
     layernorm_rows(b->x, L->ln2_w, L->ln2_b, b->h, P, D, c->eps, nt);
-    if ((st = g3_matmul(&L->fc1, b->h, P, b->f, err)))
+    if ((st = g3_matmul(&L->fc1, b->h, P, b->f, &b->mm, err)))
         return st;
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (int64_t t = 0; t < P; t++)
-        gelu_row(b->f + t * F, L->fc1_b, F);
-    if ((st = g3_matmul(&L->fc2, b->f, P, b->h, err)))
+        g3_gelu_bias_f32(b->f + t * F, L->fc1_b, F);
+    if ((st = g3_matmul(&L->fc2, b->f, P, b->h, &b->mm, err)))
         return st;
     add_resid_rows(b->x, b->h, L->fc2_b, P, D, nt);
     return G3_OK;
@@ -430,7 +246,6 @@ g3_status g3_vision_encode(const g3_vision *v, const float *pixels, float *out,
     const int64_t pp3 = 3 * c->patch_size * c->patch_size;
     const int nt = g3_get_threads();
     const size_t pd = (size_t)P * D;
-    pick_kernels();
     vbufs b = {0};
     b.x = malloc(sizeof(float) * pd);
     b.h = malloc(sizeof(float) * (pd > (size_t)P * pp3 ? pd : (size_t)P * pp3));
@@ -440,14 +255,33 @@ g3_status g3_vision_encode(const g3_vision *v, const float *pixels, float *out,
     b.z = malloc(sizeof(float) * pd);
     b.f = malloc(sizeof(float) * (size_t)P * F);
     b.scores = malloc(sizeof(float) * (size_t)P * P);
-    if (!b.x || !b.h || !b.q || !b.k || !b.v || !b.z || !b.f || !b.scores) {
+    b.lo = calloc((size_t)P, sizeof(int64_t));
+    b.hi = malloc(sizeof(int64_t) * (size_t)P);
+    /* one image per call: the buffers live for this encode (the text model's run state is for
+     * per-token work); the matmuls get their scratch from it like the forward pass does */
+    g3_matmul_ws_need(&b.mm, &v->patch, P, nt);
+    g3_matmul_ws_need(&b.mm, &v->mm_proj, c->n_mm_tokens, nt);
+    for (int64_t il = 0; il < c->n_layer; il++) {
+        const g3_vision_layer *L = &v->layers[il];
+        const g3_weight *ws[] = {&L->q, &L->k, &L->v, &L->o, &L->fc1, &L->fc2};
+        for (size_t j = 0; j < sizeof ws / sizeof ws[0]; j++)
+            g3_matmul_ws_need(&b.mm, ws[j], P, nt);
+    }
+    g3_status st = g3_matmul_ws_alloc(&b.mm, err);
+    if (st) {
+        vbufs_free(&b);
+        return st;
+    }
+    if (b.hi)
+        for (int64_t r = 0; r < P; r++)
+            b.hi[r] = P - 1;
+    if (!b.x || !b.h || !b.q || !b.k || !b.v || !b.z || !b.f || !b.scores || !b.lo || !b.hi) {
         vbufs_free(&b);
         return g3_fail(err, G3_ERR_NOMEM, "out of memory encoding an image (%lld patches)",
                        (long long)P);
     }
-    g3_status st;
     im2col(v, pixels, b.h, nt);
-    if ((st = g3_matmul(&v->patch, b.h, P, b.x, err)))
+    if ((st = g3_matmul(&v->patch, b.h, P, b.x, &b.mm, err)))
         goto done;
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (int64_t t = 0; t < P; t++)
@@ -467,7 +301,7 @@ g3_status g3_vision_encode(const g3_vision *v, const float *pixels, float *out,
     if (cap && cap->hidden)
         memcpy(cap->hidden, b.x, sizeof(float) * pd);
     pool_norm(v, b.x, b.h, nt);
-    st = g3_matmul(&v->mm_proj, b.h, c->n_mm_tokens, out, err);
+    st = g3_matmul(&v->mm_proj, b.h, c->n_mm_tokens, out, &b.mm, err);
 done:
     vbufs_free(&b);
     return st;

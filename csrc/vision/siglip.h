@@ -20,7 +20,7 @@
 #ifndef G3_SIGLIP_H
 #define G3_SIGLIP_H
 
-#include "model/model.h"
+#include "kernels/matmul.h"
 
 typedef struct {
     int64_t image_size, patch_size; /* pixels per side; patch side */

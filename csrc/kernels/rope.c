@@ -1,18 +1,11 @@
-/* norm_rope_act.c — RMSNorm, NeoX RoPE, tanh-GELU/GeGLU and softmax (reference:
- * transformers-gemma3.md §2.2, §2.4, §2.6). Float32 in and out. */
+/* rope.c — NeoX / split-halves rotary position embedding over float32 head vectors
+ * (transformers-gemma3.md §2.4): pairs (i, i + d/2) rotated by theta_i = pos * inv_freq[i],
+ * inv_freq[i] = freq_scale / base^(2i/d). theta in float like the reference, cos/sin in double.
+ * Gemma 3 uses two bases (local 10k, global 1M with a linear scale); the caller picks the table.
+ */
 #include <math.h>
 
 #include "kernels/ops.h"
-
-void g3_rmsnorm_f32(const float *x, const float *w, float *y, int64_t n, float eps)
-{
-    double ss = 0.0;
-    for (int64_t i = 0; i < n; i++)
-        ss += (double)x[i] * x[i];
-    float scale = 1.0f / sqrtf((float)(ss / (double)n) + eps);
-    for (int64_t i = 0; i < n; i++)
-        y[i] = x[i] * scale * w[i];
-}
 
 void g3_rope_inv_freq(float *inv_freq, int64_t d, float base, float freq_scale)
 {
@@ -54,22 +47,4 @@ void g3_rope_neox_f32(float *x, int64_t d, int64_t pos, const float *inv_freq)
         x[i] = a * c - b * s;
         x[i + h] = b * c + a * s;
     }
-}
-
-float g3_gelu_tanh(float x)
-{
-    const float k = 0.7978845608028654f; /* sqrt(2/pi) */
-    return 0.5f * x * (1.0f + tanhf(k * (x + 0.044715f * x * x * x)));
-}
-
-
-void g3_softmax_f32(float *x, int64_t n)
-{
-    float m = -INFINITY;
-    for (int64_t i = 0; i < n; i++)
-        m = x[i] > m ? x[i] : m;
-    double sum = g3_expsum_f32(x, n, m);
-    float inv = (float)(1.0 / sum);
-    for (int64_t i = 0; i < n; i++)
-        x[i] *= inv;
 }

@@ -1,0 +1,228 @@
+/* matmul.c — the parallel matrix product y = x W^T (paths and workspace in matmul.h). */
+#include "kernels/matmul.h"
+
+#include <cblas.h>
+#include <omp.h>
+#include <stdlib.h>
+
+#include "kernels/ops.h"
+#include "quant/packed.h"
+
+#define G3_ROW_BLOCK 16          /* rows dequantized together in the small-T path */
+#define G3_TILE_FLOATS (1 << 22) /* 16 MiB float tile in the BLAS path */
+#define G3_PACK_CHUNK 8          /* groups (of 16 rows) a thread takes per token loop: ~80 KB */
+
+void g3_weight_row(const g3_weight *W, int64_t r, float *dst)
+{
+    g3_type_get(W->type)->to_float(W->data + (size_t)r * W->row_bytes, dst, W->cols);
+}
+
+static int64_t tile_rows(const g3_weight *W)
+{
+    int64_t tile = G3_TILE_FLOATS / W->cols;
+    if (tile < 1)
+        tile = 1;
+    return tile > W->rows ? W->rows : tile;
+}
+
+static size_t max_size(size_t a, size_t b) { return a > b ? a : b; }
+
+void g3_matmul_ws_need(g3_matmul_ws *ws, const g3_weight *W, int64_t T, int nt)
+{
+    if (T >= G3_BLAS_MIN_TOKENS && W->type != G3_TYPE_F32)
+        ws->tile_floats = max_size(ws->tile_floats, (size_t)(tile_rows(W) * W->cols));
+    const int64_t small = T < G3_BLAS_MIN_TOKENS ? T : G3_BLAS_MIN_TOKENS - 1;
+    if (W->packed || g3_pack_supported(W->type)) /* also if packed after the reservation */
+        ws->xq_bytes = max_size(ws->xq_bytes, (g3_xq_bytes(W->cols) + sizeof(g3_xq)) * small);
+    else if (!g3_type_get(W->type)->dot_f32)
+        ws->rows_floats =
+            max_size(ws->rows_floats, (size_t)W->cols * G3_ROW_BLOCK * (size_t)(nt < 1 ? 1 : nt));
+}
+
+g3_status g3_matmul_ws_alloc(g3_matmul_ws *ws, g3_err *err)
+{
+    ws->tile = ws->tile_floats ? malloc(sizeof(float) * ws->tile_floats) : NULL;
+    ws->rows = ws->rows_floats ? malloc(sizeof(float) * ws->rows_floats) : NULL;
+    ws->xq = ws->xq_bytes ? malloc(ws->xq_bytes) : NULL;
+    if ((ws->tile_floats && !ws->tile) || (ws->rows_floats && !ws->rows) ||
+        (ws->xq_bytes && !ws->xq)) {
+        size_t bytes = sizeof(float) * (ws->tile_floats + ws->rows_floats) + ws->xq_bytes;
+        g3_matmul_ws_free(ws);
+        return g3_fail(err, G3_ERR_NOMEM, "out of memory for %zu bytes of matmul scratch", bytes);
+    }
+    return G3_OK;
+}
+
+void g3_matmul_ws_free(g3_matmul_ws *ws)
+{
+    free(ws->tile);
+    free(ws->rows);
+    free(ws->xq);
+    ws->tile = ws->rows = NULL;
+    ws->xq = NULL;
+}
+
+static g3_status too_small(g3_err *err, const char *what)
+{
+    return g3_fail(err, G3_ERR_STATE, "the matmul workspace has no room for the %s", what);
+}
+
+static g3_status matmul_small(const g3_weight *W, const float *x, int64_t T, float *y,
+                              g3_matmul_ws *ws, g3_err *err)
+{
+    const int64_t rows = W->rows, cols = W->cols;
+    const g3_type_traits *tt = g3_type_get(W->type);
+    const g3_to_float_fn to_float = tt->to_float;
+    const g3_dot_f32_fn dot = tt->dot_f32;
+    int nt = g3_get_threads();
+    if (dot) { /* fused: no dequantized row is ever written */
+#pragma omp parallel for num_threads(nt) schedule(static)
+        for (int64_t r = 0; r < rows; r++) {
+            const uint8_t *w = W->data + (size_t)r * W->row_bytes;
+            for (int64_t t = 0; t < T; t++)
+                y[t * rows + r] = dot(w, x + t * cols, cols);
+        }
+        return G3_OK;
+    }
+    const size_t per_thread = (size_t)cols * G3_ROW_BLOCK;
+    if ((size_t)nt * per_thread > ws->rows_floats) /* threads raised since the reservation */
+        nt = (int)(ws->rows_floats / per_thread);
+    if (nt < 1)
+        return too_small(err, "dequantized row blocks");
+    float *scratch = ws->rows;
+    const int64_t nblk = (rows + G3_ROW_BLOCK - 1) / G3_ROW_BLOCK;
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t bi = 0; bi < nblk; bi++) {
+        float *buf = scratch + (size_t)omp_get_thread_num() * per_thread;
+        int64_t r0 = bi * G3_ROW_BLOCK, r1 = r0 + G3_ROW_BLOCK < rows ? r0 + G3_ROW_BLOCK : rows;
+        to_float(W->data + (size_t)r0 * W->row_bytes, buf, (r1 - r0) * cols);
+        for (int64_t t = 0; t < T; t++)
+            for (int64_t r = r0; r < r1; r++)
+                y[t * rows + r] = g3_dot_f32(buf + (r - r0) * cols, x + t * cols, cols);
+    }
+    return G3_OK;
+}
+
+static g3_status matmul_blas(const g3_weight *W, const float *x, int64_t T, float *y,
+                             g3_matmul_ws *ws, g3_err *err)
+{
+    const int64_t rows = W->rows, cols = W->cols;
+    if (W->type == G3_TYPE_F32) {
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)T, (int)rows, (int)cols, 1.0f,
+                    x, (int)cols, (const float *)W->data, (int)cols, 0.0f, y, (int)rows);
+        return G3_OK;
+    }
+    const g3_to_float_fn to_float = g3_type_get(W->type)->to_float;
+    const int64_t tile = tile_rows(W);
+    if ((size_t)(tile * cols) > ws->tile_floats)
+        return too_small(err, "dequantized weight tile");
+    float *buf = ws->tile;
+    const int nt = g3_get_threads();
+    for (int64_t r0 = 0; r0 < rows; r0 += tile) {
+        int64_t n = r0 + tile < rows ? tile : rows - r0;
+#pragma omp parallel for num_threads(nt) schedule(static)
+        for (int64_t r = 0; r < n; r++)
+            to_float(W->data + (size_t)(r0 + r) * W->row_bytes, buf + r * cols, cols);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)T, (int)n, (int)cols, 1.0f, x,
+                    (int)cols, buf, (int)cols, 0.0f, y + r0, (int)rows);
+    }
+    return G3_OK;
+}
+
+/* The decode path: n packed matrices sharing the input, T < G3_BLAS_MIN_TOKENS tokens. x is
+ * quantized once per token; the groups of all matrices form one index space cut into equal
+ * contiguous ranges, one per thread, so a row's arithmetic never depends on the thread count. */
+static g3_status matmul_packed(int n, const g3_weight *const *W, const float *x, int64_t T,
+                               float *const *y, g3_matmul_ws *ws, g3_err *err)
+{
+    const int64_t cols = W[0]->cols;
+    const size_t xb = g3_xq_bytes(cols);
+    if ((xb + sizeof(g3_xq)) * (size_t)T > ws->xq_bytes)
+        return too_small(err, "quantized activations");
+    uint8_t *buf = ws->xq;
+    g3_xq *xq = (g3_xq *)buf;
+    for (int64_t t = 0; t < T; t++) {
+        g3_xq_init(&xq[t], cols, buf + sizeof(g3_xq) * (size_t)T + xb * (size_t)t);
+        g3_xq_prepare(&xq[t], x + t * cols);
+    }
+    int64_t total = 0;
+    for (int i = 0; i < n; i++)
+        total += W[i]->packed->groups;
+    const int nt = g3_get_threads();
+#pragma omp parallel num_threads(nt)
+    {
+        const int64_t th = omp_get_thread_num(), k = omp_get_num_threads();
+        const int64_t lo = total * th / k, hi = total * (th + 1) / k;
+        int i = 0;
+        int64_t base = 0; /* first global group of matrix i */
+        for (int64_t g = lo; g < hi;) {
+            while (g >= base + W[i]->packed->groups)
+                base += W[i++]->packed->groups;
+            const g3_packed *P = W[i]->packed;
+            int64_t g1 = g + G3_PACK_CHUNK;
+            if (g1 > hi)
+                g1 = hi;
+            if (g1 > base + P->groups)
+                g1 = base + P->groups;
+            for (int64_t t = 0; t < T; t++)
+                g3_packed_matvec(P, &xq[t], g - base, g1 - base, y[i] + t * P->rows);
+            g = g1;
+        }
+    }
+    return G3_OK;
+}
+
+static int all_packed(int n, const g3_weight *const *W)
+{
+    for (int i = 0; i < n; i++)
+        if (!W[i]->packed || W[i]->cols != W[0]->cols)
+            return 0;
+    return 1;
+}
+
+g3_status g3_matmul_multi(int n, const g3_weight *const *W, const float *x, int64_t T,
+                          float *const *y, g3_matmul_ws *ws, g3_err *err)
+{
+    int fused = T < G3_BLAS_MIN_TOKENS;
+    if (fused && all_packed(n, W))
+        return matmul_packed(n, W, x, T, y, ws, err);
+    int64_t total = 0;
+    for (int i = 0; i < n; i++) {
+        fused = fused && g3_type_get(W[i]->type)->dot_f32 && W[i]->cols == W[0]->cols;
+        total += W[i]->rows;
+    }
+    if (!fused) {
+        for (int i = 0; i < n; i++) {
+            g3_status st = g3_matmul(W[i], x, T, y[i], ws, err);
+            if (st)
+                return st;
+        }
+        return G3_OK;
+    }
+    /* one parallel region over the rows of every matrix (q/k/v, gate/up share their input) */
+    const int64_t cols = W[0]->cols;
+    const int nt = g3_get_threads();
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t gr = 0; gr < total; gr++) {
+        int i = 0;
+        int64_t r = gr;
+        while (r >= W[i]->rows)
+            r -= W[i++]->rows;
+        const g3_weight *w = W[i];
+        const g3_dot_f32_fn dot = g3_type_get(w->type)->dot_f32;
+        const uint8_t *row = w->data + (size_t)r * w->row_bytes;
+        for (int64_t t = 0; t < T; t++)
+            y[i][t * w->rows + r] = dot(row, x + t * cols, cols);
+    }
+    return G3_OK;
+}
+
+g3_status g3_matmul(const g3_weight *W, const float *x, int64_t T, float *y, g3_matmul_ws *ws,
+                    g3_err *err)
+{
+    if (T >= G3_BLAS_MIN_TOKENS)
+        return matmul_blas(W, x, T, y, ws, err);
+    if (W->packed)
+        return matmul_packed(1, &W, x, T, &y, ws, err);
+    return matmul_small(W, x, T, y, ws, err);
+}

@@ -1,0 +1,61 @@
+/* matmul.h — y (T, rows) = x (T, cols) @ W^T for weights of any dequantizable ggml type.
+ *
+ * Three paths, chosen by T and the weight (same choice for a row at any batch size below the BLAS
+ * threshold, so a token gets the same bits whether decoded alone or with a few others):
+ *   - T >= G3_BLAS_MIN_TOKENS: dequantize a tile of weight rows in parallel, leave the OpenMP
+ *     region, sgemm the float tile (BLAS is never called inside an OpenMP region);
+ *   - packed (quant/packed.h): AVX-512 VNNI integer matvec over 16-row groups, x quantized once
+ *     per token;
+ *   - otherwise per row: the type's fused dequantize-and-dot, or dequantize 16 rows and g3_dot_f32.
+ * Scratch comes from a caller-owned workspace sized beforehand (g3_matmul_ws_need/alloc), never
+ * from the allocator: the forward pass must not allocate.
+ */
+#ifndef G3_KERNELS_MATMUL_H
+#define G3_KERNELS_MATMUL_H
+
+#include "g3.h"
+#include "threading.h"
+
+struct g3_packed_s;
+
+typedef struct g3_weight_s {
+    int type;           /* ggml type id */
+    int64_t rows, cols; /* y = W x: rows outputs, cols inputs (contiguous) */
+    size_t row_bytes;
+    const uint8_t *data;
+    /* the same matrix repacked for the integer decode kernels (quant/packed.h), or NULL; owned
+     * by the model (g3_model_pack) */
+    const struct g3_packed_s *packed;
+} g3_weight;
+
+#define G3_BLAS_MIN_TOKENS 32 /* below: the per-row kernels */
+
+/* Scratch of the three paths; the sizes are capacities, the pointers owned by the workspace. */
+typedef struct {
+    float *tile;        /* BLAS path: (tile rows, cols) dequantized weights, at most 16 MiB */
+    size_t tile_floats;
+    float *rows;        /* small path without a fused dot: (threads, 16, cols) */
+    size_t rows_floats;
+    uint8_t *xq;        /* packed path: (T) g3_xq headers, then (T) quantized activations */
+    size_t xq_bytes;
+} g3_matmul_ws;
+
+/* Raises the capacities in *ws (pointers untouched) to what g3_matmul(W, x, t, ...) needs for every
+ * t <= T on up to nt threads (counting W as packed if its type can be). */
+void g3_matmul_ws_need(g3_matmul_ws *ws, const g3_weight *W, int64_t T, int nt);
+/* Allocates buffers for the capacities in *ws (all or nothing); g3_matmul_ws_free releases them. */
+g3_status g3_matmul_ws_alloc(g3_matmul_ws *ws, g3_err *err);
+void g3_matmul_ws_free(g3_matmul_ws *ws);
+
+/* y (T, W->rows) = x (T, W->cols) @ W^T, parallel over the g3_get_threads() threads (at most the
+ * workspace's). Fails with G3_ERR_STATE if ws is smaller than g3_matmul_ws_need asked for. */
+g3_status g3_matmul(const g3_weight *W, const float *x, int64_t T, float *y, g3_matmul_ws *ws,
+                    g3_err *err);
+/* n products sharing the input x (same cols): y[i] = x @ W[i]^T, one parallel region when the
+ * per-row kernels are used. */
+g3_status g3_matmul_multi(int n, const g3_weight *const *W, const float *x, int64_t T,
+                          float *const *y, g3_matmul_ws *ws, g3_err *err);
+/* Dequantizes row r of W into dst (W->cols floats). */
+void g3_weight_row(const g3_weight *W, int64_t r, float *dst);
+
+#endif
