@@ -330,3 +330,57 @@ def test_bad_sampler_inputs():
         _core.sample(np.zeros(4, np.float32), np.zeros(3, np.uint64))
     with pytest.raises(TypeError):
         _core.sample(np.zeros(4, np.float32), [1, 2, 3, 4])
+
+
+# ---- the dispatcher: one G3_ISA decision for every kernel family ------------------------------
+
+_ISA_DUMP = "import json; from gemma3 import _core; print(json.dumps(_core.isa()))"
+SIMD_FLOAT_KERNELS = ["dot", "axpy", "expsum", "softmax", "geglu", "gelu_bias"]
+SCALAR_ONLY_KERNELS = ["rmsnorm", "layernorm", "rope"]
+
+
+def _isa_in_subprocess(level: str) -> dict:
+    import json
+    import os
+    import subprocess
+
+    env = dict(os.environ, G3_ISA=level)
+    out = subprocess.run([sys.executable, "-c", _ISA_DUMP], env=env, capture_output=True,
+                         text=True, check=True).stdout  # fmt: skip
+    return json.loads(out)
+
+
+def test_dispatcher_reports_every_kernel_family():
+    info = _core.isa()
+    assert set(info["kernels"]) == set(SIMD_FLOAT_KERNELS + SCALAR_ONLY_KERNELS)
+    assert info["packed"] in ("avx512vnni", "off")
+    for k in SIMD_FLOAT_KERNELS:  # the float kernels follow the selected level
+        assert info["kernels"][k] == info["selected"], k
+    for k in SCALAR_ONLY_KERNELS:
+        assert info["kernels"][k] == "scalar", k
+    if info["packed"] == "avx512vnni":
+        assert info["selected"] == "avx512"
+
+
+def test_g3_isa_scalar_runs_only_scalar_code():
+    """G3_ISA=scalar: the float kernels, the quantized traits and the packing all stay scalar."""
+    info = _isa_in_subprocess("scalar")
+    assert info["selected"] == "scalar" and info["env"] == "scalar"
+    assert set(info["kernels"].values()) == {"scalar"}, info["kernels"]
+    assert set(info["dot_f32"].values()) == {"scalar"}, info["dot_f32"]
+    assert set(info["to_float"].values()) == {"scalar"}, info["to_float"]
+    assert info["packed"] == "off"
+
+
+def test_g3_isa_avx2_stops_at_avx2():
+    if _core.isa()["cpu"] == "scalar":
+        pytest.skip("this CPU has no AVX2")
+    info = _isa_in_subprocess("avx2")
+    assert info["selected"] == "avx2" and info["env"] == "avx2"
+    for k in SIMD_FLOAT_KERNELS:
+        assert info["kernels"][k] == "avx2", k
+    for k in SCALAR_ONLY_KERNELS:
+        assert info["kernels"][k] == "scalar", k
+    levels = set(info["dot_f32"].values()) | set(info["to_float"].values())
+    assert "avx512" not in levels and "avx2" in levels
+    assert info["packed"] == "off"
