@@ -1,4 +1,6 @@
-"""Single kernels (_core.rmsnorm/rope/geglu/softmax) and the sampler against their NumPy twins.
+"""Single kernels (_core.rmsnorm/layernorm/rope/geglu/gelu_bias/softmax/dot) and the sampler against
+their NumPy twins; the float kernels with SIMD variants at every ISA level this CPU runs, and the
+dispatcher's report of what G3_ISA selected.
 
 Sizes are the house list of odd lengths, so every SIMD body and tail is exercised. RoPE is checked
 for the local (base 1e4) and global (base 1e6, with and without linear factor 8) tables at positions
@@ -101,6 +103,66 @@ def test_softmax_extremes():
     np.testing.assert_allclose(got, [[1, 0, 0], [0, 0.5, 0.5]], atol=1e-7)
     with pytest.raises(ValueError):
         _core.softmax(np.zeros((2, 0), np.float32))
+
+
+# ---- every ISA level against the twin ---------------------------------------------------------
+
+# up to the selected level, so that under G3_ISA=scalar these tests run scalar code only
+LEVELS = ["scalar", "avx2", "avx512"][
+    : {"scalar": 1, "avx2": 2, "avx512": 3}[_core.isa()["selected"]]
+]
+
+
+@pytest.mark.parametrize("isa", LEVELS)
+@pytest.mark.parametrize("n", SIZES)
+def test_float_kernels_each_level(isa, n):
+    rng = np.random.default_rng(300 + n)
+    g = (rng.standard_normal((2, n)) * 4).astype(np.float32)
+    u = rng.standard_normal((2, n)).astype(np.float32)
+    b = rng.standard_normal(n).astype(np.float32)
+    for name, got, want in [("geglu", _core.geglu(g, u, isa=isa), ref.geglu(g, u)),
+                            ("gelu_bias", _core.gelu_bias(g, b, isa=isa), ref.gelu_bias(g, b))]:
+        # relative to the row's largest value, but at least 1 (a 1-value row may be ~1e-12)
+        d = (np.abs(got - want) / np.maximum(np.abs(want).max(-1, keepdims=True), 1.0)).max()
+        assert d <= tol.GEGLU_REL, f"{name} {isa} n={n}: max rel err {d:.3g}"
+    x = (rng.standard_normal((3, n)) * [[0.1], [5.0], [80.0]]).astype(np.float32)
+    d = np.abs(_core.softmax(x, isa=isa) - ref.softmax(x)).max()
+    assert d <= tol.SOFTMAX_ABS, f"softmax {isa} n={n}: max |diff| {d:.3g}"
+    a, c = g[0], u[0]
+    want = float(np.dot(a.astype(np.float64), c.astype(np.float64)))
+    bound = (n + 8) * 2.0**-24 * float(np.abs(a.astype(np.float64) * c).sum())
+    assert abs(_core.dot(a, c, isa=isa) - want) <= bound, f"dot {isa} n={n}"
+
+
+def test_auto_is_the_selected_level():
+    sel = _core.isa()["selected"]
+    rng = np.random.default_rng(7)
+    x = (rng.standard_normal((3, 257)) * 5).astype(np.float32)
+    u = rng.standard_normal((3, 257)).astype(np.float32)
+    np.testing.assert_array_equal(_core.softmax(x), _core.softmax(x, isa=sel))
+    np.testing.assert_array_equal(_core.geglu(x, u), _core.geglu(x, u, isa=sel))
+    assert _core.dot(x[0], u[0]) == _core.dot(x[0], u[0], isa=sel)
+
+
+def test_bad_isa_names():
+    with pytest.raises(ValueError, match="isa must be"):
+        _core.softmax(np.ones(4, np.float32), isa="sse9")
+    if _core.isa()["cpu"] != "avx512":
+        with pytest.raises(ValueError, match="not supported"):
+            _core.softmax(np.ones(4, np.float32), isa="avx512")
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_layernorm(n):
+    rng = np.random.default_rng(400 + n)
+    x = (rng.standard_normal((3, n)) * [[0.01], [1.0], [300.0]] + [[0.0], [0.5], [-20.0]])
+    x = x.astype(np.float32)
+    w = (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32)
+    b = (0.1 * rng.standard_normal(n)).astype(np.float32)
+    x0 = x.copy()
+    got = _core.layernorm(x, w, b, 1e-6)
+    np.testing.assert_array_equal(x, x0)
+    assert_close_rel(got, ref.layernorm(x, w, b, 1e-6), tol.LAYERNORM_REL, f"layernorm n={n}")
 
 
 # ---- RoPE ------------------------------------------------------------------------------------

@@ -40,6 +40,7 @@ RMSNORM_REL = 1e-6  # x * (1/sqrtf(mean + eps)) * w: 3 roundings + the float32 s
 ROPE_REL = 1e-6  # same float32 angle as the twin; cos/sin rounded, a*c - b*s: 3 roundings
 GEGLU_REL = 2e-6  # tanhf (<= 2 ulp) inside a few float32 products
 SOFTMAX_ABS = 1e-6  # probabilities <= 1: expf (1 ulp) and one scaling
+LAYERNORM_REL = 1e-6  # SigLIP: (x - mean) * inv * w + b in float32 after float64 sums: 4 roundings
 # The sampler's distribution: float32 output of a float64 computation, values <= 1.
 SAMPLER_PROBS_ABS = 1e-6
 # Chi-square acceptance for draws vs the stated distribution: the 0.999 quantile for the test's

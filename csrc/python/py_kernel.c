@@ -2,9 +2,10 @@
 #include "py.h"
 #include "np.h"
 
+#include "kernels/dispatch.h"
 #include "kernels/ops.h"
 #include "kernels/sample.h"
-#include "model/model.h"
+#include "threading.h"
 
 #include <omp.h>
 
@@ -83,27 +84,90 @@ fail:
     return NULL;
 }
 
-static PyObject *py_geglu(PyObject *mod, PyObject *args)
+/* The float kernels of one level: 'auto' (the dispatcher's choice), 'scalar', 'avx2', 'avx512';
+ * ValueError for an unknown name or a level this CPU cannot run. */
+static const g3_float_kernels *kernels_for(const char *isa)
 {
+    if (strcmp(isa, "auto") == 0)
+        return g3_fk();
+    for (int l = 0; l < G3_ISA_COUNT; l++)
+        if (strcmp(isa, g3_isa_name(l)) == 0) {
+            const g3_float_kernels *k = g3_float_kernels_isa(l);
+            if (!k)
+                PyErr_Format(PyExc_ValueError, "isa '%s' is not supported by this CPU (best: %s)",
+                             isa, g3_isa_name(g3_isa_cpu()));
+            return k;
+        }
+    PyErr_Format(PyExc_ValueError, "isa must be 'auto', 'scalar', 'avx2' or 'avx512', got '%.50s'",
+                 isa);
+    return NULL;
+}
+
+/* (x, y) float32 copies of the same shape, or NULL with an exception */
+static int same_shape_pair(PyObject *xo, PyObject *yo, int lo, int hi, const char *what,
+                           PyArrayObject **x, PyArrayObject **y)
+{
+    *x = f32(xo, lo, hi);
+    *y = *x ? f32(yo, lo, hi) : NULL;
+    if (*x && *y && PyArray_SAMESHAPE(*x, *y))
+        return 0;
+    if (*x && *y)
+        PyErr_Format(PyExc_ValueError, "%s must have the same shape", what);
+    Py_CLEAR(*x);
+    Py_CLEAR(*y);
+    return -1;
+}
+
+static PyObject *py_geglu(PyObject *mod, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"gate", "up", "isa", NULL};
     PyObject *go, *uo;
-    if (!PyArg_ParseTuple(args, "OO", &go, &uo))
+    const char *isa = "auto";
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|s", kwlist, &go, &uo, &isa))
         return NULL;
-    PyArrayObject *g = f32(go, 1, 2), *u = g ? f32(uo, 1, 2) : NULL;
-    if (!g || !u || !PyArray_SAMESHAPE(g, u)) {
-        if (g && u)
-            PyErr_SetString(PyExc_ValueError, "gate and up must have the same shape");
-        Py_XDECREF(g);
-        Py_XDECREF(u);
+    const g3_float_kernels *k = kernels_for(isa);
+    PyArrayObject *g, *u;
+    if (!k || same_shape_pair(go, uo, 1, 2, "gate and up", &g, &u) < 0)
         return NULL;
-    }
-    g3_geglu_f32(PyArray_DATA(g), PyArray_DATA(u), PyArray_DATA(g), PyArray_SIZE(g));
+    k->geglu(PyArray_DATA(g), PyArray_DATA(u), PyArray_DATA(g), PyArray_SIZE(g));
     Py_DECREF(u);
     return (PyObject *)g;
 }
 
-static PyObject *py_softmax(PyObject *mod, PyObject *xo)
+/* gelu_bias(x (..., n), b (n)) -> gelu_tanh(x + b): SigLIP's fc1 bias and activation */
+static PyObject *py_gelu_bias(PyObject *mod, PyObject *args, PyObject *kw)
 {
-    PyArrayObject *x = f32(xo, 1, 2);
+    static char *kwlist[] = {"x", "b", "isa", NULL};
+    PyObject *xo, *bo;
+    const char *isa = "auto";
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|s", kwlist, &xo, &bo, &isa))
+        return NULL;
+    const g3_float_kernels *k = kernels_for(isa);
+    PyArrayObject *x = k ? f32(xo, 1, 2) : NULL, *b = x ? f32(bo, 1, 1) : NULL;
+    if (!x || !b || PyArray_DIM(b, 0) != PyArray_DIM(x, PyArray_NDIM(x) - 1)) {
+        if (x && b)
+            PyErr_SetString(PyExc_ValueError, "b must have the length of x's rows");
+        Py_XDECREF(x);
+        Py_XDECREF(b);
+        return NULL;
+    }
+    const int64_t n = PyArray_DIM(b, 0);
+    float *d = PyArray_DATA(x);
+    for (int64_t r = 0; n && r < PyArray_SIZE(x) / n; r++)
+        k->gelu_bias(d + r * n, PyArray_DATA(b), n);
+    Py_DECREF(b);
+    return (PyObject *)x;
+}
+
+static PyObject *py_softmax(PyObject *mod, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"x", "isa", NULL};
+    PyObject *xo;
+    const char *isa = "auto";
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|s", kwlist, &xo, &isa))
+        return NULL;
+    const g3_float_kernels *k = kernels_for(isa);
+    PyArrayObject *x = k ? f32(xo, 1, 2) : NULL;
     if (!x)
         return NULL;
     int64_t n = PyArray_DIM(x, PyArray_NDIM(x) - 1);
@@ -113,8 +177,54 @@ static PyObject *py_softmax(PyObject *mod, PyObject *xo)
     }
     float *d = PyArray_DATA(x);
     for (int64_t r = 0; r < PyArray_SIZE(x) / n; r++)
-        g3_softmax_f32(d + r * n, n);
+        k->softmax(d + r * n, n);
     return (PyObject *)x;
+}
+
+/* dot(a, b, isa='auto') -> float: the float32 dot product of attention and the small matmul */
+static PyObject *py_dot(PyObject *mod, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"a", "b", "isa", NULL};
+    PyObject *ao, *bo;
+    const char *isa = "auto";
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|s", kwlist, &ao, &bo, &isa))
+        return NULL;
+    const g3_float_kernels *k = kernels_for(isa);
+    PyArrayObject *a, *b;
+    if (!k || same_shape_pair(ao, bo, 1, 1, "a and b", &a, &b) < 0)
+        return NULL;
+    float r = k->dot(PyArray_DATA(a), PyArray_DATA(b), PyArray_SIZE(a));
+    Py_DECREF(a);
+    Py_DECREF(b);
+    return PyFloat_FromDouble(r);
+}
+
+/* layernorm(x (..., n), w (n), b (n), eps) -> float32 */
+static PyObject *py_layernorm(PyObject *mod, PyObject *args)
+{
+    PyObject *xo, *wo, *bo;
+    float eps;
+    if (!PyArg_ParseTuple(args, "OOOf", &xo, &wo, &bo, &eps))
+        return NULL;
+    PyArrayObject *x = f32(xo, 1, 2), *w = x ? f32(wo, 1, 1) : NULL, *b = w ? f32(bo, 1, 1) : NULL;
+    if (!x || !w || !b)
+        goto fail;
+    const int64_t n = PyArray_DIM(x, PyArray_NDIM(x) - 1);
+    if (n < 1 || PyArray_DIM(w, 0) != n || PyArray_DIM(b, 0) != n) {
+        PyErr_SetString(PyExc_ValueError, "w and b must have the (non-zero) length of x's rows");
+        goto fail;
+    }
+    float *xd = PyArray_DATA(x);
+    for (int64_t r = 0; r < PyArray_SIZE(x) / n; r++)
+        g3_layernorm_f32(xd + r * n, PyArray_DATA(w), PyArray_DATA(b), xd + r * n, n, eps);
+    Py_DECREF(w);
+    Py_DECREF(b);
+    return (PyObject *)x;
+fail:
+    Py_XDECREF(x);
+    Py_XDECREF(w);
+    Py_XDECREF(b);
+    return NULL;
 }
 
 /* Parsed sampler arguments and the arrays that back them. */
@@ -304,8 +414,15 @@ PyMethodDef g3_py_kernel_methods[] = {
      "read_bandwidth(float32 array) -> (seconds, checksum) of a parallel streaming read"},
     {"rmsnorm", py_rmsnorm, METH_VARARGS, "rmsnorm(x (..., n), w (n), eps) -> float32"},
     {"rope", py_rope, METH_VARARGS, "rope(x (T, H, D), positions (T), base, freq_scale)"},
-    {"geglu", py_geglu, METH_VARARGS, "geglu(gate, up) -> gelu_tanh(gate) * up"},
-    {"softmax", py_softmax, METH_O, "row-wise softmax"},
+    {"geglu", (PyCFunction)(void (*)(void))py_geglu, METH_VARARGS | METH_KEYWORDS,
+     "geglu(gate, up, isa='auto') -> gelu_tanh(gate) * up"},
+    {"gelu_bias", (PyCFunction)(void (*)(void))py_gelu_bias, METH_VARARGS | METH_KEYWORDS,
+     "gelu_bias(x (..., n), b (n), isa='auto') -> gelu_tanh(x + b)"},
+    {"softmax", (PyCFunction)(void (*)(void))py_softmax, METH_VARARGS | METH_KEYWORDS,
+     "softmax(x, isa='auto'): row-wise softmax"},
+    {"dot", (PyCFunction)(void (*)(void))py_dot, METH_VARARGS | METH_KEYWORDS,
+     "dot(a, b, isa='auto') -> float32 dot product"},
+    {"layernorm", py_layernorm, METH_VARARGS, "layernorm(x (..., n), w (n), b (n), eps) -> float32"},
     {"sample", (PyCFunction)(void (*)(void))py_sample, METH_VARARGS | METH_KEYWORDS,
      "draw one token id"},
     {"sample_probs", (PyCFunction)(void (*)(void))py_sample_probs, METH_VARARGS | METH_KEYWORDS,

@@ -3,12 +3,14 @@
 Everything accumulates in float64. Where the reference itself fixes a float32 rounding that changes
 results by more than summation order could — the RoPE angle, computed in float32 as
 ``float32(pos) * float32(inv_freq)`` by transformers (transformers-gemma3.md §2.4) and by
-csrc/kernels/norm_rope_act.c — the twin rounds the same way, and says so.
+csrc/kernels/rope.c — the twin rounds the same way, and says so.
 
 Kernel twins (compare with ``gemma3._core``):
   rmsnorm(x, w, eps)              x / sqrt(mean(x^2) + eps) * w      (w is the full multiplier)
   rope(x, positions, base, freq_scale)   split-halves (NeoX) rotation of (T, H, D)
   gelu_tanh(x), geglu(gate, up)   0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) * up
+  gelu_bias(x, b)                 gelu_tanh(x + b)                    (SigLIP MLP)
+  layernorm(x, w, b, eps)         (x - mean) / sqrt(var + eps) * w + b  (SigLIP)
   softmax(x)                      row-wise
   sample_probs(logits, ...)       the sampler's filtered distribution, in csrc/kernels/sample.c's
                                   order: bias -> repetition penalty -> temperature -> top-k ->
@@ -69,6 +71,19 @@ def gelu_tanh(x: np.ndarray) -> np.ndarray:
 
 def geglu(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
     return gelu_tanh(gate) * np.asarray(up, np.float64)
+
+
+def gelu_bias(x: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """SigLIP's fc1 bias then GELU: gelu_tanh(x + b)."""
+    return gelu_tanh(np.asarray(x, np.float64) + np.asarray(b, np.float64))
+
+
+def layernorm(x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: float) -> np.ndarray:
+    """SigLIP LayerNorm: (x - mean) / sqrt(biased var + eps) * w + b over the last axis."""
+    x = np.asarray(x, np.float64)
+    mu = x.mean(axis=-1, keepdims=True)
+    var = ((x - mu) ** 2).mean(axis=-1, keepdims=True)
+    return (x - mu) / np.sqrt(var + eps) * np.asarray(w, np.float64) + np.asarray(b, np.float64)
 
 
 def softmax(x: np.ndarray) -> np.ndarray:
