@@ -48,3 +48,21 @@ def test_profile_is_per_model():
     assert pa["forwards"] == 1 and pa["tokens"] == 3 and pa["attention"] > 0
     assert pb["forwards"] == 0 and pb["tokens"] == 0 and pb["attention"] == 0
     assert a._core.profile()["forwards"] == 0  # reading resets
+
+
+def test_more_threads_after_load_grow_the_state():
+    from gemma3 import _core
+
+    m = gemma3.load(TINY)
+    ids = np.asarray([2, 10, 11, 12, 13], np.int32)
+    m._core.reset(0)
+    want = m._core.forward(ids, 2)
+    before, n0 = m._core.run_bytes, _core.get_num_threads()
+    try:
+        _core.set_num_threads(n0 + 3)  # per-thread score buffers must follow
+        m._core.reset(0)
+        got = m._core.forward(ids, 2)
+        assert m._core.run_bytes > before
+    finally:
+        _core.set_num_threads(n0)
+    np.testing.assert_allclose(got, want, atol=tol.TINY_LOGITS_ABS)
