@@ -77,7 +77,9 @@ if [ "$KIND" = c ]; then
     case "$TARGET" in
     gguf | safetensors)
         UNDER_TEST="$ROOT/csrc/io/$TARGET.c"
-        SOURCES=("$HARNESS" "$UNDER_TEST" "$ROOT/csrc/io/mmap.c" "$ROOT/csrc/util.c" "$ROOT"/csrc/quant/*.c)
+        # quant/ asks kernels/dispatch.c for its ISA level; the dispatcher fills the float table
+        SOURCES=("$HARNESS" "$UNDER_TEST" "$ROOT/csrc/io/mmap.c" "$ROOT/csrc/util.c" "$ROOT"/csrc/quant/*.c
+                 "$ROOT/csrc/kernels/dispatch.c" "$ROOT/csrc/kernels/vec.c" "$ROOT/csrc/kernels/act.c")
         LIBS=() ;;
     image)
         UNDER_TEST="$ROOT/csrc/vision/image.c"
