@@ -171,6 +171,46 @@ static void vbufs_free(vbufs *b)
     g3_matmul_ws_free(&b->mm);
 }
 
+/* One image per call: the buffers live for this encode (the text model's run state is for
+ * per-token work); the matmuls take their scratch from it, as in the forward pass. */
+static g3_status vbufs_alloc(const g3_vision *v, vbufs *b, int nt, g3_err *err)
+{
+    const g3_vision_config *c = &v->cfg;
+    const int64_t P = v->n_patches, D = c->n_embd, F = c->n_ff;
+    const int64_t pp3 = 3 * c->patch_size * c->patch_size;
+    const size_t pd = (size_t)P * D;
+    b->x = malloc(sizeof(float) * pd);
+    b->h = malloc(sizeof(float) * (pd > (size_t)P * pp3 ? pd : (size_t)P * pp3));
+    b->q = malloc(sizeof(float) * pd);
+    b->k = malloc(sizeof(float) * pd);
+    b->v = malloc(sizeof(float) * pd);
+    b->z = malloc(sizeof(float) * pd);
+    b->f = malloc(sizeof(float) * (size_t)P * F);
+    b->scores = malloc(sizeof(float) * (size_t)P * P);
+    b->lo = calloc((size_t)P, sizeof(int64_t)); /* every query sees every patch */
+    b->hi = malloc(sizeof(int64_t) * (size_t)P);
+    g3_matmul_ws_need(&b->mm, &v->patch, P, nt);
+    g3_matmul_ws_need(&b->mm, &v->mm_proj, c->n_mm_tokens, nt);
+    for (int64_t il = 0; il < c->n_layer; il++) {
+        const g3_vision_layer *L = &v->layers[il];
+        const g3_weight *ws[] = {&L->q, &L->k, &L->v, &L->o, &L->fc1, &L->fc2};
+        for (size_t j = 0; j < sizeof ws / sizeof ws[0]; j++)
+            g3_matmul_ws_need(&b->mm, ws[j], P, nt);
+    }
+    g3_status st = g3_matmul_ws_alloc(&b->mm, err);
+    if (!st && (!b->x || !b->h || !b->q || !b->k || !b->v || !b->z || !b->f || !b->scores ||
+                !b->lo || !b->hi))
+        st = g3_fail(err, G3_ERR_NOMEM, "out of memory encoding an image (%lld patches)",
+                     (long long)P);
+    if (st) {
+        vbufs_free(b);
+        return st;
+    }
+    for (int64_t r = 0; r < P; r++)
+        b->hi[r] = P - 1;
+    return G3_OK;
+}
+
 /* Bidirectional multi-head attention over the P rows of q/k/v (P, D) -> z (P, D), one head at a
  * time as a single (P x P) tile. */
 static void attention(const g3_vision *v, vbufs *b, float *capture, int nt)
@@ -242,44 +282,13 @@ g3_status g3_vision_encode(const g3_vision *v, const float *pixels, float *out,
                            const g3_vision_capture *cap, const g3_checkpoint *cp, g3_err *err)
 {
     const g3_vision_config *c = &v->cfg;
-    const int64_t P = v->n_patches, D = c->n_embd, F = c->n_ff;
-    const int64_t pp3 = 3 * c->patch_size * c->patch_size;
+    const int64_t P = v->n_patches, D = c->n_embd;
     const int nt = g3_get_threads();
     const size_t pd = (size_t)P * D;
     vbufs b = {0};
-    b.x = malloc(sizeof(float) * pd);
-    b.h = malloc(sizeof(float) * (pd > (size_t)P * pp3 ? pd : (size_t)P * pp3));
-    b.q = malloc(sizeof(float) * pd);
-    b.k = malloc(sizeof(float) * pd);
-    b.v = malloc(sizeof(float) * pd);
-    b.z = malloc(sizeof(float) * pd);
-    b.f = malloc(sizeof(float) * (size_t)P * F);
-    b.scores = malloc(sizeof(float) * (size_t)P * P);
-    b.lo = calloc((size_t)P, sizeof(int64_t));
-    b.hi = malloc(sizeof(int64_t) * (size_t)P);
-    /* one image per call: the buffers live for this encode (the text model's run state is for
-     * per-token work); the matmuls get their scratch from it like the forward pass does */
-    g3_matmul_ws_need(&b.mm, &v->patch, P, nt);
-    g3_matmul_ws_need(&b.mm, &v->mm_proj, c->n_mm_tokens, nt);
-    for (int64_t il = 0; il < c->n_layer; il++) {
-        const g3_vision_layer *L = &v->layers[il];
-        const g3_weight *ws[] = {&L->q, &L->k, &L->v, &L->o, &L->fc1, &L->fc2};
-        for (size_t j = 0; j < sizeof ws / sizeof ws[0]; j++)
-            g3_matmul_ws_need(&b.mm, ws[j], P, nt);
-    }
-    g3_status st = g3_matmul_ws_alloc(&b.mm, err);
-    if (st) {
-        vbufs_free(&b);
+    g3_status st = vbufs_alloc(v, &b, nt, err);
+    if (st)
         return st;
-    }
-    if (b.hi)
-        for (int64_t r = 0; r < P; r++)
-            b.hi[r] = P - 1;
-    if (!b.x || !b.h || !b.q || !b.k || !b.v || !b.z || !b.f || !b.scores || !b.lo || !b.hi) {
-        vbufs_free(&b);
-        return g3_fail(err, G3_ERR_NOMEM, "out of memory encoding an image (%lld patches)",
-                       (long long)P);
-    }
     im2col(v, pixels, b.h, nt);
     if ((st = g3_matmul(&v->patch, b.h, P, b.x, &b.mm, err)))
         goto done;
