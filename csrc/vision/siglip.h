@@ -22,7 +22,8 @@
 
 #include "model/model.h"
 
-typedef struct {
+/* Filled only from gemma3/vision.py through _core.VisionConfig (csrc/python/py_roles.c). */
+typedef struct g3_vision_config_s {
     int64_t image_size, patch_size; /* pixels per side; patch side */
     int64_t n_embd, n_ff, n_layer, n_head;
     int64_t n_mm_tokens;            /* tokens per image after pooling (a square) */
