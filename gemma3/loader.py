@@ -80,6 +80,8 @@ class Role:
     shape: tuple[str, str]
     hf_conv: frozenset[str]
     gguf_conv: frozenset[str]
+    field: str  # the C struct field it binds, e.g. "g3_layer.q"
+    offset: int
 
 
 @functools.cache

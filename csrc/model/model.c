@@ -25,6 +25,18 @@ g3_status g3_model_create(const g3_config *cfg, const uint8_t *is_global, g3_mod
         return g3_fail(err, G3_ERR_FORMAT,
                        "attention heads (%lld) must be a multiple of key/value heads (%lld)",
                        (long long)cfg->n_head, (long long)cfg->n_head_kv);
+    /* the floats have no defaults here (gemma3/config.py decides them): only what makes the
+     * forward pass meaningless is refused */
+    if (!(cfg->eps >= 0) || !(cfg->attn_scale > 0) || !(cfg->embd_scale > 0) ||
+        !(cfg->final_softcap >= 0) || !(cfg->rope_base_global > 0) ||
+        !(cfg->rope_scale_global > 0) || !(cfg->rope_base_local > 0) ||
+        !(cfg->rope_scale_local > 0))
+        return g3_fail(err, G3_ERR_FORMAT,
+                       "invalid model configuration (eps %g, attn_scale %g, embd_scale %g, "
+                       "final_softcap %g, rope global base %g scale %g, local base %g scale %g)",
+                       cfg->eps, cfg->attn_scale, cfg->embd_scale, cfg->final_softcap,
+                       cfg->rope_base_global, cfg->rope_scale_global, cfg->rope_base_local,
+                       cfg->rope_scale_local);
     g3_model *m = calloc(1, sizeof *m);
     if (!m)
         return g3_fail(err, G3_ERR_NOMEM, "out of memory");

@@ -37,8 +37,8 @@ const char *const g3_dim_names[G3_DIM_N] = {
 #define ONE G3_CONV_ADD_ONE
 
 /* ---- text decoder: fields of g3_model, then of g3_layer ---------------------------------- */
-#define M(f) offsetof(g3_model, f)
-#define L(f) offsetof(g3_layer, f)
+#define M(f) "g3_model." #f, offsetof(g3_model, f)
+#define L(f) "g3_layer." #f, offsetof(g3_layer, f)
 /* one per-layer role: key and GGUF name "blk.{i}.<gg>", HF name "{t}layers.{i}.<hf>.weight" */
 #define TL(gg, hf, kind, r, c, conv, field)                                                        \
     {"blk.{i}." gg, "blk.{i}." gg ".weight", NULL, "{t}layers.{i}." hf ".weight", NULL, 1, kind, \
@@ -75,8 +75,8 @@ const g3_role_table g3_text_roles = {"text", "model", text_roles,
                                      (int)(sizeof text_roles / sizeof *text_roles)};
 
 /* ---- vision tower + projector: fields of g3_vision, then of g3_vision_layer --------------- */
-#define V(f) offsetof(g3_vision, f)
-#define VL(f) offsetof(g3_vision_layer, f)
+#define V(f) "g3_vision." #f, offsetof(g3_vision, f)
+#define VL(f) "g3_vision_layer." #f, offsetof(g3_vision_layer, f)
 /* a per-layer LayerNorm: "blk.{i}.<gg>.weight" and ".bias" (the weights-dict names since the
  * start), HF "{v}encoder.layers.{i}.<hf>.*" */
 #define VLN(gg, hf, wf, bf)                                                                        \

@@ -55,7 +55,8 @@ typedef struct {
     const char *tie;      /* when absent, the key of the role bound instead (tied LM head) */
     g3_dim rows, cols;    /* expected shape; a vector has rows * cols values */
     unsigned hf_conv, gguf_conv;
-    size_t offset;        /* of the field in g3_layer / g3_model (g3_vision_layer / g3_vision) */
+    const char *field;    /* "g3_layer.q": the struct field it binds, for tests and messages */
+    size_t offset;        /* of that field in g3_layer / g3_model (g3_vision_layer / g3_vision) */
 } g3_role;
 
 typedef struct g3_role_table_s {

@@ -185,7 +185,10 @@ static PyObject *config_repr_of(PyObject *self, const PyMemberDef *members, cons
     return ret;
 }
 
-static PyObject *text_repr(PyObject *self) { return config_repr_of(self, text_members, "TextConfig"); }
+static PyObject *text_repr(PyObject *self)
+{
+    return config_repr_of(self, text_members, "TextConfig");
+}
 
 static PyObject *vision_repr(PyObject *self)
 {
@@ -325,14 +328,15 @@ static PyObject *role_dict(const g3_role *r)
 {
     PyObject *hf = conv_names(r->hf_conv), *gg = conv_names(r->gguf_conv);
     PyObject *d = hf && gg ? Py_BuildValue(
-                                 "{s:s,s:s,s:z,s:s,s:z,s:O,s:s,s:O,s:z,s:(ss),s:O,s:O}", "key",
+                                 "{s:s,s:s,s:z,s:s,s:z,s:O,s:s,s:O,s:z,s:(ss),s:O,s:O,s:s,s:n}", "key",
                                  r->key, "gguf", r->gguf, "gguf_alt", r->gguf_alt, "hf", r->hf,
                                  "hf_alt", r->hf_alt, "per_layer",
                                  r->per_layer ? Py_True : Py_False, "kind",
                                  r->kind == G3_ROLE_MATRIX ? "matrix" : "vector", "optional",
                                  r->optional ? Py_True : Py_False, "tie", r->tie, "shape",
                                  g3_dim_names[r->rows], g3_dim_names[r->cols], "hf_conv", hf,
-                                 "gguf_conv", gg)
+                                 "gguf_conv", gg, "field", r->field, "offset",
+                                 (Py_ssize_t)r->offset)
                            : NULL;
     Py_XDECREF(hf);
     Py_XDECREF(gg);

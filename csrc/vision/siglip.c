@@ -199,6 +199,9 @@ g3_status g3_vision_create(const g3_vision_config *cfg, g3_vision **out, g3_err 
                        "%lld is not a valid tower",
                        (long long)c->n_embd, (long long)c->n_ff, (long long)c->n_layer,
                        (long long)c->n_head, (long long)c->n_embd_text);
+    if (!(c->eps >= 0)) /* no default here: gemma3/vision.py decides it */
+        return g3_fail(err, G3_ERR_FORMAT, "vision config: eps %g is not a valid epsilon",
+                       c->eps);
     const int64_t side = c->image_size / c->patch_size;
     if (side > 1024)
         return g3_fail(err, G3_ERR_UNSUPPORTED, "vision grid of %lld x %lld patches is too large",
