@@ -115,6 +115,28 @@ def _bound_shape(shape: tuple[int, ...], conv: frozenset[str]) -> tuple[int, ...
     return tuple(shape)
 
 
+def _fits(shape: tuple[int, ...], conv: frozenset[str], role: Role, want: tuple[int, int]) -> bool:
+    s = _bound_shape(shape, conv)
+    return s == want if role.kind == "matrix" else math.prod(s) == math.prod(want)
+
+
+def _check_shape(path: str, name: str, shape: tuple[int, ...], conv: frozenset[str], role: Role,
+                 i: int | None, want: tuple[int, int]) -> None:
+    """A file tensor's shape against its role, named as the file names it (the C core checks the
+    weights dict again against the same table, for any caller)."""
+    if _fits(shape, conv, role, want):
+        return
+    bound = _bound_shape(shape, conv)
+    got = f"shape {tuple(shape)}" + (f", bound as {bound}" if bound != tuple(shape) else "")
+    if role.kind == "matrix":
+        exp = f"({role.shape[0]}, {role.shape[1]}) = {want}"
+    else:
+        sym = role.shape[0] if role.shape[1] == "1" else "*".join(role.shape)
+        exp = f"({sym}) = {math.prod(want)} values"
+    raise FormatError(f"{path}: tensor {name!r} ({role.key.format(i=i)}) has {got}, "
+                      f"expected {exp}")
+
+
 def _vector(a: np.ndarray, conv: frozenset[str]) -> np.ndarray:
     if "add_one" in conv:
         a = a + 1.0  # the file stores w of a (1 + w) RMSNorm
@@ -144,16 +166,12 @@ def gguf_entry(f: GGUFFile, path: str, role: Role, i: int | None, shape: tuple[i
             return None
         raise FormatError(f"{path}: tensor {names[0]!r} is missing")
 
-    def fits(n):
-        s = _bound_shape(f.tensors[n].shape, conv)
-        return s == shape if role.kind == "matrix" else math.prod(s) == math.prod(shape)
-
-    name = next((n for n in present if fits(n)), present[0])  # older files: the alternative
+    # older files hold the role under the alternative name: the one whose shape fits
+    name = next((n for n in present if _fits(f.tensors[n].shape, conv, role, shape)), present[0])
     t = f.tensors[name]
+    _check_shape(path, name, t.shape, conv, role, i, shape)
     if role.kind == "vector":
         return _vector(f.dequantize(name), conv)
-    if len(t.shape) != 2 and "flatten" not in conv:
-        raise FormatError(f"{path}: tensor {name!r} should be 2-D, has shape {t.shape}")
     if not _core.type_info(t.type_id)[4]:
         raise UnsupportedError(f"{path}: tensor {name!r} has type {t.type}, which this version "
                                "cannot compute with")
@@ -164,7 +182,8 @@ def gguf_entry(f: GGUFFile, path: str, role: Role, i: int | None, shape: tuple[i
 
 
 def hf_entry(where: dict[str, Any], path: str, role: Role, i: int | None,
-             prefixes: dict[str, str], dtype: str | None, tied: bool = True):
+             shape: tuple[int, int], prefixes: dict[str, str], dtype: str | None,
+             tied: bool = True):
     """The weights entry of one role from Hugging Face safetensors shards (``where``: tensor name
     -> open shard). Float tensors are converted to F32 (or ``dtype``) on load. An optional role
     with a tie (the LM head) is read only when the checkpoint does not declare it tied."""
@@ -177,10 +196,9 @@ def hf_entry(where: dict[str, Any], path: str, role: Role, i: int | None,
             return None
         raise FormatError(f"{path}: tensor {names[0]!r} is missing")
     a = where[name].array(name)
+    _check_shape(path, name, a.shape, role.hf_conv, role, i, shape)
     if role.kind == "vector":
         return _vector(a, role.hf_conv)
-    if a.ndim != 2 and "flatten" not in role.hf_conv:
-        raise FormatError(f"{path}: tensor {name!r} should be 2-D, has shape {a.shape}")
     return _matrix(a, role.hf_conv, dtype.lower() if dtype else None)
 
 
@@ -235,8 +253,8 @@ def load_hf_dir(path: str, dtype: str | None = None):
     prefix = _find_hf_prefix(set(where))
     tied = hf.get("tie_word_embeddings", True)
     w = build_weights("text", cfg.to_core(1).dims, cfg.num_layers,
-                      lambda role, i, shape: hf_entry(where, path, role, i, {"t": prefix}, dtype,
-                                                      tied))
+                      lambda role, i, shape: hf_entry(where, path, role, i, shape,
+                                                      {"t": prefix}, dtype, tied))
     return cfg, w, hf, shards
 
 

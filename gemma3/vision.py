@@ -234,7 +234,7 @@ def load_hf_vision(path: str, hf: dict[str, Any], where: dict[str, Any], text_hi
 
     prefixes = {"v": vp, "m": pp}
     w = build_weights("vision", cfg.to_core().dims, cfg.num_layers,
-                      lambda role, i, shape: hf_entry(where, path, role, i, prefixes, dtype))
+                      lambda role, i, shape: hf_entry(where, path, role, i, shape, prefixes, dtype))
     return VisionTower(cfg, w, owners=None, path=path)
 
 

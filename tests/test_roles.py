@@ -31,6 +31,8 @@ from gemma3.loader import (
     _bound_shape,
     _find_hf_prefix,
     build_core,
+    build_weights,
+    hf_entry,
     load_hf_dir,
     tensor_roles,
 )
@@ -293,8 +295,9 @@ def test_gguf_checkpoint_with_wrong_shape_or_missing_tensor(tmp_path):
                lambda n, f: (np.ascontiguousarray(f.dequantize(n).T)
                              if n == "blk.1.ffn_down.weight" else None))
     with pytest.raises(gemma3.FormatError,
-                       match=re.escape(f"'blk.1.ffn_down' has shape ({ff}, {e}), expected "
-                                       f"(n_embd, n_ff) = ({e}, {ff})")):
+                       match=re.escape(f"t.gguf: tensor 'blk.1.ffn_down.weight' (blk.1.ffn_down) "
+                                       f"has shape ({ff}, {e}), expected (n_embd, n_ff) = "
+                                       f"({e}, {ff})")):
         gemma3.load(tmp_path / "t.gguf")
     _gguf_copy(tmp_path / "tiny.gguf", tmp_path / "m.gguf",
                lambda n, f: False if n == "blk.2.attn_v.weight" else None)
@@ -303,7 +306,9 @@ def test_gguf_checkpoint_with_wrong_shape_or_missing_tensor(tmp_path):
     _gguf_copy(tmp_path / "tiny.gguf", tmp_path / "n.gguf",
                lambda n, f: (np.ones(cfg.head_dim - 1, np.float32)
                              if n == "blk.0.attn_k_norm.weight" else None))
-    with pytest.raises(gemma3.FormatError, match=f"'blk.0.attn_k_norm' .* {cfg.head_dim} values"):
+    with pytest.raises(gemma3.FormatError, match=re.escape(
+            f"'blk.0.attn_k_norm.weight' (blk.0.attn_k_norm) has shape ({cfg.head_dim - 1},), "
+            f"expected (head_dim) = {cfg.head_dim} values")):
         gemma3.load(tmp_path / "n.gguf")
 
 
@@ -321,8 +326,9 @@ def test_hf_checkpoint_with_wrong_shape(tmp_path):
     _hf_copy(TINY, tmp_path / "t", lambda n, a: a.T if n.endswith("layers.0.mlp.gate_proj.weight")
              else a)
     with pytest.raises(gemma3.FormatError,
-                       match=re.escape(f"'blk.0.ffn_gate' has shape ({e}, {ff}), expected "
-                                       f"(n_ff, n_embd) = ({ff}, {e})")):
+                       match=re.escape(f"layers.0.mlp.gate_proj.weight' (blk.0.ffn_gate) has "
+                                       f"shape ({e}, {ff}), expected (n_ff, n_embd) = "
+                                       f"({ff}, {e})")):
         gemma3.load(tmp_path / "t")
 
 
@@ -332,6 +338,31 @@ def test_vision_checkpoint_with_wrong_shape(tmp_path):
     _hf_copy(VIS / "hf", tmp_path / "v", lambda n, a: a.T if n.endswith("layers.1.mlp.fc1.weight")
              else a)
     with pytest.raises(gemma3.FormatError,
-                       match=re.escape(f"vision tensor 'blk.1.ffn_up' has shape ({d}, {f}), "
-                                       f"expected (n_ff, n_embd) = ({f}, {d})")):
+                       match=re.escape(f"layers.1.mlp.fc1.weight' (blk.1.ffn_up) has shape "
+                                       f"({d}, {f}), expected (n_ff, n_embd) = ({f}, {d})")):
         gemma3.load(tmp_path / "v")
+
+
+def test_vision_core_checks_shapes_by_the_table():
+    """The C check behind the loaders' own: a weights dict with a wrong matrix or vector."""
+    where = {n: s for s in [SafetensorsFile(VIS / "hf" / "model.safetensors")] for n in s.tensors}
+    hf = json.loads((VIS / "hf" / "config.json").read_text())
+    tower = V.load_hf_vision(str(VIS / "hf"), hf, where, 64)
+    c = tower.config
+    prefixes = {"v": V._find_prefix(where, V.HF_VISION_PREFIXES,
+                                    "embeddings.patch_embedding.weight"),
+                "m": V._find_prefix(where, V.HF_PROJECTOR_PREFIXES, "mm_input_projection_weight")}
+    w = build_weights("vision", c.to_core().dims, c.num_layers,
+                      lambda r, i, shape: hf_entry(where, "x", r, i, shape, prefixes, None))
+    _core.VisionTower(c.to_core(), w)  # as loaded: fine
+    d, t = c.hidden_size, c.text_hidden_size
+    bad = dict(w)
+    bad["mm.input_projection"] = w["blk.0.attn_q"]
+    with pytest.raises(gemma3.FormatError, match=re.escape(
+            f"vision tensor 'mm.input_projection' has shape ({d}, {d}), expected "
+            f"(n_embd_text, n_embd) = ({t}, {d})")):
+        _core.VisionTower(c.to_core(), bad)
+    bad = dict(w)
+    bad["position_embd"] = w["post_ln.bias"]
+    with pytest.raises(gemma3.FormatError, match="'position_embd' must be .* values"):
+        _core.VisionTower(c.to_core(), bad)
