@@ -6,7 +6,8 @@ with M = ``mm_tokens_per_image`` (256 for the released models: a 64 x 64 patch g
 4 x 4 to 16 x 16 tokens, row-major). Math in csrc/vision/siglip.c; references
 transformers-gemma3.md §3.1-3.2 and llama-cpp-gemma3.md §6.1, §6.3.
 
-Conventions settled here, for both formats:
+Conventions, for both formats (one row each in the vision role table, csrc/model/roles.c, which
+the loaders below read through ``loader.build_weights``):
 
 * matrices are ``(rows, cols)`` with ``y = W x`` (HF Linear ``[out, in]``; GGUF ``ne = [in, out]``);
 * the patch convolution ``(D, 3, p, p)`` is flattened to ``(D, 3 p p)`` in (channel, row, col)
@@ -18,9 +19,9 @@ Conventions settled here, for both formats:
   ``mm.input_projection.weight`` (``ne = [n_embd_text, D]``) holds the same P and is transposed
   the same way;
 * mmproj ``ffn_up``/``ffn_down`` are HF ``fc1``/``fc2``; old files had them the other way and are
-  recognised as llama.cpp does (``ffn_down`` whose ``ne[0]`` is the width is really fc1). When the
-  MLP is square (``n_ff == width``) the two layouts cannot be told apart and the current one is
-  assumed.
+  recognised as llama.cpp does: the role's alternative name is read when the current name's shape
+  is not the role's and the alternative's is. When the MLP is square (``n_ff == width``) the two
+  layouts cannot be told apart and the current one is assumed.
 * token ids (``<start_of_image>``, ``<end_of_image>``, ``<image_soft_token>``) come from the HF
   config, or from our mmproj extension keys ``clip.gemma3.{boi,eoi,image}_token_id`` (llama.cpp
   ignores them), else from the tokenizer, else the Gemma 3 defaults 255999 / 256000 / 262144.
