@@ -29,7 +29,7 @@ import numpy as np
 from ._core import FormatError, UnsupportedError
 from .config import Gemma3Config, from_hf_config, layer_types_from_pattern
 from .gguf import GGUFWriter
-from .loader import Role, _find_hf_prefix, tensor_roles
+from .loader import Role, _find_hf_prefix, role_of, tensor_roles
 from .safetensors import SafetensorsFile
 
 __all__ = ["hf_to_gguf", "hf_to_mmproj_gguf", "tokenizer_metadata"]
@@ -41,10 +41,6 @@ _FILE_TYPE = {"F32": 0, "F16": 1, "Q4_0": 2, "Q8_0": 7, "Q4_K": 15, "Q6_K": 18, 
 _BLOCK_ORDER = ("attn_norm", "ffn_down", "ffn_gate", "ffn_up", "post_attention_norm",
                 "ffn_norm", "post_ffw_norm", "attn_k_norm", "attn_k", "attn_output",
                 "attn_q_norm", "attn_q", "attn_v")
-
-
-def _role(kind: str, key: str) -> Role:
-    return next(r for r in tensor_roles(kind) if r.key == key)
 
 
 def _gguf_value(role: Role, arr: np.ndarray) -> np.ndarray:
@@ -247,18 +243,19 @@ def hf_to_gguf(hf_dir: str | os.PathLike, out_path: str | os.PathLike, dtype: st
         else:
             matrix(name, arr)
 
-    emb = get(f"{prefix}embed_tokens.weight")
+    role = role_of("text", "token_embd")
+    emb = get(role.hf.format(t=prefix))
     if emb.shape != (cfg.vocab_size, cfg.hidden_size):
         raise FormatError(f"{d}: embed_tokens is {emb.shape}, config says "
                           f"({cfg.vocab_size}, {cfg.hidden_size})")
-    matrix("token_embd.weight", emb[:n_vocab])
+    matrix(role.gguf, emb[:n_vocab])
     for i in range(cfg.num_layers):
         for ours in _BLOCK_ORDER:
-            role = _role("text", f"blk.{{i}}.{ours}")
+            role = role_of("text", f"blk.{{i}}.{ours}")
             tensor(role, i, get(role.hf.format(t=prefix, i=i)))
-    role = _role("text", "output_norm")
+    role = role_of("text", "output_norm")
     tensor(role, None, get(role.hf.format(t=prefix)))
-    role = _role("text", "output")
+    role = role_of("text", "output")
     lm_head = next((n for n in (role.hf, role.hf_alt) if n and n in where), None)
     if lm_head and not tc.get("tie_word_embeddings", hf.get("tie_word_embeddings", True)):
         matrix(role.gguf, get(lm_head)[:n_vocab])
@@ -283,13 +280,7 @@ def hf_to_mmproj_gguf(hf_dir: str | os.PathLike, out_path: str | os.PathLike,
     "BF16", "Q8_0"; rows that are not a multiple of the block stay F32). ``swap_ffn`` writes the
     old layout (fc1 under ffn_down) that llama.cpp still reads, for compatibility tests.
     """
-    from .vision import (
-        GEMMA3_VISION_DEFAULTS,
-        HF_PROJECTOR_PREFIXES,
-        HF_VISION_PREFIXES,
-        _find_prefix,
-        _token_ids,
-    )
+    from .vision import GEMMA3_VISION_DEFAULTS, _token_ids, _vision_prefixes
 
     d = Path(hf_dir)
     cfg_path = d / "config.json"
@@ -300,8 +291,7 @@ def hf_to_mmproj_gguf(hf_dir: str | os.PathLike, out_path: str | os.PathLike,
     if dtype not in _FILE_TYPE:
         raise ValueError(f"dtype must be one of {sorted(_FILE_TYPE)}, got {dtype!r}")
     where = _open_shards(d)
-    vp = _find_prefix(where, HF_VISION_PREFIXES, "embeddings.patch_embedding.weight")
-    pp = _find_prefix(where, HF_PROJECTOR_PREFIXES, "mm_input_projection_weight")
+    vp, pp = _vision_prefixes(where)
     if vp is None or pp is None:
         raise FormatError(f"{d}: no vision tower / multi_modal_projector in this checkpoint")
 
@@ -312,7 +302,7 @@ def hf_to_mmproj_gguf(hf_dir: str | os.PathLike, out_path: str | os.PathLike,
 
     vc = dict(GEMMA3_VISION_DEFAULTS)
     vc.update({k: v for k, v in (hf.get("vision_config") or {}).items() if v is not None})
-    proj = get(f"{pp}mm_input_projection_weight")
+    proj = get(role_of("vision", "mm.input_projection").hf.format(m=pp))
     side = vc["image_size"] // vc["patch_size"]
     merge = side // int(int(hf.get("mm_tokens_per_image", 256)) ** 0.5)
     w = GGUFWriter()

@@ -92,6 +92,11 @@ def tensor_roles(kind: str) -> tuple[Role, ...]:
                  for d in _core.tensor_roles(kind))
 
 
+def role_of(kind: str, key: str) -> Role:
+    """The role of ``kind`` keyed ``key`` (e.g. "token_embd", "blk.{i}.attn_q")."""
+    return next(r for r in tensor_roles(kind) if r.key == key)
+
+
 def build_weights(kind: str, dims: dict[str, int], n_layer: int,
                   entry: Callable[[Role, int | None, tuple[int, int]], Any]) -> dict[str, Any]:
     """The weights dict for the C core: ``entry(role, layer, expected (rows, cols))`` for every
@@ -208,9 +213,10 @@ def load_gguf(path: str, dtype: str | None = None):
     f = GGUFFile(path)
     md = f.metadata
     tokens = md.get("tokenizer.ggml.tokens")
-    if "token_embd.weight" not in f.tensors:
-        raise FormatError(f"{path}: tensor 'token_embd.weight' is missing")
-    vocab = f.tensors["token_embd.weight"].shape[0]
+    emb = role_of("text", "token_embd").gguf  # its rows give the vocabulary size
+    if emb not in f.tensors:
+        raise FormatError(f"{path}: tensor {emb!r} is missing")
+    vocab = f.tensors[emb].shape[0]
     if tokens is not None and len(tokens) != vocab:
         raise FormatError(f"{path}: {len(tokens)} tokenizer tokens but token_embd has {vocab} rows")
     cfg = from_gguf_metadata(md, vocab)
@@ -220,11 +226,12 @@ def load_gguf(path: str, dtype: str | None = None):
 
 
 def _find_hf_prefix(names: set[str]) -> str:
+    probe = role_of("text", "token_embd").hf
     for p in HF_TEXT_PREFIXES:
-        if f"{p}embed_tokens.weight" in names:
+        if probe.format(t=p) in names:
             return p
     raise FormatError("no text-model embedding found (looked for "
-                      + ", ".join(f"'{p}embed_tokens.weight'" for p in HF_TEXT_PREFIXES) + ")")
+                      + ", ".join(repr(probe.format(t=p)) for p in HF_TEXT_PREFIXES) + ")")
 
 
 def load_hf_dir(path: str, dtype: str | None = None):

@@ -38,7 +38,7 @@ import numpy as np
 
 from . import _check, _core
 from ._core import FormatError, UnsupportedError
-from .loader import build_weights, gguf_entry, hf_entry
+from .loader import build_weights, gguf_entry, hf_entry, role_of
 
 __all__ = ["VisionConfig", "VisionTower", "load_hf_vision", "load_mmproj", "token_grid",
            "token_boxes", "HF_VISION_PREFIXES", "HF_PROJECTOR_PREFIXES"]
@@ -190,6 +190,15 @@ def _find_prefix(names, prefixes: tuple[str, ...], probe: str) -> str | None:
     return next((p for p in prefixes if f"{p}{probe}" in names), None)
 
 
+def _vision_prefixes(names) -> tuple[str | None, str | None]:
+    """(vision tower, projector) prefixes of an HF checkpoint's tensor names, None if absent:
+    found by the patch-embedding and projection names of the role table."""
+    patch = role_of("vision", "patch_embd").hf.format(v="")
+    proj = role_of("vision", "mm.input_projection").hf.format(m="")
+    return (_find_prefix(names, HF_VISION_PREFIXES, patch),
+            _find_prefix(names, HF_PROJECTOR_PREFIXES, proj))
+
+
 def _token_ids(hf: dict[str, Any]) -> dict[str, int]:
     def pick(*keys, default):
         for k in keys:
@@ -209,10 +218,9 @@ def load_hf_vision(path: str, hf: dict[str, Any], where: dict[str, Any], text_hi
     transformers 5's ``vision_tower.*`` names); ``where`` maps tensor names to their open
     safetensors shard. None when the checkpoint has no vision tower (a text-only model)."""
     names = set(where)
-    vp = _find_prefix(names, HF_VISION_PREFIXES, "embeddings.patch_embedding.weight")
+    vp, pp = _vision_prefixes(names)
     if vp is None:
         return None
-    pp = _find_prefix(names, HF_PROJECTOR_PREFIXES, "mm_input_projection_weight")
     if pp is None:
         raise FormatError(f"{path}: a vision tower but no multi_modal_projector."
                           "mm_input_projection_weight")
@@ -286,9 +294,10 @@ def load_mmproj(path: str | os.PathLike, text_hidden: int | None = None,
         if v is None and tokenizer is not None:
             v = tokenizer.token_to_id(text)
         ids[name] = int(v) if v is not None else default
-    if "mm.input_projection.weight" not in f.tensors:
-        raise FormatError(f"{path}: tensor 'mm.input_projection.weight' is missing")
-    pshape = f.tensors["mm.input_projection.weight"].shape  # (D, n_embd_text), as HF's P
+    pname = role_of("vision", "mm.input_projection").gguf
+    if pname not in f.tensors:
+        raise FormatError(f"{path}: tensor {pname!r} is missing")
+    pshape = f.tensors[pname].shape  # (D, n_embd_text), as HF's P
     n_text = pshape[-1]
     if proj_dim and proj_dim != n_text:
         raise FormatError(f"{path}: projection_dim {proj_dim} but mm.input_projection is "
