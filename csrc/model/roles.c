@@ -135,6 +135,9 @@ static const g3_role vision_roles[] = {
 #undef VL
 #undef VLN
 #undef VATT
+#undef MAT
+#undef VEC
+#undef ONE
 
 const g3_role_table g3_vision_roles = {"vision", "vision", vision_roles,
                                        (int)(sizeof vision_roles / sizeof *vision_roles)};
