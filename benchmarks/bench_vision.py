@@ -63,43 +63,25 @@ def build_torch(layers: int, text_width: int, attn: str):
 
 
 def ours_from_torch(tower, proj, layers: int, text_width: int, dtype: str | None):
-    from gemma3.loader import _convert_matrix
+    """Our tower over the torch parameters, bound by the vision role table as a Hugging Face
+    checkpoint is (gemma3.loader.hf_entry: names, +1 norm, flatten, transpose, on-load dtype)."""
+    from gemma3.loader import build_weights, hf_entry
     from gemma3.vision import VisionConfig, VisionTower
 
     sd = {k: v.detach().numpy() for k, v in tower.state_dict().items()}
+    sd.update({k: v.detach().numpy() for k, v in proj.state_dict().items()})
     # transformers 5 folds SigLIP's `vision_model.`; older versions keep it
     pre = "vision_model." if any(k.startswith("vision_model.") for k in sd) else ""
 
-    def mat(a, conv=True):
-        a = np.ascontiguousarray(a, dtype=np.float32)
-        tid, data = _convert_matrix(a, dtype if conv else None)
-        return (tid, a.shape[0], a.shape[1], data)
+    class Arrays:  # what hf_entry reads a tensor from (an open safetensors shard)
+        def array(self, name):
+            return sd[name]
 
-    def vec(a):
-        return np.ascontiguousarray(a, dtype=np.float32).reshape(-1)
-
-    w = {"patch_embd": mat(sd[f"{pre}embeddings.patch_embedding.weight"].reshape(1152, -1),
-                           conv=False),
-         "patch_embd.bias": vec(sd[f"{pre}embeddings.patch_embedding.bias"]),
-         "position_embd": vec(sd[f"{pre}embeddings.position_embedding.weight"]),
-         "post_ln.weight": vec(sd[f"{pre}post_layernorm.weight"]),
-         "post_ln.bias": vec(sd[f"{pre}post_layernorm.bias"])}
-    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
-             "self_attn.v_proj": "attn_v", "self_attn.out_proj": "attn_out",
-             "mlp.fc1": "ffn_up", "mlp.fc2": "ffn_down", "layer_norm1": "ln1",
-             "layer_norm2": "ln2"}
-    for i in range(layers):
-        for h, o in names.items():
-            b = f"{pre}encoder.layers.{i}.{h}"
-            if o.startswith("ln"):
-                w[f"blk.{i}.{o}.weight"] = vec(sd[b + ".weight"])
-            else:
-                w[f"blk.{i}.{o}"] = mat(sd[b + ".weight"])
-            w[f"blk.{i}.{o}.bias"] = vec(sd[b + ".bias"])
-    p = {k: v.detach().numpy() for k, v in proj.state_dict().items()}
-    w["mm.soft_emb_norm"] = vec(p["mm_soft_emb_norm.weight"] + 1.0)
-    w["mm.input_projection"] = mat(p["mm_input_projection_weight"].T)
+    where = dict.fromkeys(sd, Arrays())
     cfg = VisionConfig(num_layers=layers, text_hidden_size=text_width)
+    w = build_weights("vision", cfg.to_core().dims, layers,
+                      lambda r, i, shape: hf_entry(where, "torch", r, i, shape,
+                                                   {"v": pre, "m": ""}, dtype))
     return VisionTower(cfg, w)
 
 

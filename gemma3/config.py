@@ -22,6 +22,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import _core
 from ._core import FormatError, UnsupportedError
 
 
@@ -62,19 +63,19 @@ class Gemma3Config:
     def global_layers(self) -> list[int]:
         return [i for i, t in enumerate(self.layer_types) if t == "full_attention"]
 
-    def to_core(self, max_seq: int) -> dict[str, Any]:
-        """The dict the C core takes."""
-        return {
-            "n_vocab": self.vocab_size, "n_embd": self.hidden_size, "n_layer": self.num_layers,
-            "n_head": self.num_heads, "n_head_kv": self.num_kv_heads, "head_dim": self.head_dim,
-            "n_ff": self.intermediate_size, "window": self.sliding_window, "max_seq": max_seq,
-            "eps": self.rms_norm_eps, "attn_scale": self.attn_scale,
-            "embd_scale": self.embed_scale,
-            "final_softcap": self.final_logit_softcapping or 0.0,
-            "rope_base_global": self.rope_theta,
-            "rope_scale_global": 1.0 / self.rope_scaling_factor,
-            "rope_base_local": self.rope_local_base_freq, "rope_scale_local": 1.0,
-        }
+    def to_core(self, max_seq: int) -> _core.TextConfig:
+        """The typed config the C core takes (every field required, no defaults in C)."""
+        return _core.TextConfig(
+            n_vocab=self.vocab_size, n_embd=self.hidden_size, n_layer=self.num_layers,
+            n_head=self.num_heads, n_head_kv=self.num_kv_heads, head_dim=self.head_dim,
+            n_ff=self.intermediate_size, window=self.sliding_window, max_seq=max_seq,
+            eps=float(self.rms_norm_eps), attn_scale=float(self.attn_scale),
+            embd_scale=float(self.embed_scale),
+            final_softcap=float(self.final_logit_softcapping or 0.0),
+            rope_base_global=float(self.rope_theta),
+            rope_scale_global=1.0 / self.rope_scaling_factor,
+            rope_base_local=float(self.rope_local_base_freq), rope_scale_local=1.0,
+        )
 
 
 def layer_types_from_pattern(n_layers: int, pattern: int, sliding_window: int) -> tuple[str, ...]:

@@ -29,18 +29,25 @@ import numpy as np
 from ._core import FormatError, UnsupportedError
 from .config import Gemma3Config, from_hf_config, layer_types_from_pattern
 from .gguf import GGUFWriter
-from .loader import HF_LAYER, NORMS, _find_hf_prefix
+from .loader import Role, _find_hf_prefix, role_of, tensor_roles
 from .safetensors import SafetensorsFile
 
 __all__ = ["hf_to_gguf", "hf_to_mmproj_gguf", "tokenizer_metadata"]
 
 # llama.cpp's llama_ftype for the all-one-type files this writes (general.file_type)
 _FILE_TYPE = {"F32": 0, "F16": 1, "Q4_0": 2, "Q8_0": 7, "Q4_K": 15, "Q6_K": 18, "BF16": 32}
-# tensor order inside a block, as llama.cpp's converter emits them (HF state-dict order)
+# tensor order inside a block, as llama.cpp's converter emits them (HF state-dict order); names
+# and conventions come from the role table (csrc/model/roles.c via loader.tensor_roles)
 _BLOCK_ORDER = ("attn_norm", "ffn_down", "ffn_gate", "ffn_up", "post_attention_norm",
                 "ffn_norm", "post_ffw_norm", "attn_k_norm", "attn_k", "attn_output",
                 "attn_q_norm", "attn_q", "attn_v")
-_OURS_TO_HF = {ours: hf for hf, ours in HF_LAYER.items()}
+
+
+def _gguf_value(role: Role, arr: np.ndarray) -> np.ndarray:
+    """HF tensor -> what the GGUF stores: 1 + w where HF stores w and GGUF the multiplier."""
+    if "add_one" in role.hf_conv and "add_one" not in role.gguf_conv:
+        return np.ascontiguousarray(arr, dtype=np.float32) + np.float32(1.0)
+    return arr
 
 # GGUF tokenizer.ggml.token_type values
 _NORMAL, _CONTROL, _USER_DEFINED, _BYTE = 1, 3, 4, 6
@@ -228,24 +235,30 @@ def hf_to_gguf(hf_dir: str | os.PathLike, out_path: str | os.PathLike, dtype: st
             t = "F32"
         w.add_tensor(name, arr, type=t)
 
-    def norm(name: str, arr: np.ndarray) -> None:
-        w.add_tensor(name, np.ascontiguousarray(arr, dtype=np.float32) + np.float32(1.0),
-                     type="F32")
+    def tensor(role: Role, i: int | None, arr: np.ndarray) -> None:
+        name = role.gguf.format(i=i)
+        if role.kind == "vector":  # norms: F32 as llama.cpp writes every 1-D tensor
+            w.add_tensor(name, np.ascontiguousarray(_gguf_value(role, arr), dtype=np.float32),
+                         type="F32")
+        else:
+            matrix(name, arr)
 
-    emb = get(f"{prefix}embed_tokens.weight")
+    role = role_of("text", "token_embd")
+    emb = get(role.hf.format(t=prefix))
     if emb.shape != (cfg.vocab_size, cfg.hidden_size):
         raise FormatError(f"{d}: embed_tokens is {emb.shape}, config says "
                           f"({cfg.vocab_size}, {cfg.hidden_size})")
-    matrix("token_embd.weight", emb[:n_vocab])
+    matrix(role.gguf, emb[:n_vocab])
     for i in range(cfg.num_layers):
         for ours in _BLOCK_ORDER:
-            arr = get(f"{prefix}layers.{i}.{_OURS_TO_HF[ours]}.weight")
-            (norm if ours in NORMS else matrix)(f"blk.{i}.{ours}.weight", arr)
-    norm("output_norm.weight", get(f"{prefix}norm.weight"))
-    lm_head = next((n for n in ("lm_head.weight", "language_model.lm_head.weight") if n in where),
-                   None)
+            role = role_of("text", f"blk.{{i}}.{ours}")
+            tensor(role, i, get(role.hf.format(t=prefix, i=i)))
+    role = role_of("text", "output_norm")
+    tensor(role, None, get(role.hf.format(t=prefix)))
+    role = role_of("text", "output")
+    lm_head = next((n for n in (role.hf, role.hf_alt) if n and n in where), None)
     if lm_head and not tc.get("tie_word_embeddings", hf.get("tie_word_embeddings", True)):
-        matrix("output.weight", get(lm_head)[:n_vocab])
+        matrix(role.gguf, get(lm_head)[:n_vocab])
     w.write(out_path)
 
 
@@ -255,10 +268,7 @@ def hf_to_gguf(hf_dir: str | os.PathLike, out_path: str | os.PathLike, dtype: st
 # files), mm.soft_emb_norm stored as 1 + w, mm.input_projection the HF (D, n_embd_text) matrix as
 # is (ne = [n_embd_text, D]); patch and position embeddings F32. Our extension keys
 # clip.gemma3.{boi,eoi,image}_token_id record the token ids (llama.cpp ignores them).
-_MMPROJ_LAYER = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
-                 "self_attn.v_proj": "attn_v", "self_attn.out_proj": "attn_out",
-                 "mlp.fc1": "ffn_up", "mlp.fc2": "ffn_down", "layer_norm1": "ln1",
-                 "layer_norm2": "ln2"}
+# Names and conventions from the vision role table, written in its order (= llama.cpp's).
 
 
 def hf_to_mmproj_gguf(hf_dir: str | os.PathLike, out_path: str | os.PathLike,
@@ -270,13 +280,7 @@ def hf_to_mmproj_gguf(hf_dir: str | os.PathLike, out_path: str | os.PathLike,
     "BF16", "Q8_0"; rows that are not a multiple of the block stay F32). ``swap_ffn`` writes the
     old layout (fc1 under ffn_down) that llama.cpp still reads, for compatibility tests.
     """
-    from .vision import (
-        GEMMA3_VISION_DEFAULTS,
-        HF_PROJECTOR_PREFIXES,
-        HF_VISION_PREFIXES,
-        _find_prefix,
-        _token_ids,
-    )
+    from .vision import GEMMA3_VISION_DEFAULTS, _token_ids, _vision_prefixes
 
     d = Path(hf_dir)
     cfg_path = d / "config.json"
@@ -287,8 +291,7 @@ def hf_to_mmproj_gguf(hf_dir: str | os.PathLike, out_path: str | os.PathLike,
     if dtype not in _FILE_TYPE:
         raise ValueError(f"dtype must be one of {sorted(_FILE_TYPE)}, got {dtype!r}")
     where = _open_shards(d)
-    vp = _find_prefix(where, HF_VISION_PREFIXES, "embeddings.patch_embedding.weight")
-    pp = _find_prefix(where, HF_PROJECTOR_PREFIXES, "mm_input_projection_weight")
+    vp, pp = _vision_prefixes(where)
     if vp is None or pp is None:
         raise FormatError(f"{d}: no vision tower / multi_modal_projector in this checkpoint")
 
@@ -299,7 +302,7 @@ def hf_to_mmproj_gguf(hf_dir: str | os.PathLike, out_path: str | os.PathLike,
 
     vc = dict(GEMMA3_VISION_DEFAULTS)
     vc.update({k: v for k, v in (hf.get("vision_config") or {}).items() if v is not None})
-    proj = get(f"{pp}mm_input_projection_weight")
+    proj = get(role_of("vision", "mm.input_projection").hf.format(m=pp))
     side = vc["image_size"] // vc["patch_size"]
     merge = side // int(int(hf.get("mm_tokens_per_image", 256)) ** 0.5)
     w = GGUFWriter()
@@ -332,23 +335,25 @@ def hf_to_mmproj_gguf(hf_dir: str | os.PathLike, out_path: str | os.PathLike,
             t = "F32"
         w.add_tensor(name, arr, type=t)
 
-    def f32(name: str, arr: np.ndarray) -> None:
-        w.add_tensor(name, arr, type="F32")
+    prefixes = {"v": vp, "m": pp}
 
-    f32("v.patch_embd.weight", get(f"{vp}embeddings.patch_embedding.weight"))
-    f32("v.patch_embd.bias", get(f"{vp}embeddings.patch_embedding.bias"))
-    f32("v.position_embd.weight", get(f"{vp}embeddings.position_embedding.weight"))
-    for i in range(int(vc["num_hidden_layers"])):
-        for hname, ours in _MMPROJ_LAYER.items():
-            if swap_ffn and ours in ("ffn_up", "ffn_down"):
-                ours = "ffn_down" if ours == "ffn_up" else "ffn_up"
-            base = f"{vp}encoder.layers.{i}.{hname}"
-            (f32 if ours in ("ln1", "ln2") else matrix)(f"v.blk.{i}.{ours}.weight",
-                                                        get(base + ".weight"))
-            f32(f"v.blk.{i}.{ours}.bias", get(base + ".bias"))
-    f32("v.post_ln.weight", get(f"{vp}post_layernorm.weight"))
-    f32("v.post_ln.bias", get(f"{vp}post_layernorm.bias"))
-    f32("mm.soft_emb_norm.weight", get(f"{pp}mm_soft_emb_norm.weight") + np.float32(1.0))
-    w.add_tensor("mm.input_projection.weight", proj,
-                 type=dtype if dtype in ("F32", "F16", "BF16") else "F16")
+    def tensor(role: Role, i: int | None) -> None:
+        arr = _gguf_value(role, get(role.hf.format(i=i, **prefixes)))
+        name = (role.gguf_alt if swap_ffn and role.gguf_alt else role.gguf).format(i=i)
+        if role.key == "mm.input_projection":  # llama.cpp forces F16 for the projection
+            w.add_tensor(name, arr, type=dtype if dtype in ("F32", "F16", "BF16") else "F16")
+        elif role.kind == "vector" or "keep_f32" in role.hf_conv:
+            w.add_tensor(name, arr, type="F32")
+        else:
+            matrix(name, arr)
+
+    roles = tensor_roles("vision")
+    layer_roles = [r for r in roles if r.per_layer]
+    for role in roles:
+        if not role.per_layer:
+            tensor(role, None)
+        elif role is layer_roles[0]:  # all blocks where the first per-layer role stands
+            for i in range(int(vc["num_hidden_layers"])):
+                for lr in layer_roles:
+                    tensor(lr, i)
     w.write(out_path)

@@ -1,20 +1,26 @@
 """Binding checkpoint tensors to the C decoder: GGUF files and Hugging Face directories.
 
-One convention for every format (settled here, nowhere else):
+Which tensors exist, their names in each format, their shapes and the conventions applied on load
+are one table, csrc/model/roles.c, read here through ``_core.tensor_roles`` (:func:`tensor_roles`)
+by the text loaders below and the vision loaders (gemma3/vision.py); the C binding and checks
+walk the same table. In short:
 
 * matrices are ``(rows, cols)`` with ``y = W x`` — GGUF ``ne = [cols, rows]``, HF Linear
   ``[out, in]``; they stay in the file mapping when the C kernels can read their type directly;
 * RMSNorm weights are float32 arrays holding the full multiplier ``1 + w``: GGUF files already
   store ``1 + w`` (llama.cpp's converter adds it), Hugging Face checkpoints store ``w`` and get 1
-  added here, into memory the model owns.
+  added (role convention ``add_one``), into memory the model owns.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -24,19 +30,6 @@ from .gguf import GGUFFile, ggml_type_id
 from .safetensors import SafetensorsFile
 from ._core import FormatError, UnsupportedError
 
-NORMS = ("attn_norm", "attn_q_norm", "attn_k_norm", "post_attention_norm", "ffn_norm",
-         "post_ffw_norm")
-MATS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
-
-# Hugging Face layer names -> ours
-HF_LAYER = {
-    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm",
-    "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
-    "post_attention_layernorm": "post_attention_norm",
-    "pre_feedforward_layernorm": "ffn_norm", "post_feedforward_layernorm": "post_ffw_norm",
-}
 # prefixes of the text model in HF checkpoints, newest first
 HF_TEXT_PREFIXES = ("model.language_model.", "language_model.model.", "model.")
 
@@ -66,47 +59,179 @@ def _check_dtype(dtype: str | None) -> None:
         raise ValueError(f"dtype must be one of {sorted(_QUANT_ON_LOAD)} or None, got {dtype!r}")
 
 
+# -- the tensor role table (csrc/model/roles.c), read by every loader ----------------------------
+@dataclass(frozen=True)
+class Role:
+    """One tensor role: ``key`` names it in the weights dict given to the C core (``{i}`` = layer);
+    ``gguf``/``gguf_alt`` and ``hf``/``hf_alt`` are its file names (HF prefixes ``{t}`` text,
+    ``{v}`` vision tower, ``{m}`` projector); ``shape`` the expected ``(rows, cols)`` as symbols
+    of ``TextConfig.dims``/``VisionConfig.dims``; ``*_conv`` the conventions applied on load from
+    that format (``add_one``, ``flatten``, ``transpose``, ``keep_f32``)."""
+
+    key: str
+    gguf: str
+    gguf_alt: str | None
+    hf: str
+    hf_alt: str | None
+    per_layer: bool
+    kind: str  # "matrix" | "vector"
+    optional: bool
+    tie: str | None
+    shape: tuple[str, str]
+    hf_conv: frozenset[str]
+    gguf_conv: frozenset[str]
+    field: str  # the C struct field it binds, e.g. "g3_layer.q"
+    offset: int
+
+
+@functools.cache
+def tensor_roles(kind: str) -> tuple[Role, ...]:
+    """The role table of ``kind`` ("text" | "vision"), in table (= file write) order."""
+    return tuple(Role(**{**d, "hf_conv": frozenset(d["hf_conv"]),
+                         "gguf_conv": frozenset(d["gguf_conv"])})
+                 for d in _core.tensor_roles(kind))
+
+
+def role_of(kind: str, key: str) -> Role:
+    """The role of ``kind`` keyed ``key`` (e.g. "token_embd", "blk.{i}.attn_q")."""
+    return next(r for r in tensor_roles(kind) if r.key == key)
+
+
+def build_weights(kind: str, dims: dict[str, int], n_layer: int,
+                  entry: Callable[[Role, int | None, tuple[int, int]], Any]) -> dict[str, Any]:
+    """The weights dict for the C core: ``entry(role, layer, expected (rows, cols))`` for every
+    role (per-layer roles once per layer), None for an absent optional role."""
+    w: dict[str, Any] = {}
+    for role in tensor_roles(kind):
+        shape = (dims[role.shape[0]], dims[role.shape[1]])
+        for i in range(n_layer) if role.per_layer else (None,):
+            e = entry(role, i, shape)
+            if e is not None:
+                w[role.key.format(i=i)] = e
+    return w
+
+
+def _bound_shape(shape: tuple[int, ...], conv: frozenset[str]) -> tuple[int, ...]:
+    """(rows, cols) a file tensor of ``shape`` (numpy order) binds as under ``conv``."""
+    if "flatten" in conv and len(shape) > 2:
+        shape = (shape[0], math.prod(shape[1:]))
+    if "transpose" in conv and len(shape) == 2:
+        shape = (shape[1], shape[0])
+    return tuple(shape)
+
+
+def _fits(shape: tuple[int, ...], conv: frozenset[str], role: Role, want: tuple[int, int]) -> bool:
+    s = _bound_shape(shape, conv)
+    return s == want if role.kind == "matrix" else math.prod(s) == math.prod(want)
+
+
+def _check_shape(path: str, name: str, shape: tuple[int, ...], conv: frozenset[str], role: Role,
+                 i: int | None, want: tuple[int, int]) -> None:
+    """A file tensor's shape against its role, named as the file names it (the C core checks the
+    weights dict again against the same table, for any caller)."""
+    if _fits(shape, conv, role, want):
+        return
+    bound = _bound_shape(shape, conv)
+    got = f"shape {tuple(shape)}" + (f", bound as {bound}" if bound != tuple(shape) else "")
+    if role.kind == "matrix":
+        exp = f"({role.shape[0]}, {role.shape[1]}) = {want}"
+    else:
+        sym = role.shape[0] if role.shape[1] == "1" else "*".join(role.shape)
+        exp = f"({sym}) = {math.prod(want)} values"
+    raise FormatError(f"{path}: tensor {name!r} ({role.key.format(i=i)}) has {got}, "
+                      f"expected {exp}")
+
+
+def _vector(a: np.ndarray, conv: frozenset[str]) -> np.ndarray:
+    if "add_one" in conv:
+        a = a + 1.0  # the file stores w of a (1 + w) RMSNorm
+    return np.ascontiguousarray(np.asarray(a, dtype=np.float32).reshape(-1))
+
+
+def _matrix(a: np.ndarray, conv: frozenset[str], dtype: str | None):
+    """float matrix (file layout) -> (type_id, rows, cols, bytes) after the conventions."""
+    if "flatten" in conv:
+        a = a.reshape(a.shape[0], -1)
+    if "transpose" in conv:
+        a = a.T
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    tid, data = _convert_matrix(a, None if "keep_f32" in conv else dtype)
+    return _matrix_entry(tid, a.shape, data)
+
+
+def gguf_entry(f: GGUFFile, path: str, role: Role, i: int | None, shape: tuple[int, int],
+               dtype: str | None):
+    """The weights entry of one role from a GGUF (text) or mmproj file. Matrices stay in the file
+    mapping when the kernels can read their type and nothing converts them."""
+    conv = role.gguf_conv
+    names = [n.format(i=i) for n in (role.gguf, role.gguf_alt) if n]
+    present = [n for n in names if n in f.tensors]
+    if not present:
+        if role.optional:
+            return None
+        raise FormatError(f"{path}: tensor {names[0]!r} is missing")
+
+    # older files hold the role under the alternative name: the one whose shape fits
+    name = next((n for n in present if _fits(f.tensors[n].shape, conv, role, shape)), present[0])
+    t = f.tensors[name]
+    _check_shape(path, name, t.shape, conv, role, i, shape)
+    if role.kind == "vector":
+        return _vector(f.dequantize(name), conv)
+    if not _core.type_info(t.type_id)[4]:
+        raise UnsupportedError(f"{path}: tensor {name!r} has type {t.type}, which this version "
+                               "cannot compute with")
+    if dtype is None and not conv - {"flatten"}:
+        rows, cols = _bound_shape(t.shape, conv)
+        return _matrix_entry(t.type_id, (rows, cols), f.raw(name))
+    return _matrix(f.dequantize(name), conv, dtype.lower() if dtype else None)
+
+
+def hf_entry(where: dict[str, Any], path: str, role: Role, i: int | None,
+             shape: tuple[int, int], prefixes: dict[str, str], dtype: str | None,
+             tied: bool = True):
+    """The weights entry of one role from Hugging Face safetensors shards (``where``: tensor name
+    -> open shard). Float tensors are converted to F32 (or ``dtype``) on load. An optional role
+    with a tie (the LM head) is read only when the checkpoint does not declare it tied."""
+    if role.tie and tied:
+        return None
+    names = [n.format(i=i, **prefixes) for n in (role.hf, role.hf_alt) if n]
+    name = next((n for n in names if n in where), None)
+    if name is None:
+        if role.optional:
+            return None
+        raise FormatError(f"{path}: tensor {names[0]!r} is missing")
+    a = where[name].array(name)
+    _check_shape(path, name, a.shape, role.hf_conv, role, i, shape)
+    if role.kind == "vector":
+        return _vector(a, role.hf_conv)
+    return _matrix(a, role.hf_conv, dtype.lower() if dtype else None)
+
+
 def load_gguf(path: str, dtype: str | None = None):
     """-> (config, weights dict for _core.Model, metadata, owner objects)"""
     _check_dtype(dtype)
     f = GGUFFile(path)
     md = f.metadata
     tokens = md.get("tokenizer.ggml.tokens")
-    if "token_embd.weight" not in f.tensors:
-        raise FormatError(f"{path}: tensor 'token_embd.weight' is missing")
-    vocab = f.tensors["token_embd.weight"].shape[0]
+    emb = role_of("text", "token_embd").gguf  # its rows give the vocabulary size
+    if emb not in f.tensors:
+        raise FormatError(f"{path}: tensor {emb!r} is missing")
+    vocab = f.tensors[emb].shape[0]
     if tokens is not None and len(tokens) != vocab:
         raise FormatError(f"{path}: {len(tokens)} tokenizer tokens but token_embd has {vocab} rows")
     cfg = from_gguf_metadata(md, vocab)
-    w: dict[str, Any] = {}
-    for name, t in f.tensors.items():
-        if not name.endswith(".weight"):
-            continue
-        key = name[: -len(".weight")]
-        base = key.split(".")[-1]
-        if base in NORMS or key == "output_norm":
-            w[key] = np.ascontiguousarray(f.dequantize(name).reshape(-1), dtype=np.float32)
-        elif base in MATS or key in ("token_embd", "output"):
-            if len(t.shape) != 2:
-                raise FormatError(f"{path}: tensor {name!r} should be 2-D, has shape {t.shape}")
-            can_compute = _core.type_info(t.type_id)[4]
-            if dtype is not None or not can_compute:
-                if not can_compute:
-                    raise UnsupportedError(f"{path}: tensor {name!r} has type {t.type}, which "
-                                           "this version cannot compute with")
-                tid, data = _convert_matrix(f.dequantize(name), dtype.lower() if dtype else None)
-                w[key] = _matrix_entry(tid, t.shape, data)
-            else:
-                w[key] = _matrix_entry(t.type_id, t.shape, f.raw(name))
+    w = build_weights("text", cfg.to_core(1).dims, cfg.num_layers,
+                      lambda role, i, shape: gguf_entry(f, path, role, i, shape, dtype))
     return cfg, w, md, f
 
 
 def _find_hf_prefix(names: set[str]) -> str:
+    probe = role_of("text", "token_embd").hf
     for p in HF_TEXT_PREFIXES:
-        if f"{p}embed_tokens.weight" in names:
+        if probe.format(t=p) in names:
             return p
     raise FormatError("no text-model embedding found (looked for "
-                      + ", ".join(f"'{p}embed_tokens.weight'" for p in HF_TEXT_PREFIXES) + ")")
+                      + ", ".join(repr(probe.format(t=p)) for p in HF_TEXT_PREFIXES) + ")")
 
 
 def load_hf_dir(path: str, dtype: str | None = None):
@@ -133,36 +258,10 @@ def load_hf_dir(path: str, dtype: str | None = None):
     shards = [SafetensorsFile(d / fn) for fn in files]
     where = {name: s for s in shards for name in s.tensors}
     prefix = _find_hf_prefix(set(where))
-    w: dict[str, Any] = {}
-
-    def get(name):
-        if name not in where:
-            raise FormatError(f"{path}: tensor {name!r} is missing")
-        return where[name].array(name)
-
-    emb = get(f"{prefix}embed_tokens.weight")
-    if emb.shape != (cfg.vocab_size, cfg.hidden_size):
-        raise FormatError(f"{path}: embed_tokens is {emb.shape}, config says "
-                          f"({cfg.vocab_size}, {cfg.hidden_size})")
-    lower = dtype.lower() if dtype else None
-
-    def matrix(a):
-        tid, data = _convert_matrix(a, lower)
-        return _matrix_entry(tid, a.shape, data)
-
-    w["token_embd"] = matrix(emb)
-    lm_head = next((n for n in ("lm_head.weight", "language_model.lm_head.weight") if n in where),
-                   None)
-    if lm_head and not hf.get("tie_word_embeddings", True):
-        w["output"] = matrix(get(lm_head))
-    w["output_norm"] = np.ascontiguousarray(get(f"{prefix}norm.weight") + 1.0, dtype=np.float32)
-    for i in range(cfg.num_layers):
-        for hname, ours in HF_LAYER.items():
-            a = get(f"{prefix}layers.{i}.{hname}.weight")
-            if ours in NORMS:
-                w[f"blk.{i}.{ours}"] = np.ascontiguousarray(a + 1.0, dtype=np.float32)
-            else:
-                w[f"blk.{i}.{ours}"] = matrix(a)
+    tied = hf.get("tie_word_embeddings", True)
+    w = build_weights("text", cfg.to_core(1).dims, cfg.num_layers,
+                      lambda role, i, shape: hf_entry(where, path, role, i, shape,
+                                                      {"t": prefix}, dtype, tied))
     return cfg, w, hf, shards
 
 

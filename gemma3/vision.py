@@ -6,7 +6,8 @@ with M = ``mm_tokens_per_image`` (256 for the released models: a 64 x 64 patch g
 4 x 4 to 16 x 16 tokens, row-major). Math in csrc/vision/siglip.c; references
 transformers-gemma3.md §3.1-3.2 and llama-cpp-gemma3.md §6.1, §6.3.
 
-Conventions settled here, for both formats:
+Conventions, for both formats (one row each in the vision role table, csrc/model/roles.c, which
+the loaders below read through ``loader.build_weights``):
 
 * matrices are ``(rows, cols)`` with ``y = W x`` (HF Linear ``[out, in]``; GGUF ``ne = [in, out]``);
 * the patch convolution ``(D, 3, p, p)`` is flattened to ``(D, 3 p p)`` in (channel, row, col)
@@ -18,9 +19,9 @@ Conventions settled here, for both formats:
   ``mm.input_projection.weight`` (``ne = [n_embd_text, D]``) holds the same P and is transposed
   the same way;
 * mmproj ``ffn_up``/``ffn_down`` are HF ``fc1``/``fc2``; old files had them the other way and are
-  recognised as llama.cpp does (``ffn_down`` whose ``ne[0]`` is the width is really fc1). When the
-  MLP is square (``n_ff == width``) the two layouts cannot be told apart and the current one is
-  assumed.
+  recognised as llama.cpp does: the role's alternative name is read when the current name's shape
+  is not the role's and the alternative's is. When the MLP is square (``n_ff == width``) the two
+  layouts cannot be told apart and the current one is assumed.
 * token ids (``<start_of_image>``, ``<end_of_image>``, ``<image_soft_token>``) come from the HF
   config, or from our mmproj extension keys ``clip.gemma3.{boi,eoi,image}_token_id`` (llama.cpp
   ignores them), else from the tokenizer, else the Gemma 3 defaults 255999 / 256000 / 262144.
@@ -37,6 +38,7 @@ import numpy as np
 
 from . import _check, _core
 from ._core import FormatError, UnsupportedError
+from .loader import build_weights, gguf_entry, hf_entry, role_of
 
 __all__ = ["VisionConfig", "VisionTower", "load_hf_vision", "load_mmproj", "token_grid",
            "token_boxes", "HF_VISION_PREFIXES", "HF_PROJECTOR_PREFIXES"]
@@ -52,14 +54,6 @@ GEMMA3_VISION_DEFAULTS = dict(hidden_size=1152, intermediate_size=4304, num_hidd
                               num_attention_heads=16, image_size=896, patch_size=14,
                               layer_norm_eps=1e-6)
 BOI_ID, EOI_ID, IMAGE_ID = 255999, 256000, 262144
-
-# HF SigLIP layer names -> ours (mmproj names without the "v.blk.N." prefix)
-_HF_LAYER = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
-             "self_attn.v_proj": "attn_v", "self_attn.out_proj": "attn_out",
-             "mlp.fc1": "ffn_up", "mlp.fc2": "ffn_down", "layer_norm1": "ln1",
-             "layer_norm2": "ln2"}
-_MATS = ("attn_q", "attn_k", "attn_v", "attn_out", "ffn_up", "ffn_down")
-
 
 @dataclass(frozen=True)
 class VisionConfig:
@@ -90,12 +84,13 @@ class VisionConfig:
     def pool(self) -> int:
         return self.patches_per_side // self.tokens_per_side
 
-    def to_core(self) -> dict[str, Any]:
-        return {"image_size": self.image_size, "patch_size": self.patch_size,
-                "n_embd": self.hidden_size, "n_ff": self.intermediate_size,
-                "n_layer": self.num_layers, "n_head": self.num_heads,
-                "n_mm_tokens": self.mm_tokens_per_image, "n_embd_text": self.text_hidden_size,
-                "eps": self.layer_norm_eps}
+    def to_core(self) -> _core.VisionConfig:
+        """The typed config the C tower takes (every field required, no defaults in C)."""
+        return _core.VisionConfig(
+            image_size=self.image_size, patch_size=self.patch_size, n_embd=self.hidden_size,
+            n_ff=self.intermediate_size, n_layer=self.num_layers, n_head=self.num_heads,
+            n_mm_tokens=self.mm_tokens_per_image, n_embd_text=self.text_hidden_size,
+            eps=float(self.layer_norm_eps))
 
 
 class VisionTower:
@@ -191,20 +186,17 @@ def token_boxes(size: tuple[int, int], tokens_per_side: int = 16,
 
 
 # -- loading -----------------------------------------------------------------------------------
-def _matrix(a: np.ndarray, dtype: str | None):
-    from .loader import _convert_matrix, _matrix_entry
-
-    a = np.ascontiguousarray(a, dtype=np.float32)
-    tid, data = _convert_matrix(a, dtype)
-    return _matrix_entry(tid, a.shape, data)
-
-
-def _vec(a: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(np.asarray(a, dtype=np.float32).reshape(-1))
-
-
 def _find_prefix(names, prefixes: tuple[str, ...], probe: str) -> str | None:
     return next((p for p in prefixes if f"{p}{probe}" in names), None)
+
+
+def _vision_prefixes(names) -> tuple[str | None, str | None]:
+    """(vision tower, projector) prefixes of an HF checkpoint's tensor names, None if absent:
+    found by the patch-embedding and projection names of the role table."""
+    patch = role_of("vision", "patch_embd").hf.format(v="")
+    proj = role_of("vision", "mm.input_projection").hf.format(m="")
+    return (_find_prefix(names, HF_VISION_PREFIXES, patch),
+            _find_prefix(names, HF_PROJECTOR_PREFIXES, proj))
 
 
 def _token_ids(hf: dict[str, Any]) -> dict[str, int]:
@@ -226,10 +218,9 @@ def load_hf_vision(path: str, hf: dict[str, Any], where: dict[str, Any], text_hi
     transformers 5's ``vision_tower.*`` names); ``where`` maps tensor names to their open
     safetensors shard. None when the checkpoint has no vision tower (a text-only model)."""
     names = set(where)
-    vp = _find_prefix(names, HF_VISION_PREFIXES, "embeddings.patch_embedding.weight")
+    vp, pp = _vision_prefixes(names)
     if vp is None:
         return None
-    pp = _find_prefix(names, HF_PROJECTOR_PREFIXES, "mm_input_projection_weight")
     if pp is None:
         raise FormatError(f"{path}: a vision tower but no multi_modal_projector."
                           "mm_input_projection_weight")
@@ -250,37 +241,9 @@ def load_hf_vision(path: str, hf: dict[str, Any], where: dict[str, Any], text_hi
                        mm_tokens_per_image=int(hf.get("mm_tokens_per_image", 256)),
                        text_hidden_size=int(text_hidden), **_token_ids(hf))
 
-    def get(name):
-        if name not in where:
-            raise FormatError(f"{path}: tensor {name!r} is missing")
-        return where[name].array(name)
-
-    D = cfg.hidden_size
-    low = dtype.lower() if dtype else None
-    w: dict[str, Any] = {}
-    pw = get(f"{vp}embeddings.patch_embedding.weight")
-    if pw.shape != (D, 3, cfg.patch_size, cfg.patch_size):
-        raise FormatError(f"{path}: patch_embedding is {pw.shape}, config says "
-                          f"({D}, 3, {cfg.patch_size}, {cfg.patch_size})")
-    w["patch_embd"] = _matrix(pw.reshape(D, -1), None)  # F32 like llama.cpp (row of 588)
-    w["patch_embd.bias"] = _vec(get(f"{vp}embeddings.patch_embedding.bias"))
-    w["position_embd"] = _vec(get(f"{vp}embeddings.position_embedding.weight"))
-    for i in range(cfg.num_layers):
-        for hname, ours in _HF_LAYER.items():
-            base = f"{vp}encoder.layers.{i}.{hname}"
-            if ours in _MATS:
-                w[f"blk.{i}.{ours}"] = _matrix(get(f"{base}.weight"), low)
-            else:
-                w[f"blk.{i}.{ours}.weight"] = _vec(get(f"{base}.weight"))
-            w[f"blk.{i}.{ours}.bias"] = _vec(get(f"{base}.bias"))
-    w["post_ln.weight"] = _vec(get(f"{vp}post_layernorm.weight"))
-    w["post_ln.bias"] = _vec(get(f"{vp}post_layernorm.bias"))
-    w["mm.soft_emb_norm"] = _vec(get(f"{pp}mm_soft_emb_norm.weight") + 1.0)  # HF stores w
-    proj = get(f"{pp}mm_input_projection_weight")
-    if proj.shape != (D, text_hidden):
-        raise FormatError(f"{path}: mm_input_projection_weight is {proj.shape}, expected "
-                          f"({D}, {text_hidden})")
-    w["mm.input_projection"] = _matrix(proj.T, low)
+    prefixes = {"v": vp, "m": pp}
+    w = build_weights("vision", cfg.to_core().dims, cfg.num_layers,
+                      lambda role, i, shape: hf_entry(where, path, role, i, shape, prefixes, dtype))
     return VisionTower(cfg, w, owners=None, path=path)
 
 
@@ -331,9 +294,10 @@ def load_mmproj(path: str | os.PathLike, text_hidden: int | None = None,
         if v is None and tokenizer is not None:
             v = tokenizer.token_to_id(text)
         ids[name] = int(v) if v is not None else default
-    if "mm.input_projection.weight" not in f.tensors:
-        raise FormatError(f"{path}: tensor 'mm.input_projection.weight' is missing")
-    pshape = f.tensors["mm.input_projection.weight"].shape  # (D, n_embd_text), as HF's P
+    pname = role_of("vision", "mm.input_projection").gguf
+    if pname not in f.tensors:
+        raise FormatError(f"{path}: tensor {pname!r} is missing")
+    pshape = f.tensors[pname].shape  # (D, n_embd_text), as HF's P
     n_text = pshape[-1]
     if proj_dim and proj_dim != n_text:
         raise FormatError(f"{path}: projection_dim {proj_dim} but mm.input_projection is "
@@ -348,55 +312,8 @@ def load_mmproj(path: str | os.PathLike, text_hidden: int | None = None,
                        num_heads=_md_int(md, k + "attention.head_count"),
                        layer_norm_eps=float(md.get(k + "attention.layer_norm_epsilon", 1e-6)),
                        mm_tokens_per_image=(side // merge) ** 2, text_hidden_size=n_text, **ids)
-    D, F = cfg.hidden_size, cfg.intermediate_size
-    low = dtype.lower() if dtype else None
-
-    def t(name):
-        if name not in f.tensors:
-            raise FormatError(f"{path}: tensor {name!r} is missing")
-        return f.tensors[name]
-
-    def vec(name):
-        t(name)
-        return _vec(f.dequantize(name))
-
-    def mat(name, shape):
-        ti = t(name)
-        rows, cols = shape
-        if ti.n_elements != rows * cols or ti.shape[0] != rows:
-            raise FormatError(f"{path}: tensor {name!r} has shape {ti.shape}, expected "
-                              f"({rows}, {cols})")
-        computable = _core.type_info(ti.type_id)[4]
-        if low is None and computable:
-            return (ti.type_id, rows, cols, f.raw(name))
-        if not computable:
-            raise UnsupportedError(f"{path}: tensor {name!r} has type {ti.type}, which this "
-                                   "version cannot compute with")
-        return _matrix(f.dequantize(name).reshape(rows, cols), low)
-
-    w: dict[str, Any] = {}
-    w["patch_embd"] = mat("v.patch_embd.weight", (D, 3 * patch * patch))
-    w["patch_embd.bias"] = vec("v.patch_embd.bias")
-    w["position_embd"] = vec("v.position_embd.weight")
-    for i in range(cfg.num_layers):
-        b = f"v.blk.{i}."
-        up, down = "ffn_up", "ffn_down"
-        dshape = t(b + "ffn_down.weight").shape
-        if F != D and dshape[-1] == D:  # old mmproj: fc1/fc2 stored under swapped names
-            up, down = down, up
-        for ours in _MATS:
-            src = {"ffn_up": up, "ffn_down": down}.get(ours, ours)
-            shape = {"ffn_up": (F, D), "ffn_down": (D, F)}.get(ours, (D, D))
-            w[f"blk.{i}.{ours}"] = mat(b + src + ".weight", shape)
-            w[f"blk.{i}.{ours}.bias"] = vec(b + src + ".bias")
-        for ln in ("ln1", "ln2"):
-            w[f"blk.{i}.{ln}.weight"] = vec(b + ln + ".weight")
-            w[f"blk.{i}.{ln}.bias"] = vec(b + ln + ".bias")
-    w["post_ln.weight"] = vec("v.post_ln.weight")
-    w["post_ln.bias"] = vec("v.post_ln.bias")
-    w["mm.soft_emb_norm"] = vec("mm.soft_emb_norm.weight")  # llama.cpp stored 1 + w already
-    proj = f.dequantize("mm.input_projection.weight").reshape(D, n_text)
-    w["mm.input_projection"] = _matrix(proj.T, low)
+    w = build_weights("vision", cfg.to_core().dims, cfg.num_layers,
+                      lambda role, i, shape: gguf_entry(f, path, role, i, shape, dtype))
     return VisionTower(cfg, w, owners=f, path=path)
 
 

@@ -296,6 +296,39 @@ def test_failed_core_model_init_keeps_no_reference():
     assert owners
 
 
+def test_config_and_role_table_calls_keep_memory_and_refcounts_flat():
+    """The typed configs (built, refused for a missing / unknown / mistyped field), their dims
+    and tensor_roles: no reference or memory kept per call; and a core refused for a wrong
+    shape drops what it bound."""
+    from gemma3.loader import load_hf_dir
+
+    cfg, weights, _, owners = load_hf_dir(str(TINY))
+    fields = {k: getattr(cfg.to_core(64), k) for k in (
+        "n_vocab", "n_embd", "n_layer", "n_head", "n_head_kv", "head_dim", "n_ff", "window",
+        "max_seq", "eps", "attn_scale", "embd_scale", "final_softcap", "rope_base_global",
+        "rope_scale_global", "rope_base_local", "rope_scale_local")}
+    missing = {k: v for k, v in fields.items() if k != "eps"}
+    unknown = {**fields, "rope_base": 1e4}
+    mistyped = {**fields, "n_layer": 8.0}
+    is_global = bytes(t == "full_attention" for t in cfg.layer_types)
+    bad = dict(weights)
+    bad["blk.7.ffn_down"] = weights["blk.7.ffn_up"]  # (n_ff, n_embd) where (n_embd, n_ff) goes
+    config = cfg.to_core(64)
+
+    def calls():
+        _core.TextConfig(**fields).dims
+        _raises(TypeError, _core.TextConfig, **missing)()
+        _raises(TypeError, _core.TextConfig, **unknown)()
+        _raises(TypeError, _core.TextConfig, **mistyped)()
+        _core.tensor_roles("text"), _core.tensor_roles("vision")
+        _raises(gemma3.FormatError, _core.Model, config, is_global, bad, pack=False)()
+
+    _check(Loop("configs and roles", 2_000, calls,
+                (fields, missing, unknown, mistyped, config, is_global, bad,
+                 weights["blk.7.ffn_up"][3])))
+    assert owners
+
+
 def test_refused_reinit_leaves_the_model_working(model):
     """__init__ on a live _core.Model is refused without freeing the model under its users (it
     used to free it: the next call said "model is not initialised", views pointed at freed

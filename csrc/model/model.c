@@ -5,6 +5,7 @@
 #include <string.h>
 
 #include "kernels/ops.h"
+#include "model/roles.h"
 #include "model/run.h"
 #include "quant/packed.h"
 
@@ -25,6 +26,18 @@ g3_status g3_model_create(const g3_config *cfg, const uint8_t *is_global, g3_mod
         return g3_fail(err, G3_ERR_FORMAT,
                        "attention heads (%lld) must be a multiple of key/value heads (%lld)",
                        (long long)cfg->n_head, (long long)cfg->n_head_kv);
+    /* the floats have no defaults here (gemma3/config.py decides them): only what makes the
+     * forward pass meaningless is refused */
+    if (!(cfg->eps >= 0) || !(cfg->attn_scale > 0) || !(cfg->embd_scale > 0) ||
+        !(cfg->final_softcap >= 0) || !(cfg->rope_base_global > 0) ||
+        !(cfg->rope_scale_global > 0) || !(cfg->rope_base_local > 0) ||
+        !(cfg->rope_scale_local > 0))
+        return g3_fail(err, G3_ERR_FORMAT,
+                       "invalid model configuration (eps %g, attn_scale %g, embd_scale %g, "
+                       "final_softcap %g, rope global base %g scale %g, local base %g scale %g)",
+                       cfg->eps, cfg->attn_scale, cfg->embd_scale, cfg->final_softcap,
+                       cfg->rope_base_global, cfg->rope_scale_global, cfg->rope_base_local,
+                       cfg->rope_scale_local);
     g3_model *m = calloc(1, sizeof *m);
     if (!m)
         return g3_fail(err, G3_ERR_NOMEM, "out of memory");
@@ -46,54 +59,13 @@ g3_status g3_model_create(const g3_config *cfg, const uint8_t *is_global, g3_mod
     return G3_OK;
 }
 
-static g3_status check_weight(const g3_weight *w, const char *what, int64_t layer, int64_t rows,
-                              int64_t cols, g3_err *err)
-{
-    if (!w->data)
-        return g3_fail(err, G3_ERR_FORMAT, "missing weight %s (layer %lld)", what,
-                       (long long)layer);
-    if (w->rows != rows || w->cols != cols)
-        return g3_fail(err, G3_ERR_FORMAT,
-                       "weight %s (layer %lld) has shape (%lld, %lld), expected (%lld, %lld)", what,
-                       (long long)layer, (long long)w->rows, (long long)w->cols, (long long)rows,
-                       (long long)cols);
-    const g3_type_traits *tt = g3_type_get(w->type);
-    if (!tt->to_float)
-        return g3_fail(err, G3_ERR_UNSUPPORTED,
-                       "weight %s (layer %lld) has type %s, which this version cannot compute with",
-                       what, (long long)layer, tt->name);
-    if (w->row_bytes != g3_row_size(w->type, cols))
-        return g3_fail(err, G3_ERR_FORMAT, "weight %s (layer %lld): bad row size", what,
-                       (long long)layer);
-    return G3_OK;
-}
-
+/* Every role of the table (model/roles.c) bound, with its expected shape. */
 g3_status g3_model_check(const g3_model *m, g3_err *err)
 {
-    const g3_config *c = &m->cfg;
-    g3_status st;
-    const int64_t q = c->n_head * c->head_dim, kv = c->n_head_kv * c->head_dim;
-    if ((st = check_weight(&m->tok_embd, "token_embd", -1, c->n_vocab, c->n_embd, err)) ||
-        (st = check_weight(&m->output, "output", -1, c->n_vocab, c->n_embd, err)))
-        return st;
-    if (!m->output_norm)
-        return g3_fail(err, G3_ERR_FORMAT, "missing output_norm");
-    for (int64_t i = 0; i < c->n_layer; i++) {
-        const g3_layer *L = &m->layers[i];
-        if ((st = check_weight(&L->q, "attn_q", i, q, c->n_embd, err)) ||
-            (st = check_weight(&L->k, "attn_k", i, kv, c->n_embd, err)) ||
-            (st = check_weight(&L->v, "attn_v", i, kv, c->n_embd, err)) ||
-            (st = check_weight(&L->o, "attn_output", i, c->n_embd, q, err)) ||
-            (st = check_weight(&L->gate, "ffn_gate", i, c->n_ff, c->n_embd, err)) ||
-            (st = check_weight(&L->up, "ffn_up", i, c->n_ff, c->n_embd, err)) ||
-            (st = check_weight(&L->down, "ffn_down", i, c->n_embd, c->n_ff, err)))
-            return st;
-        if (!L->attn_norm || !L->q_norm || !L->k_norm || !L->post_attn_norm || !L->ffn_norm ||
-            !L->post_ffn_norm)
-            return g3_fail(err, G3_ERR_FORMAT, "layer %lld is missing a norm weight",
-                           (long long)i);
-    }
-    return G3_OK;
+    int64_t dims[G3_DIM_N];
+    g3_text_dims(&m->cfg, dims);
+    return g3_roles_check(&g3_text_roles, dims, (void *)m, m->layers, sizeof *m->layers,
+                          m->cfg.n_layer, err);
 }
 
 static void seq_free(const g3_model *m, g3_seq *q)

@@ -10,7 +10,9 @@
 #include "g3.h"
 #include "kernels/matmul.h" /* g3_weight */
 
-typedef struct {
+/* Filled only from gemma3/config.py through _core.TextConfig (csrc/python/py_roles.c): no
+ * defaults live in C. */
+typedef struct g3_config_s {
     int64_t n_vocab, n_embd, n_layer, n_head, n_head_kv, head_dim, n_ff;
     int64_t window;      /* sliding-window keys incl. the current one (0 = no sliding layers) */
     int64_t max_seq;     /* positions the cache holds */

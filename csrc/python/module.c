@@ -71,8 +71,9 @@ static int g3_exec(PyObject *m)
         PyModule_AddFunctions(m, g3_py_kernel_methods) < 0 ||
         PyModule_AddFunctions(m, g3_py_tokenizer_methods) < 0)
         return -1;
-    if (g3_py_gguf_init(m, st) < 0 || g3_py_model_init(m, st) < 0 ||
-        g3_py_tokenizer_init(m, st) < 0 || g3_py_vision_init(m, st) < 0)
+    if (g3_py_roles_init(m, st) < 0 || g3_py_gguf_init(m, st) < 0 ||
+        g3_py_model_init(m, st) < 0 || g3_py_tokenizer_init(m, st) < 0 ||
+        g3_py_vision_init(m, st) < 0)
         return -1;
     if (g3_py_safetensors_init(m, st) < 0 || PyModule_AddFunctions(m, g3_py_image_methods) < 0)
         return -1;
@@ -87,6 +88,8 @@ static int g3_traverse(PyObject *m, visitproc visit, void *arg)
     Py_VISIT(st->GGUFType);
     Py_VISIT(st->ModelType);
     Py_VISIT(st->TokenizerType);
+    Py_VISIT(st->TextConfigType);
+    Py_VISIT(st->VisionConfigType);
     return 0;
 }
 
@@ -98,6 +101,8 @@ static int g3_clear(PyObject *m)
     Py_CLEAR(st->GGUFType);
     Py_CLEAR(st->ModelType);
     Py_CLEAR(st->TokenizerType);
+    Py_CLEAR(st->TextConfigType);
+    Py_CLEAR(st->VisionConfigType);
     return 0;
 }
 

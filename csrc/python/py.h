@@ -18,6 +18,8 @@ typedef struct {
     PyObject *GGUFType;
     PyObject *ModelType;
     PyObject *TokenizerType;
+    PyObject *TextConfigType;   /* py_roles.c */
+    PyObject *VisionConfigType;
 } g3_module_state;
 
 extern struct PyModuleDef g3_module_def;
@@ -29,13 +31,20 @@ g3_module_state *g3_py_state(PyObject *module);
 /* Sets the Python exception matching st (path used for OSError) and returns NULL. */
 PyObject *g3_py_raise(g3_module_state *st, g3_status status, const g3_err *err, const char *path);
 
-/* py_weights.c: bind weights[name] into C structs (see there); what names the owner in
- * messages ("model", "vision"). optional: a missing matrix leaves w untouched. */
-struct g3_weight_s;
-int g3_py_bind_matrix(g3_module_state *ms, PyObject *keep, PyObject *weights, const char *what,
-                      const char *name, struct g3_weight_s *w, int optional);
-int g3_py_bind_vector(g3_module_state *ms, PyObject *keep, PyObject *weights, const char *what,
-                      const char *name, int64_t n, const float **out);
+/* py_roles.c: the C struct inside a _core.TextConfig / _core.VisionConfig, or NULL with a
+ * TypeError set. */
+struct g3_config_s;
+struct g3_vision_config_s;
+const struct g3_config_s *g3_py_text_config(g3_module_state *ms, PyObject *o);
+const struct g3_vision_config_s *g3_py_vision_config(g3_module_state *ms, PyObject *o);
+
+/* py_weights.c: binds weights[key] for every role of a table (model/roles.h) into the structs:
+ * top (the model / tower) and n_layer layers of layer_size bytes at layers. The arrays are
+ * appended to keep. A missing optional role with a tie gets the tied role's binding. */
+struct g3_role_table_s;
+int g3_py_bind_roles(g3_module_state *ms, PyObject *keep, PyObject *weights,
+                     const struct g3_role_table_s *t, const int64_t *dims, void *top, void *layers,
+                     size_t layer_size, int64_t n_layer);
 
 extern PyMethodDef g3_py_quant_methods[];
 extern PyMethodDef g3_py_kernel_methods[];
@@ -46,5 +55,6 @@ int g3_py_model_init(PyObject *module, g3_module_state *st);
 int g3_py_tokenizer_init(PyObject *module, g3_module_state *st);
 int g3_py_safetensors_init(PyObject *module, g3_module_state *st);
 int g3_py_vision_init(PyObject *module, g3_module_state *st);
+int g3_py_roles_init(PyObject *module, g3_module_state *st);
 
 #endif

@@ -1,11 +1,11 @@
 /* py_model.c — _core.Model: binds weights given by the Python loader, owns the KV cache, runs
  * forward passes with the GIL released.
  *
- * Model(config: dict, is_global: bytes, weights: dict[name, (type_id, rows, cols, ndarray)])
- * Names: token_embd, output (optional: tied when absent), output_norm, blk.{i}.{attn_q, attn_k,
- * attn_v, attn_output, ffn_gate, ffn_up, ffn_down} and the float32 norms blk.{i}.{attn_norm,
- * attn_q_norm, attn_k_norm, post_attention_norm, ffn_norm, post_ffw_norm}. The arrays are kept
- * referenced for the model's lifetime (they may be views of a file mapping).
+ * Model(config: TextConfig, is_global: bytes, weights: dict[key, entry])
+ * Keys and shapes are those of the text role table (model/roles.c, _core.tensor_roles("text")):
+ * matrices as (type_id, rows, cols, ndarray), float32 vectors as arrays; "output" is optional
+ * (tied to token_embd when absent). The arrays are kept referenced for the model's lifetime
+ * (they may be views of a file mapping).
  *
  * One call at a time: a second thread entering while a forward runs gets RuntimeError.
  */
@@ -16,6 +16,7 @@
 
 #include "kernels/ops.h"
 #include "model/model.h"
+#include "model/roles.h"
 #include "model/run.h"
 
 typedef struct {
@@ -28,114 +29,27 @@ typedef struct {
 
 static g3_module_state *mstate(PyObject *self) { return g3_py_state_from_type(Py_TYPE(self)); }
 
-static int cfg_int(PyObject *d, const char *key, int64_t *out, int required, int64_t dflt)
-{
-    PyObject *v = PyDict_GetItemString(d, key);
-    if (!v) {
-        if (required) {
-            PyErr_Format(PyExc_KeyError, "model config is missing '%s'", key);
-            return -1;
-        }
-        *out = dflt;
-        return 0;
-    }
-    long long x = PyLong_AsLongLong(v);
-    if (x == -1 && PyErr_Occurred())
-        return -1;
-    *out = x;
-    return 0;
-}
-
-static int cfg_float(PyObject *d, const char *key, float *out, float dflt)
-{
-    PyObject *v = PyDict_GetItemString(d, key);
-    if (!v) {
-        *out = dflt;
-        return 0;
-    }
-    double x = PyFloat_AsDouble(v);
-    if (x == -1.0 && PyErr_Occurred())
-        return -1;
-    *out = (float)x;
-    return 0;
-}
-
-static int parse_config(PyObject *d, g3_config *c)
-{
-    if (!PyDict_Check(d)) {
-        PyErr_SetString(PyExc_TypeError, "config must be a dict");
-        return -1;
-    }
-    if (cfg_int(d, "n_vocab", &c->n_vocab, 1, 0) || cfg_int(d, "n_embd", &c->n_embd, 1, 0) ||
-        cfg_int(d, "n_layer", &c->n_layer, 1, 0) || cfg_int(d, "n_head", &c->n_head, 1, 0) ||
-        cfg_int(d, "n_head_kv", &c->n_head_kv, 1, 0) ||
-        cfg_int(d, "head_dim", &c->head_dim, 1, 0) || cfg_int(d, "n_ff", &c->n_ff, 1, 0) ||
-        cfg_int(d, "window", &c->window, 1, 0) || cfg_int(d, "max_seq", &c->max_seq, 1, 0) ||
-        cfg_float(d, "eps", &c->eps, 1e-6f) || cfg_float(d, "attn_scale", &c->attn_scale, 0.0625f) ||
-        cfg_float(d, "embd_scale", &c->embd_scale, 1.0f) ||
-        cfg_float(d, "final_softcap", &c->final_softcap, 0.0f) ||
-        cfg_float(d, "rope_base_global", &c->rope_base_global, 1e6f) ||
-        cfg_float(d, "rope_scale_global", &c->rope_scale_global, 1.0f) ||
-        cfg_float(d, "rope_base_local", &c->rope_base_local, 1e4f) ||
-        cfg_float(d, "rope_scale_local", &c->rope_scale_local, 1.0f))
-        return -1;
-    return 0;
-}
-
-static int bind_matrix(ModelObject *self, PyObject *weights, const char *name, g3_weight *w,
-                       int optional)
-{
-    return g3_py_bind_matrix(mstate((PyObject *)self), self->keep, weights, "model", name, w,
-                             optional);
-}
-
-static int bind_norm(ModelObject *self, PyObject *weights, const char *name, int64_t n,
-                     const float **out)
-{
-    return g3_py_bind_vector(mstate((PyObject *)self), self->keep, weights, "model", name, n, out);
-}
-
-static int bind_layer(ModelObject *self, PyObject *weights, int64_t i)
-{
-    g3_layer *L = &self->m->layers[i];
-    const g3_config *c = &self->m->cfg;
-    char n[64];
-#define MAT(field, nm)                                                                             \
-    (snprintf(n, sizeof n, "blk.%lld." nm, (long long)i), bind_matrix(self, weights, n, &L->field, 0))
-#define NORM(field, nm, len)                                                                       \
-    (snprintf(n, sizeof n, "blk.%lld." nm, (long long)i), bind_norm(self, weights, n, len, &L->field))
-    if (MAT(q, "attn_q") || MAT(k, "attn_k") || MAT(v, "attn_v") || MAT(o, "attn_output") ||
-        MAT(gate, "ffn_gate") || MAT(up, "ffn_up") || MAT(down, "ffn_down") ||
-        NORM(attn_norm, "attn_norm", c->n_embd) || NORM(q_norm, "attn_q_norm", c->head_dim) ||
-        NORM(k_norm, "attn_k_norm", c->head_dim) ||
-        NORM(post_attn_norm, "post_attention_norm", c->n_embd) ||
-        NORM(ffn_norm, "ffn_norm", c->n_embd) || NORM(post_ffn_norm, "post_ffw_norm", c->n_embd))
-        return -1;
-#undef MAT
-#undef NORM
-    return 0;
-}
-
 static int model_init(ModelObject *self, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"config", "is_global", "weights", "pack", NULL};
-    PyObject *cfgd, *weights;
+    PyObject *cfgo, *weights;
     Py_buffer glob;
     int pack = 1;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!y*O!|p", kwlist, &PyDict_Type, &cfgd, &glob,
-                                     &PyDict_Type, &weights, &pack))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "Oy*O!|p", kwlist, &cfgo, &glob, &PyDict_Type,
+                                     &weights, &pack))
         return -1;
     g3_module_state *ms = mstate((PyObject *)self);
     g3_config cfg;
-    memset(&cfg, 0, sizeof cfg);
     int rc = -1;
     if (self->m) { /* not through done: that would free the live model under its views */
         PyBuffer_Release(&glob);
         PyErr_SetString(PyExc_RuntimeError, "Model already initialised");
         return -1;
     }
-    if (parse_config(cfgd, &cfg) < 0)
+    const g3_config *cp = g3_py_text_config(ms, cfgo);
+    if (!cp)
         goto done;
+    cfg = *cp;
     if (glob.len != cfg.n_layer) {
         PyErr_Format(PyExc_ValueError, "is_global has %zd entries for %lld layers", glob.len,
                      (long long)cfg.n_layer);
@@ -147,16 +61,12 @@ static int model_init(ModelObject *self, PyObject *args, PyObject *kw)
         g3_py_raise(ms, st, &err, NULL);
         goto done;
     }
+    int64_t dims[G3_DIM_N];
+    g3_text_dims(&cfg, dims);
     self->keep = PyList_New(0);
-    if (!self->keep || bind_matrix(self, weights, "token_embd", &self->m->tok_embd, 0) < 0 ||
-        bind_matrix(self, weights, "output", &self->m->output, 1) < 0 ||
-        bind_norm(self, weights, "output_norm", cfg.n_embd, &self->m->output_norm) < 0)
+    if (!self->keep || g3_py_bind_roles(ms, self->keep, weights, &g3_text_roles, dims, self->m,
+                                        self->m->layers, sizeof *self->m->layers, cfg.n_layer) < 0)
         goto done;
-    if (!self->m->output.data)
-        self->m->output = self->m->tok_embd; /* tied LM head */
-    for (int64_t i = 0; i < cfg.n_layer; i++)
-        if (bind_layer(self, weights, i) < 0)
-            goto done;
     if ((st = g3_model_check(self->m, &err)) || (st = g3_model_set_n_seq(self->m, 1, &err)) ||
         (st = g3_run_reserve_default(self->m, &err))) {
         g3_py_raise(ms, st, &err, NULL);

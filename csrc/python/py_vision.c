@@ -1,14 +1,10 @@
 /* py_vision.c — _core.VisionTower: binds the SigLIP tower + projector weights given by
  * gemma3/vision.py and encodes images with the GIL released.
  *
- * VisionTower(config: dict, weights: dict)
- *   config: image_size, patch_size, n_embd, n_ff, n_layer, n_head, n_mm_tokens, n_embd_text, eps
- *   weights: matrices as (type_id, rows, cols, ndarray) — patch_embd (n_embd, 3 p p),
- *     blk.{i}.{attn_q, attn_k, attn_v, attn_out, ffn_up (fc1), ffn_down (fc2)},
- *     mm.input_projection (n_embd_text, n_embd); float32 vectors — patch_embd.bias,
- *     position_embd (n_patches * n_embd), blk.{i}.{ln1, ln2}.{weight, bias},
- *     blk.{i}.{attn_q, attn_k, attn_v, attn_out, ffn_up, ffn_down}.bias, post_ln.{weight, bias},
- *     mm.soft_emb_norm (the full multiplier 1 + w).
+ * VisionTower(config: VisionConfig, weights: dict)
+ *   weights: keys and shapes of the vision role table (model/roles.c,
+ *     _core.tensor_roles("vision")): matrices as (type_id, rows, cols, ndarray), float32 vectors
+ *     as arrays (mm.soft_emb_norm holds the full multiplier 1 + w).
  * The arrays are kept referenced for the tower's lifetime (they may be views of a file mapping).
  * One call at a time: a second thread entering while an encode runs gets RuntimeError.
  */
@@ -17,6 +13,7 @@
 
 #include <string.h>
 
+#include "model/roles.h"
 #include "vision/siglip.h"
 
 typedef struct {
@@ -45,93 +42,33 @@ static int check_signals(void *ctx)
     return stop;
 }
 
-static int get_int(PyObject *d, const char *key, int64_t *out)
-{
-    PyObject *o = PyDict_GetItemString(d, key);
-    if (!o) {
-        PyErr_Format(PyExc_KeyError, "vision config is missing '%s'", key);
-        return -1;
-    }
-    long long x = PyLong_AsLongLong(o);
-    if (x == -1 && PyErr_Occurred())
-        return -1;
-    *out = x;
-    return 0;
-}
-
-static int bind_mat(VisionObject *self, PyObject *weights, const char *name, g3_weight *w)
-{
-    return g3_py_bind_matrix(vstate((PyObject *)self), self->keep, weights, "vision", name, w, 0);
-}
-
-static int bind_vec(VisionObject *self, PyObject *weights, const char *name, int64_t n,
-                    const float **out)
-{
-    return g3_py_bind_vector(vstate((PyObject *)self), self->keep, weights, "vision", name, n, out);
-}
-
-static int bind_layer(VisionObject *self, PyObject *w, int64_t i)
-{
-    g3_vision_layer *L = &self->v->layers[i];
-    const int64_t D = self->v->cfg.n_embd, F = self->v->cfg.n_ff;
-    char n[64];
-#define MAT(field, nm) (snprintf(n, sizeof n, "blk.%lld." nm, (long long)i), bind_mat(self, w, n, &L->field))
-#define VEC(field, nm, len)                                                                        \
-    (snprintf(n, sizeof n, "blk.%lld." nm, (long long)i), bind_vec(self, w, n, len, &L->field))
-    if (MAT(q, "attn_q") || MAT(k, "attn_k") || MAT(v, "attn_v") || MAT(o, "attn_out") ||
-        MAT(fc1, "ffn_up") || MAT(fc2, "ffn_down") || VEC(q_b, "attn_q.bias", D) ||
-        VEC(k_b, "attn_k.bias", D) || VEC(v_b, "attn_v.bias", D) ||
-        VEC(o_b, "attn_out.bias", D) || VEC(fc1_b, "ffn_up.bias", F) ||
-        VEC(fc2_b, "ffn_down.bias", D) || VEC(ln1_w, "ln1.weight", D) ||
-        VEC(ln1_b, "ln1.bias", D) || VEC(ln2_w, "ln2.weight", D) || VEC(ln2_b, "ln2.bias", D))
-        return -1;
-#undef MAT
-#undef VEC
-    return 0;
-}
-
 static int vision_init(VisionObject *self, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"config", "weights", NULL};
-    PyObject *cd, *w;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!O!", kwlist, &PyDict_Type, &cd, &PyDict_Type,
-                                     &w))
+    PyObject *co, *w;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO!", kwlist, &co, &PyDict_Type, &w))
         return -1;
     if (self->v) {
         PyErr_SetString(PyExc_RuntimeError, "VisionTower already initialised");
         return -1;
     }
-    g3_vision_config c;
-    memset(&c, 0, sizeof c);
-    PyObject *eps = PyDict_GetItemString(cd, "eps");
-    c.eps = eps ? (float)PyFloat_AsDouble(eps) : 1e-6f;
-    if (PyErr_Occurred() || get_int(cd, "image_size", &c.image_size) ||
-        get_int(cd, "patch_size", &c.patch_size) || get_int(cd, "n_embd", &c.n_embd) ||
-        get_int(cd, "n_ff", &c.n_ff) || get_int(cd, "n_layer", &c.n_layer) ||
-        get_int(cd, "n_head", &c.n_head) || get_int(cd, "n_mm_tokens", &c.n_mm_tokens) ||
-        get_int(cd, "n_embd_text", &c.n_embd_text))
-        return -1;
     g3_module_state *ms = vstate((PyObject *)self);
+    const g3_vision_config *c = g3_py_vision_config(ms, co);
+    if (!c)
+        return -1;
     g3_err err = {{0}, 0};
-    g3_status st = g3_vision_create(&c, &self->v, &err);
+    g3_status st = g3_vision_create(c, &self->v, &err);
     if (st) {
         g3_py_raise(ms, st, &err, NULL);
         return -1;
     }
     g3_vision *v = self->v;
-    const int64_t D = c.n_embd;
+    int64_t dims[G3_DIM_N];
+    g3_vision_dims(&v->cfg, dims);
     self->keep = PyList_New(0);
-    if (!self->keep || bind_mat(self, w, "patch_embd", &v->patch) < 0 ||
-        bind_vec(self, w, "patch_embd.bias", D, &v->patch_b) < 0 ||
-        bind_vec(self, w, "position_embd", v->n_patches * D, &v->pos) < 0 ||
-        bind_vec(self, w, "post_ln.weight", D, &v->post_w) < 0 ||
-        bind_vec(self, w, "post_ln.bias", D, &v->post_b) < 0 ||
-        bind_vec(self, w, "mm.soft_emb_norm", D, &v->mm_norm) < 0 ||
-        bind_mat(self, w, "mm.input_projection", &v->mm_proj) < 0)
+    if (!self->keep || g3_py_bind_roles(ms, self->keep, w, &g3_vision_roles, dims, v, v->layers,
+                                        sizeof *v->layers, v->cfg.n_layer) < 0)
         goto fail;
-    for (int64_t i = 0; i < c.n_layer; i++)
-        if (bind_layer(self, w, i) < 0)
-            goto fail;
     if ((st = g3_vision_check(v, &err))) {
         g3_py_raise(ms, st, &err, NULL);
         goto fail;

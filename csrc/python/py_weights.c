@@ -1,14 +1,18 @@
 /* py_weights.c — binding tensors handed over by the Python loaders to C structs, shared by the
- * text model and the vision tower: matrices as (type_id, rows, cols, ndarray of the encoded
- * bytes), vectors as contiguous float32 arrays. Every array is appended to `keep` so the memory
- * (often a view of a file mapping) lives as long as the object that points into it. */
+ * text model and the vision tower, by walking the role table (model/roles.h): matrices as
+ * (type_id, rows, cols, ndarray of the encoded bytes), vectors as contiguous float32 arrays of the
+ * role's rows * cols values. Every array is appended to `keep` so the memory (often a view of a
+ * file mapping) lives as long as the object that points into it. Matrix shapes are checked
+ * afterwards by g3_model_check / g3_vision_check, which walk the same table. */
 #include "py.h"
 #include "np.h"
 
-#include "model/model.h"
+#include <string.h>
 
-int g3_py_bind_matrix(g3_module_state *ms, PyObject *keep, PyObject *weights, const char *what,
-                      const char *name, g3_weight *w, int optional)
+#include "model/roles.h"
+
+static int bind_matrix(g3_module_state *ms, PyObject *keep, PyObject *weights, const char *what,
+                       const char *name, g3_weight *w, int optional)
 {
     PyObject *item = PyDict_GetItemString(weights, name);
     if (!item) {
@@ -50,8 +54,8 @@ int g3_py_bind_matrix(g3_module_state *ms, PyObject *keep, PyObject *weights, co
     return 0;
 }
 
-int g3_py_bind_vector(g3_module_state *ms, PyObject *keep, PyObject *weights, const char *what,
-                      const char *name, int64_t n, const float **out)
+static int bind_vector(g3_module_state *ms, PyObject *keep, PyObject *weights, const char *what,
+                       const char *name, int64_t n, const float **out)
 {
     PyObject *arr = PyDict_GetItemString(weights, name);
     if (!arr) {
@@ -69,5 +73,46 @@ int g3_py_bind_vector(g3_module_state *ms, PyObject *keep, PyObject *weights, co
     if (PyList_Append(keep, arr) < 0)
         return -1;
     *out = PyArray_DATA(a);
+    return 0;
+}
+
+static const g3_role *find_role(const g3_role_table *t, const char *key)
+{
+    for (int j = 0; j < t->n; j++)
+        if (!strcmp(t->roles[j].key, key))
+            return &t->roles[j];
+    return NULL;
+}
+
+int g3_py_bind_roles(g3_module_state *ms, PyObject *keep, PyObject *weights,
+                     const g3_role_table *t, const int64_t *dims, void *top, void *layers,
+                     size_t layer_size, int64_t n_layer)
+{
+    char name[96];
+    for (int j = 0; j < t->n; j++) {
+        const g3_role *r = &t->roles[j];
+        const int64_t n = r->per_layer ? n_layer : 1;
+        for (int64_t i = 0; i < n; i++) {
+            void *base = r->per_layer ? (char *)layers + (size_t)i * layer_size : top;
+            if (g3_role_name(r->key, r->per_layer ? i : -1, name, sizeof name) < 0) {
+                PyErr_Format(PyExc_ValueError, "%s tensor name too long", t->what);
+                return -1;
+            }
+            if (r->kind == G3_ROLE_VECTOR) {
+                if (bind_vector(ms, keep, weights, t->what, name, dims[r->rows] * dims[r->cols],
+                                g3_role_vector(r, base)) < 0)
+                    return -1;
+                continue;
+            }
+            g3_weight *w = g3_role_matrix(r, base);
+            if (bind_matrix(ms, keep, weights, t->what, name, w, r->optional) < 0)
+                return -1;
+            if (!w->data && r->tie) { /* the tied role is bound before: table order */
+                const g3_role *tied = find_role(t, r->tie);
+                if (tied && !tied->per_layer && tied->kind == G3_ROLE_MATRIX)
+                    *w = *g3_role_matrix(tied, top);
+            }
+        }
+    }
     return 0;
 }

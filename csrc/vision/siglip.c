@@ -16,6 +16,7 @@
 
 #include "kernels/attention.h"
 #include "kernels/ops.h"
+#include "model/roles.h"
 
 g3_status g3_vision_create(const g3_vision_config *cfg, g3_vision **out, g3_err *err)
 {
@@ -33,6 +34,9 @@ g3_status g3_vision_create(const g3_vision_config *cfg, g3_vision **out, g3_err 
                        "%lld is not a valid tower",
                        (long long)c->n_embd, (long long)c->n_ff, (long long)c->n_layer,
                        (long long)c->n_head, (long long)c->n_embd_text);
+    if (!(c->eps >= 0)) /* no default here: gemma3/vision.py decides it */
+        return g3_fail(err, G3_ERR_FORMAT, "vision config: eps %g is not a valid epsilon",
+                       c->eps);
     const int64_t side = c->image_size / c->patch_size;
     if (side > 1024)
         return g3_fail(err, G3_ERR_UNSUPPORTED, "vision grid of %lld x %lld patches is too large",
@@ -69,45 +73,13 @@ void g3_vision_free(g3_vision *v)
     free(v);
 }
 
-static g3_status check_w(const g3_weight *w, int64_t rows, int64_t cols, const char *name,
-                         int64_t layer, g3_err *err)
-{
-    if (!w->data || w->rows != rows || w->cols != cols)
-        return g3_fail(err, G3_ERR_FORMAT, "vision tensor %s (layer %lld) is (%lld, %lld), "
-                       "expected (%lld, %lld)", name, (long long)layer, (long long)w->rows,
-                       (long long)w->cols, (long long)rows, (long long)cols);
-    if (!g3_type_get(w->type)->to_float)
-        return g3_fail(err, G3_ERR_UNSUPPORTED, "vision tensor %s: type %s cannot be computed with",
-                       name, g3_type_get(w->type)->name);
-    return G3_OK;
-}
-
+/* Every role of the table (model/roles.c) bound, with its expected shape. */
 g3_status g3_vision_check(const g3_vision *v, g3_err *err)
 {
-    const g3_vision_config *c = &v->cfg;
-    const int64_t D = c->n_embd, F = c->n_ff, pp = 3 * c->patch_size * c->patch_size;
-    g3_status st;
-    if ((st = check_w(&v->patch, D, pp, "patch_embd", -1, err)) ||
-        (st = check_w(&v->mm_proj, c->n_embd_text, D, "mm.input_projection", -1, err)))
-        return st;
-    if (!v->patch_b || !v->pos || !v->post_w || !v->post_b || !v->mm_norm)
-        return g3_fail(err, G3_ERR_FORMAT, "vision tower: a bias, norm or position table is "
-                                           "missing");
-    for (int64_t i = 0; i < c->n_layer; i++) {
-        const g3_vision_layer *L = &v->layers[i];
-        if ((st = check_w(&L->q, D, D, "attn_q", i, err)) ||
-            (st = check_w(&L->k, D, D, "attn_k", i, err)) ||
-            (st = check_w(&L->v, D, D, "attn_v", i, err)) ||
-            (st = check_w(&L->o, D, D, "attn_out", i, err)) ||
-            (st = check_w(&L->fc1, F, D, "ffn_up (fc1)", i, err)) ||
-            (st = check_w(&L->fc2, D, F, "ffn_down (fc2)", i, err)))
-            return st;
-        if (!L->ln1_w || !L->ln1_b || !L->ln2_w || !L->ln2_b || !L->q_b || !L->k_b || !L->v_b ||
-            !L->o_b || !L->fc1_b || !L->fc2_b)
-            return g3_fail(err, G3_ERR_FORMAT, "vision layer %lld: a norm or bias is missing",
-                           (long long)i);
-    }
-    return G3_OK;
+    int64_t dims[G3_DIM_N];
+    g3_vision_dims(&v->cfg, dims);
+    return g3_roles_check(&g3_vision_roles, dims, (void *)v, v->layers, sizeof *v->layers,
+                          v->cfg.n_layer, err);
 }
 
 static void layernorm_rows(const float *x, const float *w, const float *b, float *y, int64_t T,

@@ -10,7 +10,7 @@
  * llama-cpp-gemma3.md §6.3. Attention is bidirectional over the P patches, scale head_dim^-0.5;
  * LayerNorm with weight and bias; no CLS token, no pooling head.
  *
- * Conventions settled by the loader (gemma3/vision.py), not here:
+ * Conventions settled by the role table (model/roles.c) the loaders apply, not here:
  *   - Wpatch is the conv weight (D, 3, p, p) flattened to (D, 3*p*p) in (channel, row, col)
  *     order, which is the order im2col writes a patch;
  *   - w_mm is the full RMSNorm multiplier (1 + w); HF stores w, llama.cpp's mmproj 1 + w;
@@ -22,7 +22,8 @@
 
 #include "kernels/matmul.h"
 
-typedef struct {
+/* Filled only from gemma3/vision.py through _core.VisionConfig (csrc/python/py_roles.c). */
+typedef struct g3_vision_config_s {
     int64_t image_size, patch_size; /* pixels per side; patch side */
     int64_t n_embd, n_ff, n_layer, n_head;
     int64_t n_mm_tokens;            /* tokens per image after pooling (a square) */
