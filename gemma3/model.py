@@ -18,7 +18,7 @@ from . import inspect as _inspect
 from . import multimodal as _mm
 from . import scoring as _scoring
 from .config import Gemma3Config
-from .engine import LOGITS_CHUNK, PREFILL_CHUNK, Engine  # noqa: F401  (PREFILL_CHUNK: tests)
+from .engine import PREFILL_CHUNK, Engine  # noqa: F401  (PREFILL_CHUNK: re-exported)
 from .generation import Generation, GenerationConfig  # noqa: F401  (re-exported)
 from .loading import check_cache_fits, kv_cache_bytes, open_checkpoint  # noqa: F401
 from .tokenizer import Tokenizer

@@ -9,12 +9,12 @@ variants, non-strings or fuzzed text, and contents that are strings, item lists 
 the format's own markup (``<start_of_turn>``, ``<start_of_image>``, ``<bos>``, NUL, the soft-token
 sentinel, ...), so that every message tries to smuggle control tokens into the prompt.
 
-Then, as ``Model._chat_prompt`` does without a model: ``chat.render`` -> segments, each tokenized
-with special tokens parsed only for markup; with images, ``multimodal.expand_segments`` with stand-in
-pixel arrays of 1..3 frames. Checked invariants: segments are ``(str, bool)`` and join to
-``render_text``; a user segment never yields a CONTROL token (the documented no-smuggling rule);
-markup yields exactly the turns it spells; image expansion places ``mm_tokens_per_image`` soft
-tokens per frame and nowhere else. Documented failures: ValueError, TypeError,
+Then, as ``multimodal.chat_prompt`` does without a model: ``chat.render`` -> segments, each
+tokenized with special tokens parsed only for markup; with images, ``multimodal.expand_segments``
+with stand-in pixel arrays of 1..3 frames. Checked invariants: segments are ``(str, bool)`` and
+join to ``render_text``; a user segment never yields a CONTROL token (the documented no-smuggling
+rule); markup yields exactly the turns it spells; image expansion places ``mm_tokens_per_image``
+soft tokens per frame and nowhere else. Documented failures: ValueError, TypeError,
 NotImplementedError.
 
 The tokenizer is the default model's (GGUF) if present, else the reference tokenizer.json, else a
