@@ -171,15 +171,15 @@ class KVCache:
     ``engine``: the model's gemma3.engine.Engine (its sequence 0 is what is read)."""
 
     def __init__(self, engine):
-        self._model = engine  # .config and .max_seq_len, as the Model has them
+        self._engine = engine
         self._core = engine.core
         self.n_past = engine.core.n_past
 
     def __len__(self) -> int:
-        return self._model.config.num_layers
+        return self._engine.config.num_layers
 
     def __getitem__(self, layer: int) -> LayerKV:
-        cfg = self._model.config
+        cfg = self._engine.config
         layer = _check.integer("layer", layer)
         if not -len(self) <= layer < len(self):
             raise IndexError(f"layer {layer} out of range ({len(self)} layers)")
@@ -218,17 +218,17 @@ class KVCache:
 
     def summary(self) -> str:
         """Memory by layer kind, against the same cache with every layer global."""
-        cfg = self._model.config
+        cfg = self._engine.config
         res = self._reserved()
         by = {"global": [0, 0], "local": [0, 0]}
         for kind, b in res:
             by[kind][0] += 1
             by[kind][1] += b
         per_pos = 2 * 4 * cfg.num_kv_heads * cfg.head_dim
-        all_global = cfg.num_layers * self._model.max_seq_len * per_pos
+        all_global = cfg.num_layers * self._engine.max_seq_len * per_pos
         total = by["global"][1] + by["local"][1]
         lines = [f"KV cache: {self.n_past} positions cached, max_seq_len "
-                 f"{self._model.max_seq_len}, float32 K and V",
+                 f"{self._engine.max_seq_len}, float32 K and V",
                  f"  global layers: {by['global'][0]:3d}  {by['global'][1] / 2**20:10.1f} MiB",
                  f"  local layers:  {by['local'][0]:3d}  {by['local'][1] / 2**20:10.1f} MiB "
                  f"(ring of {cfg.sliding_window} slots each)",
