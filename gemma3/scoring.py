@@ -96,7 +96,7 @@ def _encode_text(model: Model, text: Text, add_bos: bool) -> list[int]:
     return ids
 
 
-# -- the scoring engine ------------------------------------------------------------------------
+# -- scoring on the engine's scratch sequences --------------------------------------------------
 def target_logprobs(logits: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Log-softmax of each row at its target, a few rows at a time.
 
