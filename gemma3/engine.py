@@ -240,6 +240,9 @@ class Engine:
         if not ids:
             raise ValueError("the prompt is empty: give at least one token (e.g. add_bos=True)")
         mm = mm or []
+        # the whole prompt, before the cache is cut back or fed (the cached prefix is fed again
+        # if the cache cannot be truncated: room and ids are those of the whole prompt anyway)
+        self.check_prompt(ids, mm)
         common = 0
         for a, b in zip(self.ids, ids):
             if a != b:
@@ -249,9 +252,6 @@ class Engine:
         common = _mm.reusable_prefix(common, self.images, mm, self.mm_tokens)
         rest_mm = [sp for sp in mm if sp.start >= common]
         rest = np.asarray(ids[common:], np.int32)
-        # the whole prompt is checked before the cache is cut back or fed
-        self.check(rest, _mm.soft_mask(len(rest), common, rest_mm, self.mm_tokens)
-                   if rest_mm else None, at=common)
         self.epoch += 1
         if common < len(self.ids) and not self.core.truncate(common):
             common = 0

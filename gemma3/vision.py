@@ -24,6 +24,9 @@ Conventions settled here, for both formats:
 * token ids (``<start_of_image>``, ``<end_of_image>``, ``<image_soft_token>``) come from the HF
   config, or from our mmproj extension keys ``clip.gemma3.{boi,eoi,image}_token_id`` (llama.cpp
   ignores them), else from the tokenizer, else the Gemma 3 defaults 255999 / 256000 / 262144.
+
+Prompts with images (where the soft tokens go, expansion of ``<start_of_image>``, what a cached
+context may reuse) are gemma3.multimodal.
 """
 
 from __future__ import annotations
