@@ -595,6 +595,7 @@ static PyObject *model_check_feed(ModelObject *self, PyObject *args, PyObject *k
                                                           NPY_ARRAY_IN_ARRAY);
     PyArrayObject *mask = NULL;
     PyObject *ret = NULL;
+    int entered = 0; /* reading seq 0's n_past needs the guard; an explicit `at` reads config only */
     if (!ids)
         return NULL;
     const npy_intp n = PyArray_DIM(ids, 0);
@@ -607,16 +608,23 @@ static PyObject *model_check_feed(ModelObject *self, PyObject *args, PyObject *k
             goto done;
         }
     }
+    if (at < 0) {
+        if (enter(self) < 0)
+            goto done;
+        entered = 1;
+        at = self->m->seqs[0].n_past;
+    }
     g3_err err = {{0}, 0};
-    g3_status st = g3_model_check_tokens(self->m, at < 0 ? self->m->seqs[0].n_past : at,
-                                         PyArray_DATA(ids), mask ? PyArray_DATA(mask) : NULL, n,
-                                         &err);
+    g3_status st = g3_model_check_tokens(self->m, at, PyArray_DATA(ids),
+                                         mask ? PyArray_DATA(mask) : NULL, n, &err);
     if (st) {
         g3_py_raise(mstate((PyObject *)self), st, &err, NULL);
         goto done;
     }
     ret = Py_NewRef(Py_None);
 done:
+    if (entered)
+        self->busy = 0;
     Py_XDECREF(ids);
     Py_XDECREF(mask);
     return ret;
