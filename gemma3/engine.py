@@ -53,8 +53,9 @@ class Closed:
 class Engine:
     """Owns ``core`` (the C model), the lock, the sequence slots and sequence 0's bookkeeping.
 
-    Methods other than :meth:`exclusive`, :meth:`check_ids` and :meth:`close` expect the caller
-    to hold :meth:`exclusive`."""
+    Methods that read or change sequences expect the caller to hold :meth:`exclusive`; the
+    checks with an explicit start (``check(..., at=0)``, :meth:`check_prompt`, :meth:`check_ids`)
+    read only the configuration and need no lock."""
 
     def __init__(self, core: _core.Model, config: Gemma3Config, max_seq_len: int,
                  vision=None):
