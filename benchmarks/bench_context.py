@@ -42,7 +42,7 @@ def main(argv=None) -> int:
 
     model = gemma3.load(path, max_seq_len=n + 64)
     cfg = model.config
-    core = model._core
+    core = model.engine.core
     pp_at: dict[int, float] = {}
     t_all = time.perf_counter()
     for s in range(0, n, CHUNK):
@@ -57,7 +57,7 @@ def main(argv=None) -> int:
         core.forward(ids[n + i:n + i + 1], 1)
         steps.append(time.perf_counter() - t)
     tg = 1.0 / statistics.median(steps)
-    model._ids = ids[:core.n_past].tolist()  # the loop above drove the C core directly
+    model.engine.ids = ids[:core.n_past].tolist()  # the loop above drove the C core directly
     kv = model.kv_cache
     per_pos = 2 * 4 * cfg.num_kv_heads * cfg.head_dim  # K and V, float32
     n_glob = len(cfg.global_layers)

@@ -56,7 +56,7 @@ def g3_run(model, depth: int, reps: int):
     ctx = tokens_for(depth + PP + TG + 8, model.config.vocab_size, 1)
     pp, tg = [], []
     for r in range(reps + 1):  # first round is the warm-up
-        core = model._core
+        core = model.engine.core
         core.reset(0)
         if depth:
             for s in range(0, depth, 512):
@@ -83,7 +83,7 @@ def g3_run(model, depth: int, reps: int):
 
 
 def g3_breakdown(model, steps: int = 32) -> dict[str, float]:
-    core = model._core
+    core = model.engine.core
     core.reset(0)
     core.forward(np.asarray(tokens_for(16, model.config.vocab_size, 3), np.int32), 1)
     core.profile(True)

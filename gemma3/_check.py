@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -74,3 +75,34 @@ def path(name: str, v: Any) -> str:
     if not isinstance(v, (str, bytes, os.PathLike)):
         raise TypeError(f"{name} must be a path (str or os.PathLike), got {_got(v)}")
     return os.fsdecode(v)
+
+
+_I32 = np.iinfo(np.int32)
+
+
+def as_ids(seq: Any, flatten: bool = False, what: str = "token ids") -> list[int]:
+    """Token ids as Python ints; floats, bools and strings raise ValueError (never truncated).
+    ``flatten`` also takes a (1, n) batch of one. ``what`` names the argument in messages.
+
+    Only the representation is decided here (the C core takes int32); whether an id is in the
+    vocabulary is the C core's rule (g3_model_check_tokens, see gemma3.engine)."""
+    if isinstance(seq, (str, bytes)) or not isinstance(seq, (Sequence, np.ndarray)):
+        raise TypeError(f"{what} must be a str or a sequence of token ids, got "
+                        f"{type(seq).__name__}")
+    if not isinstance(seq, np.ndarray) and any(isinstance(t, (bool, np.bool_)) for t in seq):
+        raise ValueError(f"{what} must be integers, got a bool")
+    arr = np.asarray(seq)
+    if flatten and arr.ndim == 2 and arr.shape[0] == 1:
+        arr = arr[0]
+    if arr.size == 0:
+        return []
+    if arr.dtype.kind not in "iu" or arr.ndim != 1:
+        raise ValueError(f"{what} must be a 1-D sequence of integers, got dtype {arr.dtype} "
+                         f"and shape {arr.shape}")
+    out = arr.tolist()
+    if arr.dtype.itemsize > 4 or arr.dtype == np.uint32:
+        bad = np.nonzero((arr < _I32.min) | (arr > _I32.max))[0]
+        if len(bad):
+            i = int(bad[0])
+            raise ValueError(f"token id {out[i]} at index {i} does not fit in int32 ({what})")
+    return out

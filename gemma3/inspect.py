@@ -167,18 +167,19 @@ class LayerKV:
 
 
 class KVCache:
-    """``model.kv_cache``: per-layer K/V of the cached context (see :class:`LayerKV`)."""
+    """``model.kv_cache``: per-layer K/V of the cached context (see :class:`LayerKV`).
+    ``engine``: the model's gemma3.engine.Engine (its sequence 0 is what is read)."""
 
-    def __init__(self, model):
-        self._model = model
-        self._core = model._core
-        self.n_past = model.n_past
+    def __init__(self, engine):
+        self._engine = engine
+        self._core = engine.core
+        self.n_past = engine.core.n_past
 
     def __len__(self) -> int:
-        return self._model.config.num_layers
+        return self._engine.config.num_layers
 
     def __getitem__(self, layer: int) -> LayerKV:
-        cfg = self._model.config
+        cfg = self._engine.config
         layer = _check.integer("layer", layer)
         if not -len(self) <= layer < len(self):
             raise IndexError(f"layer {layer} out of range ({len(self)} layers)")
@@ -217,17 +218,17 @@ class KVCache:
 
     def summary(self) -> str:
         """Memory by layer kind, against the same cache with every layer global."""
-        cfg = self._model.config
+        cfg = self._engine.config
         res = self._reserved()
         by = {"global": [0, 0], "local": [0, 0]}
         for kind, b in res:
             by[kind][0] += 1
             by[kind][1] += b
         per_pos = 2 * 4 * cfg.num_kv_heads * cfg.head_dim
-        all_global = cfg.num_layers * self._model.max_seq_len * per_pos
+        all_global = cfg.num_layers * self._engine.max_seq_len * per_pos
         total = by["global"][1] + by["local"][1]
         lines = [f"KV cache: {self.n_past} positions cached, max_seq_len "
-                 f"{self._model.max_seq_len}, float32 K and V",
+                 f"{self._engine.max_seq_len}, float32 K and V",
                  f"  global layers: {by['global'][0]:3d}  {by['global'][1] / 2**20:10.1f} MiB",
                  f"  local layers:  {by['local'][0]:3d}  {by['local'][1] / 2**20:10.1f} MiB "
                  f"(ring of {cfg.sliding_window} slots each)",
@@ -242,3 +243,78 @@ class KVCache:
 def log_softmax(x: np.ndarray) -> np.ndarray:
     m = x.max(axis=-1, keepdims=True)
     return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+
+
+# -- the Model's inspection calls (Model.run_with_cache, logit_lens, top_logprobs) --------------
+LOGITS_CHUNK = 128  # rows of logits per call (never a full (n_tokens, vocab) matrix)
+
+
+def kv_cache(engine) -> KVCache:
+    with engine.exclusive():
+        engine.sync()
+        return KVCache(engine)
+
+
+def run_with_cache(engine, ids: list[int], mm: list, names, layers, heads, query_range,
+                   logits: str) -> tuple[np.ndarray | None, dict[str, np.ndarray]]:
+    """See Model.run_with_cache (ids already encoded, images as spans)."""
+    if not ids:
+        raise ValueError("run_with_cache needs at least one token")
+    engine.check_prompt(ids, mm)  # before the capture buffers are allocated
+    mode = {"all": 2, "last": 1, "none": 0}.get(logits)
+    if mode is None:
+        raise ValueError(f"logits must be 'all', 'last' or 'none', got {logits!r}")
+    cfg = engine.config
+    plan = CapturePlan.make(cfg, len(ids), names, layers, heads, query_range)
+    core, out = plan.buffers(cfg, len(ids), len(ids))
+    with engine.exclusive():
+        lg = engine.evaluate(ids, mode, core, mm, check=False)
+    if mode == 1:
+        lg = lg[0]
+    return lg, out
+
+
+def logit_lens(engine, cache: dict[str, np.ndarray], layers: list[int], k: int
+               ) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """See Model.logit_lens (``cache``: the layers' hook_resid_post)."""
+    out = {}
+    for L in layers:
+        resid = cache[f"blocks.{L}.hook_resid_post"]
+        ids, lps = [], []
+        for s in range(0, len(resid), LOGITS_CHUNK):
+            with engine.exclusive():
+                lg = engine.core.head(resid[s:s + LOGITS_CHUNK], True)
+            i, lp = top_k_logprobs(lg, k)
+            ids.append(i)
+            lps.append(lp)
+        out[L] = (np.concatenate(ids), np.concatenate(lps))
+    return out
+
+
+def top_logprobs(engine, ids: list[int], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """See Model.top_logprobs."""
+    if not ids:
+        raise ValueError("top_logprobs needs at least one token")
+    engine.check_prompt(ids)
+    out_i, out_l = [], []
+    with engine.exclusive():
+        engine.fresh()
+        for s in range(0, len(ids), LOGITS_CHUNK):
+            lg = engine.feed(ids[s:s + LOGITS_CHUNK], 2, check=False)
+            i, lp = top_k_logprobs(lg, k)
+            out_i.append(i)
+            out_l.append(lp)
+    return np.concatenate(out_i), np.concatenate(out_l)
+
+
+def top_k_logprobs(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ids (n, k) int64, logprobs (n, k) float32) of each row's k most likely tokens."""
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    k = min(k, logits.shape[-1])
+    lp = log_softmax(logits.astype(np.float64))
+    idx = np.argpartition(-lp, k - 1, axis=-1)[:, :k]
+    vals = np.take_along_axis(lp, idx, -1)
+    order = np.argsort(-vals, axis=-1, kind="stable")
+    return (np.take_along_axis(idx, order, -1).astype(np.int64),
+            np.take_along_axis(vals, order, -1).astype(np.float32))

@@ -96,7 +96,7 @@ def test_gil_released_during_forward():
     m = gemma3.load(TINY, n_threads=1, max_seq_len=2048)
     try:
         ids = (np.arange(2048, dtype=np.int32) * 7919 % 509 + 3).astype(np.int32)
-        inside, fwd_dt = _ticks_inside(lambda: m._core.forward(ids, 1))
+        inside, fwd_dt = _ticks_inside(lambda: m.engine.core.forward(ids, 1))
         print(f"\nforward of 2048 tokens: {fwd_dt * 1e3:.0f} ms, {inside} ticks of another thread "
               "inside it")
         assert fwd_dt > 0.1, "the forward was too short to tell"
@@ -158,7 +158,7 @@ def test_c_model_refuses_reentry_while_computing(model, refs):
     """The C object's own guard (under the Python lock): a second call while a forward runs in
     another thread raises instead of touching the cache."""
     gemma3.set_num_threads(1)
-    core = model._core
+    core = model.engine.core
     ids = np.asarray(LONG * 2, np.int32)  # 400 tokens, one C call
     seen: list[str] = []
     finished = threading.Event()

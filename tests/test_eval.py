@@ -95,7 +95,7 @@ def test_is_greedy(tiny):
 def test_interactive_context_untouched(tiny):
     tiny.logits([2, 5, 6, 7])  # sequence 0 now holds 4 positions
     tiny.loglikelihood_batch([([2, 9], [10, 11]), ([2, 9, 4], [1])])
-    assert tiny.n_past == 4 and tiny._ids == [2, 5, 6, 7]
+    assert tiny.n_past == 4 and tiny.engine.ids == [2, 5, 6, 7]
 
 
 def test_multiple_choice_shares_context_and_equals_independent(tiny):

@@ -36,7 +36,7 @@ import pytest
 import gemma3
 from gemma3 import eval as ev
 from gemma3 import vision as V
-from gemma3.model import PREFILL_CHUNK
+from gemma3.engine import PREFILL_CHUNK
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tests" / "fixtures" / "tiny" / "tiny"

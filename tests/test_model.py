@@ -197,8 +197,8 @@ def test_two_step_generation_equals_one_shot(tm, monkeypatch):
     one = greedy(tm, prompt, 24)
     tm.reset()
     a = greedy(tm, prompt, 10)
-    counter = CountingCore(tm._core)
-    monkeypatch.setattr(tm, "_core", counter)
+    counter = CountingCore(tm.engine.core)
+    monkeypatch.setattr(tm.engine, "core", counter)
     n_before = tm.n_past
     b = greedy(tm, prompt + a, 14)
     assert a + b == one
@@ -216,7 +216,7 @@ def test_teacher_forced_equals_cached_decode(tm):
     tm.generate(ids[:5], max_new_tokens=1, temperature=0, return_ids=True)
     last = None
     for t in ids[5:]:
-        last = tm._feed([t], 1)[0]
+        last = tm.engine.feed([t], 1)[0]
     np.testing.assert_allclose(last, full[-1], atol=tol.TINY_LOGITS_ABS)
 
 
@@ -365,8 +365,8 @@ def test_chat_second_turn_reuses_cache(text_model, monkeypatch):
                     {"role": "user", "content": "And then?"}]
     ids2 = m.chat_ids(msgs2)
     assert ids2[:n1] == ids1 + [t] * (n_reply - 1)
-    counter = CountingCore(m._core)
-    monkeypatch.setattr(m, "_core", counter)
+    counter = CountingCore(m.engine.core)
+    monkeypatch.setattr(m.engine, "core", counter)
     m.chat(msgs2, max_new_tokens=3, temperature=0, stop_token_ids=[])
     # only the tokens after the cached prefix were fed, then one per decode step
     assert counter.fed == [len(ids2) - n1, 1, 1]

@@ -133,8 +133,8 @@ def test_model_decode_packed_vs_float(models):
     for m in (packed, flt):
         m.reset()
     for t in ids:
-        a = packed._core.forward(np.asarray([t], np.int32), 1)[0]
-        b = flt._core.forward(np.asarray([t], np.int32), 1)[0]
+        a = packed.engine.core.forward(np.asarray([t], np.int32), 1)[0]
+        b = flt.engine.core.forward(np.asarray([t], np.int32), 1)[0]
         worst = max(worst, float(np.abs(a - b).max() / np.abs(b).max()))
     assert worst < tol.PACKED_MODEL_REL, worst
     for m in (packed, flt):

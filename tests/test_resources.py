@@ -218,7 +218,7 @@ def test_entry_point_loop_keeps_memory_and_refcounts_flat(model, name):
 def test_core_bindings_keep_argument_refcounts(model):
     """_core.Model / Tokenizer / sample / GGUF called directly with every optional array, on the
     success and the error paths: nothing keeps a reference to an argument or leaks memory."""
-    core, tok = model._core, model.tokenizer._core
+    core, tok = model.engine.core, model.tokenizer._core
     E, V = model.config.hidden_size, model.config.vocab_size
     ids = np.array([2, 17, 300], np.int32)
     bad = np.array([2, 10**6], np.int32)
@@ -341,7 +341,7 @@ def test_refused_reinit_leaves_the_model_working(model):
     layer = model.config.layer_types.index("full_attention")
     k = model.kv_cache[layer].k.copy()
     with pytest.raises(RuntimeError, match="already initialised"):
-        model._core.__init__(cfg.to_core(64), is_global, weights)
+        model.engine.core.__init__(cfg.to_core(64), is_global, weights)
     np.testing.assert_array_equal(model.kv_cache[layer].k, k)
     np.testing.assert_array_equal(model.logits(IDS), ref)
     assert owners
@@ -412,7 +412,7 @@ def test_max_seq_len_too_large_is_memoryerror_before_building(monkeypatch):
     def build_core(*a, **kw):
         raise AssertionError("the model was built: the size check came too late")
 
-    monkeypatch.setattr(gemma3.model, "build_core", build_core)
+    monkeypatch.setattr(gemma3.loading, "build_core", build_core)
     r0 = memory()
     with pytest.raises(MemoryError, match=f"max_seq_len={too_big}.*lower max_seq_len"):
         gemma3.load(TINY, max_seq_len=too_big)

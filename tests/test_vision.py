@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import gemma3
+from gemma3 import multimodal as MM
 from gemma3 import vision as V
 
 D = Path(__file__).parent / "fixtures" / "tiny_vision"
@@ -174,7 +175,7 @@ def test_kv_cache_reuse_compares_images(models):
     try:
         out_b = m.generate(ids, images=[pb], **g)  # same ids as the cached prompt
         assert calls == [1], "a different image must be encoded and fed again"
-        assert m._img and m._img[0][1] == V._digest(pb[0])
+        assert m.engine.images and m.engine.images[0][1] == MM._digest(pb[0])
         m.reset()
         first = m.generate(ids, images=[pb], **g)
         assert first == out_b
@@ -189,12 +190,12 @@ def test_kv_cache_reuse_compares_images(models):
 
 
 def test_reusable_prefix_rules():
-    sp = V.ImageSpan(5, np.zeros(1), "a")
-    assert V.reusable_prefix(20, [(5, "a")], [sp], 4) == 20
-    assert V.reusable_prefix(20, [(5, "b")], [sp], 4) == 5
-    assert V.reusable_prefix(20, [(5, "a")], [], 4) == 5
-    assert V.reusable_prefix(7, [(5, "a")], [sp], 4) == 5  # never inside an image
-    assert V.chunk_bounds(10, [2], 4, 3) == [(0, 6), (6, 9), (9, 10)]
+    sp = MM.ImageSpan(5, np.zeros(1), "a")
+    assert MM.reusable_prefix(20, [(5, "a")], [sp], 4) == 20
+    assert MM.reusable_prefix(20, [(5, "b")], [sp], 4) == 5
+    assert MM.reusable_prefix(20, [(5, "a")], [], 4) == 5
+    assert MM.reusable_prefix(7, [(5, "a")], [sp], 4) == 5  # never inside an image
+    assert MM.chunk_bounds(10, [2], 4, 3) == [(0, 6), (6, 9), (9, 10)]
 
 
 def test_grid_helpers():
@@ -305,27 +306,27 @@ def test_placeholder_expansion_with_the_gemma_tokenizer():
     cfg = V.VisionConfig(mm_tokens_per_image=4)
     one = np.zeros((1, 3, 896, 896), np.float32)
     three = np.zeros((3, 3, 896, 896), np.float32)
-    ids, spans = V.expand_text("You are an assistant.\n\n<start_of_image>Describe.", [one], tok,
+    ids, spans = MM.expand_text("You are an assistant.\n\n<start_of_image>Describe.", [one], tok,
                                cfg)
     boi = ids.index(V.BOI_ID)
     assert ids[boi - 1] == 110  # "\n\n" + "\n\n" merged into one 4-newline token
     assert ids[boi + 1:boi + 5] == [V.IMAGE_ID] * 4 and ids[boi + 5] == V.EOI_ID
     assert spans[0].start == boi + 1
     # pan & scan: "Here is the original image" + 1 + crops full sequences
-    ids, spans = V.expand_text("<start_of_image>", [three], tok, cfg)
+    ids, spans = MM.expand_text("<start_of_image>", [three], tok, cfg)
     assert ids.count(V.BOI_ID) == 3 and len(spans) == 3
     before = "Here is the original image \n\n<start_of_image>"
     assert ids[:spans[0].start] == tok.encode(before, parse_special=True)
     # chat: "user\n" and the image's "\n\n" are one piece of text, as in the whole string
     segs = [("<start_of_turn>user\n", True), ("<start_of_image>", True), ("Hi", False),
             ("<end_of_turn>\n", True), ("<start_of_turn>model\n", True)]
-    ids, spans = V.expand_segments(segs, [one], tok, cfg)
+    ids, spans = MM.expand_segments(segs, [one], tok, cfg)
     assert ids[:spans[0].start] == tok.encode("<start_of_turn>user\n\n\n<start_of_image>",
                                               parse_special=True)
     after = "<end_of_image>\n\nHi<end_of_turn>\n<start_of_turn>model\n"
     assert ids[spans[0].start + 4:] == tok.encode(after, add_bos=False, parse_special=True)
     with pytest.raises(ValueError, match="placeholders"):
-        V.expand_text("no placeholder", [one], tok, cfg)
+        MM.expand_text("no placeholder", [one], tok, cfg)
 
 
 _ODD_TOWER = '''

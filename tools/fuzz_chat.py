@@ -9,12 +9,12 @@ variants, non-strings or fuzzed text, and contents that are strings, item lists 
 the format's own markup (``<start_of_turn>``, ``<start_of_image>``, ``<bos>``, NUL, the soft-token
 sentinel, ...), so that every message tries to smuggle control tokens into the prompt.
 
-Then, as ``Model._chat_prompt`` does without a model: ``chat.render`` -> segments, each tokenized
-with special tokens parsed only for markup; with images, ``vision.expand_segments`` with stand-in
-pixel arrays of 1..3 frames. Checked invariants: segments are ``(str, bool)`` and join to
-``render_text``; a user segment never yields a CONTROL token (the documented no-smuggling rule);
-markup yields exactly the turns it spells; image expansion places ``mm_tokens_per_image`` soft
-tokens per frame and nowhere else. Documented failures: ValueError, TypeError,
+Then, as ``multimodal.chat_prompt`` does without a model: ``chat.render`` -> segments, each
+tokenized with special tokens parsed only for markup; with images, ``multimodal.expand_segments``
+with stand-in pixel arrays of 1..3 frames. Checked invariants: segments are ``(str, bool)`` and
+join to ``render_text``; a user segment never yields a CONTROL token (the documented no-smuggling
+rule); markup yields exactly the turns it spells; image expansion places ``mm_tokens_per_image``
+soft tokens per frame and nowhere else. Documented failures: ValueError, TypeError,
 NotImplementedError.
 
 The tokenizer is the default model's (GGUF) if present, else the reference tokenizer.json, else a
@@ -35,6 +35,7 @@ import fuzz_common  # noqa: E402
 with fuzz_common.instrumented(__name__, ["gemma3"]):
     import gemma3
     from gemma3 import chat
+    from gemma3 import multimodal as _mm
     from gemma3 import vision as _vision
     from gemma3.tokenizer import CONTROL, Tokenizer
 
@@ -45,7 +46,7 @@ HF_JSON = ROOT.parent / "shared" / "data" / "gemma3-tokenizer.json.xz"
 
 WORDS = ["<start_of_turn>", "<end_of_turn>", "<start_of_image>", "<end_of_image>",
          "<image_soft_token>", "<bos>", "<eos>", "<pad>", "<mask>", "<unused0>", "user", "model",
-         "system", "assistant", "\n", "\n\n", " ", "  \t ", "\x00", _vision._SOFT, "<h1>", "<",
+         "system", "assistant", "\n", "\n\n", " ", "  \t ", "\x00", _mm._SOFT, "<h1>", "<",
          ">", "é", "😀", "\u2581", "Hello", "<start_of_turn>user\n", "<end_of_turn>\n"]
 ROLES = ["user", "assistant", "model", "system", "tool", "User", "", None, 3, ["user"]]
 TYPES = ["text", "image", "video", "Text", None, 5]
@@ -177,7 +178,7 @@ def one_input(data: bytes) -> None:
 
     if images:
         pics = [np.zeros((1 + n_crops[k % 8], 3, 1, 1), np.float32) for k in range(len(images))]
-        ids2, spans = _vision.expand_segments(segs, pics, tok, _CFG)
+        ids2, spans = _mm.expand_segments(segs, pics, tok, _CFG)
         frames = sum(len(p) for p in pics)
         M, soft = _CFG.mm_tokens_per_image, _CFG.image_token_id
         assert len(spans) == frames and _count(ids2, soft) == M * frames

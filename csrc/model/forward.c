@@ -315,9 +315,33 @@ static g3_status layer_forward(g3_model *m, int64_t il, g3_run *s, int64_t T, in
     return G3_OK;
 }
 
-static g3_status check_batch(const g3_model *m, const g3_batch *b, g3_err *err)
+/* The input rules of feeding n tokens to a sequence holding n_past positions, decided here for
+ * every caller: the positions fit (n_past + n <= max_seq_len) and every token id that is not
+ * replaced by an embedding (mask[t] != 0; mask may be NULL) lies in the vocabulary. check_batch
+ * applies it to each group of every call (C trusts no caller); gemma3/engine.py calls it once on
+ * a whole prompt, through _core.Model.check_feed, before feeding it in several calls. */
+g3_status g3_model_check_tokens(const g3_model *m, int64_t n_past, const int32_t *ids,
+                                const uint8_t *mask, int64_t n, g3_err *err)
 {
     const g3_config *c = &m->cfg;
+    if (n_past < 0 || n < 0 || n > c->max_seq - n_past)
+        return g3_fail(err, G3_ERR_ARG,
+                       "context overflow: %lld positions are cached and %lld more were given, "
+                       "but max_seq_len is %lld",
+                       (long long)n_past, (long long)n, (long long)c->max_seq);
+    for (int64_t t = 0; t < n; t++) {
+        if (mask && mask[t])
+            continue;
+        if (ids[t] < 0 || ids[t] >= c->n_vocab)
+            return g3_fail(err, G3_ERR_ARG,
+                           "token id %d at index %lld is out of range for a vocabulary of %lld",
+                           ids[t], (long long)t, (long long)c->n_vocab);
+    }
+    return G3_OK;
+}
+
+static g3_status check_batch(const g3_model *m, const g3_batch *b, g3_err *err)
+{
     if (b->n_tokens < 1)
         return g3_fail(err, G3_ERR_ARG, "a forward pass needs at least one token");
     const int64_t ng = b->group_len ? b->n_groups : 1;
@@ -325,6 +349,7 @@ static g3_status check_batch(const g3_model *m, const g3_batch *b, g3_err *err)
         return g3_fail(err, G3_ERR_ARG, "a batch needs at least one group");
     if (b->capture && ng != 1)
         return g3_fail(err, G3_ERR_ARG, "capture works on single-sequence calls only");
+    const uint8_t *mask = b->embd ? b->embd_mask : NULL;
     int64_t total = 0;
     for (int64_t g = 0; g < ng; g++) {
         const int32_t sq = b->group_seq ? b->group_seq[g] : 0;
@@ -337,24 +362,18 @@ static g3_status check_batch(const g3_model *m, const g3_batch *b, g3_err *err)
                 return g3_fail(err, G3_ERR_ARG, "sequence %d appears twice in one batch", sq);
         if (len < 1)
             return g3_fail(err, G3_ERR_ARG, "group %lld is empty", (long long)g);
-        if (m->seqs[sq].n_past + len > c->max_seq)
-            return g3_fail(err, G3_ERR_STATE,
-                           "context overflow: %lld positions are cached and %lld more were given, "
-                           "but max_seq_len is %lld",
-                           (long long)m->seqs[sq].n_past, (long long)len, (long long)c->max_seq);
+        if (len > b->n_tokens - total)
+            return g3_fail(err, G3_ERR_ARG, "group lengths exceed the %lld tokens given",
+                           (long long)b->n_tokens);
+        g3_status st = g3_model_check_tokens(m, m->seqs[sq].n_past, b->ids + total,
+                                             mask ? mask + total : NULL, len, err);
+        if (st)
+            return st;
         total += len;
     }
     if (total != b->n_tokens)
         return g3_fail(err, G3_ERR_ARG, "group lengths add up to %lld, not %lld tokens",
                        (long long)total, (long long)b->n_tokens);
-    for (int64_t t = 0; t < b->n_tokens; t++) {
-        if (b->embd && b->embd_mask && b->embd_mask[t])
-            continue;
-        if (b->ids[t] < 0 || b->ids[t] >= c->n_vocab)
-            return g3_fail(err, G3_ERR_ARG,
-                           "token id %d at index %lld is out of range for a vocabulary of %lld",
-                           b->ids[t], (long long)t, (long long)c->n_vocab);
-    }
     return G3_OK;
 }
 

@@ -128,6 +128,10 @@ typedef struct {
 } g3_batch;
 
 g3_status g3_model_forward(g3_model *m, const g3_batch *b, g3_err *err);
+/* The input rules of a forward call for one sequence's n tokens at position n_past (room in the
+ * cache, token ids in the vocabulary unless mask[t] != 0), as g3_model_forward applies them. */
+g3_status g3_model_check_tokens(const g3_model *m, int64_t n_past, const int32_t *ids,
+                                const uint8_t *mask, int64_t n, g3_err *err);
 
 
 #endif

@@ -108,10 +108,13 @@ static int enter(ModelObject *self)
         PyErr_SetString(PyExc_RuntimeError, "model is not initialised");
         return -1;
     }
+    /* The C object's own guard: memory safety against any concurrent caller of this private
+     * type. gemma3.engine.Engine serializes the public API with its own lock (and its own,
+     * user-facing message), so this one only fires for code that calls _core directly. */
     if (self->busy) {
         PyErr_SetString(PyExc_RuntimeError,
-                        "this model is already running a call in another thread; use one model "
-                        "per thread or serialize the calls");
+                        "_core.Model is busy in another thread (a forward pass or cache operation "
+                        "is running); callers of the C model must serialize their calls");
         return -1;
     }
     self->busy = 1;
@@ -527,6 +530,58 @@ static PyObject *model_get_run_bytes(ModelObject *self, void *c)
     return PyLong_FromSize_t(self->m ? g3_run_bytes(self->m) : 0);
 }
 
+/* check_feed(ids: int32 1-D, embd_mask: uint8 (n,) or None, at: int = seq 0's n_past): raises
+ * ValueError unless forward() would accept these ids fed to sequence 0 from position `at`: the
+ * rule is g3_model_check_tokens, the one forward applies per call. For callers that feed one
+ * input in several calls and must refuse it whole before the first call touches the cache. */
+static PyObject *model_check_feed(ModelObject *self, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"ids", "embd_mask", "at", NULL};
+    PyObject *ids_o, *mask_o = Py_None;
+    long long at = -1;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|OL", kwlist, &ids_o, &mask_o, &at))
+        return NULL;
+    if (!self->m)
+        return PyErr_Format(PyExc_RuntimeError, "model is not initialised");
+    PyArrayObject *ids = (PyArrayObject *)PyArray_FROMANY(ids_o, NPY_INT32, 1, 1,
+                                                          NPY_ARRAY_IN_ARRAY);
+    PyArrayObject *mask = NULL;
+    PyObject *ret = NULL;
+    int entered = 0; /* reading seq 0's n_past needs the guard; an explicit `at` reads config only */
+    if (!ids)
+        return NULL;
+    const npy_intp n = PyArray_DIM(ids, 0);
+    if (mask_o != Py_None) {
+        mask = (PyArrayObject *)PyArray_FROMANY(mask_o, NPY_UINT8, 1, 1, NPY_ARRAY_IN_ARRAY);
+        if (!mask)
+            goto done;
+        if (PyArray_DIM(mask, 0) != n) {
+            PyErr_Format(PyExc_ValueError, "embd_mask must be (%zd,) uint8", (Py_ssize_t)n);
+            goto done;
+        }
+    }
+    if (at < 0) {
+        if (enter(self) < 0)
+            goto done;
+        entered = 1;
+        at = self->m->seqs[0].n_past;
+    }
+    g3_err err = {{0}, 0};
+    g3_status st = g3_model_check_tokens(self->m, at, PyArray_DATA(ids),
+                                         mask ? PyArray_DATA(mask) : NULL, n, &err);
+    if (st) {
+        g3_py_raise(mstate((PyObject *)self), st, &err, NULL);
+        goto done;
+    }
+    ret = Py_NewRef(Py_None);
+done:
+    if (entered)
+        self->busy = 0;
+    Py_XDECREF(ids);
+    Py_XDECREF(mask);
+    return ret;
+}
+
 static PyMethodDef model_methods[] = {
     {"forward", (PyCFunction)(void (*)(void))model_forward, METH_VARARGS | METH_KEYWORDS,
      "forward(ids, logits=1, embd=None, embd_mask=None)"},
@@ -540,6 +595,8 @@ static PyMethodDef model_methods[] = {
      "head(x (n, E), normalize=True) -> (n, vocab) logits of residual vectors"},
     {"kv_buffers", (PyCFunction)model_kv_buffers, METH_O,
      "kv_buffers(layer) -> (k, v, is_global): read-only views of the layer's cache"},
+    {"check_feed", (PyCFunction)(void (*)(void))model_check_feed, METH_VARARGS | METH_KEYWORDS,
+     "check_feed(ids, embd_mask=None, at=n_past): ValueError unless forward accepts them"},
     {"truncate", (PyCFunction)model_truncate, METH_VARARGS,
      "truncate(n, seq=0) -> bool: keep the first n positions if the local rings allow it"},
     {"profile", (PyCFunction)model_profile, METH_VARARGS,

@@ -1,0 +1,317 @@
+"""The engine: the one owner of the C model (``gemma3._core.Model``).
+
+It holds the call lock, the pool of KV sequences and the feed protocol of sequence 0:
+
+* sequence 0 is the interactive context. The engine keeps the token ids it caches (``ids``) so
+  that a prompt extending the cached one — the next turn of a chat, a longer prompt — feeds only
+  the new tokens, and the images in it (``images``: (start, pixel digest)) since every image's
+  soft tokens share one id;
+* sequences 1.. are scratch: :meth:`Engine.slots` lends them (empty) to batch generation and
+  scoring and resets them afterwards;
+* :meth:`Engine.run_packed` is the one place that cuts several sequences' tokens into bounded
+  forward calls.
+
+Who decides what (each rule lives on one side of the Python/C boundary):
+
+* token ids in the vocabulary and room in the cache: C (``g3_model_check_tokens``, applied by
+  every forward call). A prompt is fed in several calls, so the engine asks C once up front
+  (``_core.Model.check_feed``) before the first call touches the cache (:meth:`Engine.check`);
+* one public call at a time: the engine's lock (:meth:`Engine.exclusive`, the user-facing
+  message below). The C object's own busy flag is a different rule — memory safety against any
+  thread calling the private ``_core`` directly — and says so in its own words (py_model.c).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+
+import numpy as np
+
+from . import _core
+from . import multimodal as _mm
+from .config import Gemma3Config
+
+PREFILL_CHUNK = 512  # tokens per forward call while prefilling (interruptible between chunks)
+LOGITS_CHUNK = 128  # tokens per call when every position's logits are wanted
+
+BUSY = ("this model is already running a call in another thread; use one model per thread or "
+        "serialize the calls")
+
+
+class Closed:
+    """Stands in for the C model (and the vision tower) after close(): every use raises."""
+
+    n_past = 0
+    n_seq = 0
+
+    def __getattr__(self, name):
+        raise RuntimeError("this model was closed")
+
+
+class Engine:
+    """Owns ``core`` (the C model), the lock, the sequence slots and sequence 0's bookkeeping.
+
+    Methods that read or change sequences expect the caller to hold :meth:`exclusive`; the
+    checks with an explicit start (``check(..., at=0)``, :meth:`check_prompt`, :meth:`check_ids`)
+    read only the configuration and need no lock."""
+
+    def __init__(self, core: _core.Model, config: Gemma3Config, max_seq_len: int,
+                 vision=None):
+        self.core = core
+        self.config = config
+        self.max_seq_len = max_seq_len
+        self.vision = vision  # gemma3.vision.VisionTower or None
+        self.ids: list[int] = []  # what sequence 0 caches
+        self.pending: list[int] = []  # fed in the call under way (see sync)
+        self.images: list[tuple[int, str]] = []  # (start, digest) of the images in self.ids
+        # epoch changes whenever a call replaces the cached context, so that a stream paused
+        # while another call used the model notices and stops instead of going on from someone
+        # else's context.
+        self.epoch = 0
+        self._lock = threading.Lock()
+
+    # -- the lock ------------------------------------------------------------------------------
+    @contextmanager
+    def exclusive(self):
+        """One call at a time: a concurrent call gets RuntimeError instead of a corrupted cache
+        (refusing rather than waiting keeps a paused stream from blocking everyone)."""
+        if not self._lock.acquire(blocking=False):
+            raise RuntimeError(BUSY)
+        try:
+            yield
+        finally:
+            self._lock.release()
+
+    # -- checks (the rules are C's, see the module docstring) ----------------------------------
+    def check(self, ids: Sequence[int] | np.ndarray, mask: np.ndarray | None = None,
+              at: int | None = None) -> None:
+        """ValueError unless ``ids`` can be fed to a sequence holding ``at`` positions (default:
+        what sequence 0 holds): ids in the vocabulary (except where ``mask`` marks image soft
+        tokens) and room for all of them. ``ids`` must fit in int32 (gemma3._check.as_ids)."""
+        self.core.check_feed(np.asarray(ids, np.int32), mask, -1 if at is None else at)
+
+    def check_ids(self, ids: Sequence[int]) -> None:
+        """ValueError unless every id is in the vocabulary (any length: texts scored in windows
+        may be longer than the cache)."""
+        n = self.max_seq_len
+        for s in range(0, max(len(ids), 1), n):
+            self.check(ids[s:s + n], at=0)
+
+    @property
+    def mm_tokens(self) -> int:
+        return self.vision.config.mm_tokens_per_image if self.vision is not None else 0
+
+    # -- sequence 0 bookkeeping -----------------------------------------------------------------
+    def sync(self) -> None:
+        """Reconciles ``ids`` with the C cache after an interrupted or failed call."""
+        n = self.core.n_past
+        if n == len(self.ids):
+            pass
+        elif n == len(self.ids) + len(self.pending):
+            self.ids += self.pending
+        else:
+            self.reset()
+        self.pending = []
+
+    def reset(self) -> None:
+        """Forgets sequence 0's context."""
+        self.core.reset(0)
+        self.ids = []
+        self.pending = []
+        self.images = []
+        self.epoch += 1
+
+    def fresh(self) -> None:
+        """Empties sequence 0 for a call that evaluates from an empty context."""
+        self.sync()
+        self.reset()
+
+    def close(self) -> None:
+        with self.exclusive():
+            self.core = Closed()
+            if self.vision is not None:  # an mmproj tower maps its own file
+                self.vision = Closed()
+            self.ids = []
+
+    # -- feeding sequence 0 ---------------------------------------------------------------------
+    def feed(self, ids: Sequence[int], logits: int, capture: dict | None = None,
+             mm: list | None = None, check: bool = True) -> np.ndarray | None:
+        """Runs ids through the model after the cached context. logits: 0 none, 1 last, 2 all.
+        A capture dict (see inspect.CapturePlan) needs the ids in one call. ``mm``: image spans
+        (gemma3.multimodal.ImageSpan, positions absolute) whose soft tokens take the image's
+        projected embeddings. The whole input is checked before the first call (``check=False``:
+        the caller already did)."""
+        arr = np.asarray(ids, dtype=np.int32)
+        if check:
+            self.check(arr, _mm.soft_mask(len(arr), len(self.ids), mm, self.mm_tokens)
+                       if mm else None)
+        return self._feed(arr, logits, capture, mm)
+
+    def check_prompt(self, ids: Sequence[int], mm: list | None = None) -> None:
+        """check for a prompt fed from an empty sequence (image soft tokens exempt)."""
+        self.check(ids, _mm.soft_mask(len(ids), 0, mm, self.mm_tokens) if mm else None, at=0)
+
+    def evaluate(self, ids: Sequence[int], logits: int, capture: dict | None = None,
+                 mm: list | None = None, check: bool = True) -> np.ndarray | None:
+        """feed from an empty sequence 0; the input is checked before the cache is touched."""
+        arr = np.asarray(ids, dtype=np.int32)
+        if check:
+            self.check_prompt(arr, mm)
+        self.fresh()
+        return self._feed(arr, logits, capture, mm)
+
+    def step(self, tok: int, capture: dict | None = None) -> np.ndarray:
+        """Decodes one token (the generate loop's hot path: no extra work; the C forward checks
+        its single call itself). Returns the logits (vocab,)."""
+        self.pending = [tok]
+        arr = np.array(self.pending, np.int32)
+        out = (self.core.forward(arr, 1) if capture is None else
+               self.core.forward(arr, 1, capture=capture))
+        self.ids.append(tok)
+        self.pending = []
+        return out[0]
+
+    def _feed(self, arr: np.ndarray, logits: int, capture: dict | None, mm: list | None
+              ) -> np.ndarray | None:
+        if mm:
+            return self._feed_mm(arr, logits, capture, mm)
+        core = self.core
+        if capture is not None:
+            self.pending = arr.tolist()
+            out = core.forward(arr, logits, capture=capture)
+            self.ids += self.pending
+            self.pending = []
+            return out
+        chunk = LOGITS_CHUNK if logits == 2 else PREFILL_CHUNK
+        parts, out = [], None
+        for s in range(0, len(arr), chunk):
+            piece = arr[s:s + chunk]
+            mode = logits if (logits == 2 or s + chunk >= len(arr)) else 0
+            self.pending = piece.tolist()
+            out = core.forward(piece, mode)
+            self.ids += self.pending
+            self.pending = []
+            if logits == 2:
+                parts.append(out)
+        if logits == 2:
+            return np.concatenate(parts) if parts else np.zeros((0, self.config.vocab_size),
+                                                                np.float32)
+        return out
+
+    def _feed_mm(self, arr: np.ndarray, logits: int, capture: dict | None, mm: list
+                 ) -> np.ndarray | None:
+        """feed with image spans: each image's embeddings are written unscaled at its soft
+        tokens (embd / embd_mask), every image its own mask value so that consecutive images are
+        separate bidirectional blocks, and no forward call cuts through an image."""
+        if self.vision is None:
+            raise ValueError(_mm.NO_TOWER)
+        base, M, E = len(self.ids), self.mm_tokens, self.config.hidden_size
+        rel = [sp.start - base for sp in mm]
+        if any(r < 0 or r + M > len(arr) for r in rel):
+            raise ValueError("an image's soft tokens fall outside the tokens being fed")
+        emb = _mm.encode_spans(self.vision, mm)  # before touching the cache
+        embd = np.zeros((len(arr), E), np.float32)
+        mask = np.zeros(len(arr), np.uint8)
+        for k, (r, sp) in enumerate(zip(rel, mm, strict=True)):
+            embd[r:r + M] = emb[sp.digest]
+            mask[r:r + M] = k % 255 + 1
+        chunk = len(arr) if capture is not None else (
+            LOGITS_CHUNK if logits == 2 else PREFILL_CHUNK)
+        parts, out = [], None
+        for s, e in _mm.chunk_bounds(len(arr), rel, M, chunk):
+            mode = logits if (logits == 2 or e == len(arr)) else 0
+            # recorded before the call: a stale entry past the cache only makes reuse stricter
+            self.images += [(sp.start, sp.digest) for sp in mm if s <= sp.start - base < e]
+            self.pending = arr[s:e].tolist()
+            out = self.core.forward(arr[s:e], mode, embd[s:e], mask[s:e], capture)
+            self.ids += self.pending
+            self.pending = []
+            if logits == 2:
+                parts.append(out)
+        return np.concatenate(parts) if logits == 2 else out
+
+    def prefill(self, ids: list[int], mm: list | None = None,
+                capture_last: Callable[[int], dict | None] | None = None) -> np.ndarray:
+        """Makes sequence 0 hold exactly ids, reusing the longest cached prefix it may (images
+        compared by their pixels), and returns the last position's logits (vocab,).
+        ``capture_last(n_keys)``: a capture dict for the last position, fed on its own."""
+        self.sync()
+        if not ids:
+            raise ValueError("the prompt is empty: give at least one token (e.g. add_bos=True)")
+        mm = mm or []
+        # the whole prompt, before the cache is cut back or fed (the cached prefix is fed again
+        # if the cache cannot be truncated: room and ids are those of the whole prompt anyway)
+        self.check_prompt(ids, mm)
+        common = 0
+        for a, b in zip(self.ids, ids):
+            if a != b:
+                break
+            common += 1
+        common = min(common, len(ids) - 1)  # at least one token is fed to get logits
+        common = _mm.reusable_prefix(common, self.images, mm, self.mm_tokens)
+        rest_mm = [sp for sp in mm if sp.start >= common]
+        rest = np.asarray(ids[common:], np.int32)
+        self.epoch += 1
+        if common < len(self.ids) and not self.core.truncate(common):
+            common = 0
+            self.reset()
+            rest, rest_mm = np.asarray(ids, np.int32), mm
+        del self.ids[common:]
+        self.images = [(s, d) for s, d in self.images if s < common]
+        if capture_last is None:
+            return self._feed(rest, 1, None, rest_mm)[0]
+        if len(rest) > 1:  # everything but the last token as usual, the last one captured
+            self._feed(rest[:-1], 0, None, rest_mm)
+        return self._feed(rest[-1:], 1, capture_last(len(self.ids) + 1), None)[0]
+
+    # -- the sequence pool ----------------------------------------------------------------------
+    @contextmanager
+    def slots(self, n: int) -> Iterator[list[int]]:
+        """Lends n empty scratch sequences (1..n; sequence 0 stays the interactive context),
+        allocating them on first use (lazily-touched memory), and resets them afterwards."""
+        core = self.core
+        if core.n_seq < n + 1:
+            core.set_n_seq(n + 1)
+        seqs = list(range(1, n + 1))
+        for s in seqs:
+            core.reset(s)
+        try:
+            yield seqs
+        finally:
+            for s in seqs:
+                core.reset(s)
+
+    def run_packed(self, streams: Sequence[tuple[int, Sequence[int]]], budget: int,
+                   logits: int) -> Iterator[tuple[list[tuple[int, int, int]], np.ndarray | None]]:
+        """Feeds several sequences' tokens, ``streams = [(seq, tokens)]``, in forward calls of at
+        most ``budget`` tokens: each call takes the next tokens of every unfinished stream in
+        order until the budget is spent. Yields ``(pieces, out)`` per call, ``pieces`` = [(k,
+        start, stop)] (stream k's tokens[start:stop], in the call's order). ``logits``: 0 none;
+        1 one row per piece, computed only in calls where some stream ends (its last token's
+        row predicts what follows); 2 every token's row."""
+        pos = [0] * len(streams)
+        core = self.core
+        while True:
+            ids: list[int] = []
+            seqs, lens, pieces, room, ends = [], [], [], budget, False
+            for k, (s, toks) in enumerate(streams):
+                n = min(len(toks) - pos[k], room)
+                if n <= 0:
+                    continue
+                ids += toks[pos[k]:pos[k] + n]
+                seqs.append(s)
+                lens.append(n)
+                pieces.append((k, pos[k], pos[k] + n))
+                pos[k] += n
+                ends = ends or pos[k] == len(toks)
+                room -= n
+                if not room:
+                    break
+            if not pieces:
+                return
+            mode = 2 if logits == 2 else (1 if logits == 1 and ends else 0)
+            out = core.forward(np.asarray(ids, np.int32), mode, seqs=np.asarray(seqs, np.int32),
+                               lens=np.asarray(lens, np.int64))
+            yield pieces, out
