@@ -92,12 +92,13 @@ def _ticks_inside(call) -> tuple[int, float]:
 
 
 def test_gil_released_during_forward():
-    # one C call of 2048 tokens (~0.25 s on one thread, leaving the other core to the ticker)
-    m = gemma3.load(TINY, n_threads=1, max_seq_len=2048)
+    # one C call of 4096 tokens (~0.25 s on one thread, leaving the other core to the ticker;
+    # 2048 tokens took only ~80 ms on a quiet machine, under the 0.1 s this test needs)
+    m = gemma3.load(TINY, n_threads=1, max_seq_len=4096)
     try:
-        ids = (np.arange(2048, dtype=np.int32) * 7919 % 509 + 3).astype(np.int32)
+        ids = (np.arange(4096, dtype=np.int32) * 7919 % 509 + 3).astype(np.int32)
         inside, fwd_dt = _ticks_inside(lambda: m.engine.core.forward(ids, 1))
-        print(f"\nforward of 2048 tokens: {fwd_dt * 1e3:.0f} ms, {inside} ticks of another thread "
+        print(f"\nforward of 4096 tokens: {fwd_dt * 1e3:.0f} ms, {inside} ticks of another thread "
               "inside it")
         assert fwd_dt > 0.1, "the forward was too short to tell"
         assert inside >= 10, f"no other Python thread ran during a {fwd_dt * 1e3:.0f} ms forward"

@@ -22,7 +22,7 @@ TINY = Path(__file__).parent / "fixtures" / "tiny" / "tiny"
 
 def test_run_state_reserved_at_load_and_grown_between_calls():
     m = gemma3.load(TINY, max_seq_len=1400)
-    core = m._core
+    core = m.engine.core
     at_load = core.run_bytes
     assert at_load > 0
     ids = np.random.default_rng(0).integers(5, m.config.vocab_size, 1300).astype(np.int32)
@@ -40,14 +40,14 @@ def test_run_state_reserved_at_load_and_grown_between_calls():
 
 def test_profile_is_per_model():
     a, b = gemma3.load(TINY), gemma3.load(TINY)
-    a._core.profile(True)
-    b._core.profile(False)
-    a._core.forward(np.asarray([2, 10, 11], np.int32), 1)
-    b._core.forward(np.asarray([2, 10, 11], np.int32), 1)
-    pa, pb = a._core.profile(False), b._core.profile(False)
+    a.engine.core.profile(True)
+    b.engine.core.profile(False)
+    a.engine.core.forward(np.asarray([2, 10, 11], np.int32), 1)
+    b.engine.core.forward(np.asarray([2, 10, 11], np.int32), 1)
+    pa, pb = a.engine.core.profile(False), b.engine.core.profile(False)
     assert pa["forwards"] == 1 and pa["tokens"] == 3 and pa["attention"] > 0
     assert pb["forwards"] == 0 and pb["tokens"] == 0 and pb["attention"] == 0
-    assert a._core.profile()["forwards"] == 0  # reading resets
+    assert a.engine.core.profile()["forwards"] == 0  # reading resets
 
 
 def test_more_threads_after_load_grow_the_state():
@@ -55,14 +55,14 @@ def test_more_threads_after_load_grow_the_state():
 
     m = gemma3.load(TINY)
     ids = np.asarray([2, 10, 11, 12, 13], np.int32)
-    m._core.reset(0)
-    want = m._core.forward(ids, 2)
-    before, n0 = m._core.run_bytes, _core.get_num_threads()
+    m.engine.core.reset(0)
+    want = m.engine.core.forward(ids, 2)
+    before, n0 = m.engine.core.run_bytes, _core.get_num_threads()
     try:
         _core.set_num_threads(n0 + 3)  # per-thread score buffers must follow
-        m._core.reset(0)
-        got = m._core.forward(ids, 2)
-        assert m._core.run_bytes > before
+        m.engine.core.reset(0)
+        got = m.engine.core.forward(ids, 2)
+        assert m.engine.core.run_bytes > before
     finally:
         _core.set_num_threads(n0)
     np.testing.assert_allclose(got, want, atol=tol.TINY_LOGITS_ABS)
