@@ -13,7 +13,7 @@
 #include "kernels/matmul.h"
 #include "model/model.h"
 
-#define G3_RUN_TOKENS 512       /* gemma3/model.py PREFILL_CHUNK */
+#define G3_RUN_TOKENS 512       /* gemma3/engine.py PREFILL_CHUNK */
 #define G3_RUN_KEYS 4096        /* keys reserved at load; longer contexts grow on first use */
 #define G3_ATTN_BLAS_MIN 32     /* queries of one sequence from which attention uses sgemm */
 #define G3_ATTN_QTILE 128       /* query rows per sgemm tile (bounds the score tile) */
