@@ -22,8 +22,8 @@ typedef enum {
     G3_ERR_UNSUPPORTED = 2, /* valid but unsupported content -> gemma3.UnsupportedError */
     G3_ERR_NOMEM = 3,       /* -> MemoryError */
     G3_ERR_IO = 4,          /* -> OSError with the path */
-    G3_ERR_ARG = 5,         /* bad argument -> ValueError */
-    G3_ERR_STATE = 6,       /* e.g. context overflow -> RuntimeError/ValueError */
+    G3_ERR_ARG = 5,         /* bad argument (id out of range, context overflow) -> ValueError */
+    G3_ERR_STATE = 6,       /* an object in the wrong state for the call -> RuntimeError */
     G3_ERR_INTERRUPTED = 7, /* a g3_checkpoint asked to stop; its owner knows why (Ctrl-C) */
 } g3_status;
 
