@@ -16,7 +16,6 @@
 #include <immintrin.h>
 #include <math.h>
 
-#include "kernels/dispatch.h"
 #include "kernels/ops.h"
 
 #define GELU_K 0.7978845608028654f /* sqrt(2/pi) */
@@ -242,14 +241,3 @@ void g3_act_kernels(int isa, g3_float_kernels *k)
                                 gelu_bias_scalar};
     }
 }
-
-void g3_geglu_f32(const float *gate, const float *up, float *out, int64_t n)
-{
-    g3_fk()->geglu(gate, up, out, n);
-}
-
-double g3_expsum_f32(float *x, int64_t n, float m) { return g3_fk()->expsum(x, n, m); }
-
-void g3_softmax_f32(float *x, int64_t n) { g3_fk()->softmax(x, n); }
-
-void g3_gelu_bias_f32(float *x, const float *b, int64_t n) { g3_fk()->gelu_bias(x, b, n); }

@@ -115,3 +115,19 @@ int g3_float_kernels_report(const char **names, int *isa, int cap)
     }
     return n;
 }
+
+/* The public float kernels (ops.h) run the selected level's variant. */
+float g3_dot_f32(const float *a, const float *b, int64_t n) { return g3_fk()->dot(a, b, n); }
+
+void g3_axpy_f32(float a, const float *x, float *y, int64_t n) { g3_fk()->axpy(a, x, y, n); }
+
+void g3_geglu_f32(const float *gate, const float *up, float *out, int64_t n)
+{
+    g3_fk()->geglu(gate, up, out, n);
+}
+
+double g3_expsum_f32(float *x, int64_t n, float m) { return g3_fk()->expsum(x, n, m); }
+
+void g3_softmax_f32(float *x, int64_t n) { g3_fk()->softmax(x, n); }
+
+void g3_gelu_bias_f32(float *x, const float *b, int64_t n) { g3_fk()->gelu_bias(x, b, n); }

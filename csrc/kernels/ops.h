@@ -41,4 +41,24 @@ double g3_expsum_f32(float *x, int64_t n, float m);
 /* In-place numerically stable softmax over n entries. */
 void g3_softmax_f32(float *x, int64_t n);
 
+/* ---- SIMD variant sets, one per instruction-set level (kernels/dispatch.c picks one) ---------- */
+
+/* Kernel ISA levels, in increasing order of preference. */
+enum { G3_ISA_SCALAR = 0, G3_ISA_AVX2 = 1, G3_ISA_AVX512 = 2, G3_ISA_COUNT = 3 };
+
+/* The float kernels that have SIMD variants, one entry per operation, one set per level.
+ * Each variant is a function of the kernel's file (vec.c, act.c), scalar reference first. */
+typedef struct {
+    float (*dot)(const float *a, const float *b, int64_t n);          /* vec.c */
+    void (*axpy)(float a, const float *x, float *y, int64_t n);       /* vec.c */
+    double (*expsum)(float *x, int64_t n, float m);                   /* act.c */
+    void (*softmax)(float *x, int64_t n);                             /* act.c */
+    void (*geglu)(const float *gate, const float *up, float *out, int64_t n); /* act.c */
+    void (*gelu_bias)(float *x, const float *b, int64_t n);          /* act.c */
+} g3_float_kernels;
+
+/* Per-ISA variant sets, defined next to their scalar references. */
+void g3_vec_kernels(int isa, g3_float_kernels *k); /* vec.c: dot, axpy */
+void g3_act_kernels(int isa, g3_float_kernels *k); /* act.c: expsum, softmax, geglu, gelu_bias */
+
 #endif

@@ -2,7 +2,6 @@
  * dot(a, b) = sum a_i b_i; axpy: y += a x. The scalar versions (dot: 8 partial sums) are the
  * reference and the fallback, AVX2+FMA and AVX-512 variants are compiled with target attributes,
  * each with a scalar tail; kernels/dispatch.c picks one set for the whole process. */
-#include "kernels/dispatch.h"
 #include "kernels/ops.h"
 
 #include <immintrin.h>
@@ -92,7 +91,3 @@ void g3_vec_kernels(int isa, g3_float_kernels *k)
     k->dot = isa >= G3_ISA_AVX512 ? dot_avx512 : isa == G3_ISA_AVX2 ? dot_avx2 : dot_scalar;
     k->axpy = isa >= G3_ISA_AVX512 ? axpy_avx512 : isa == G3_ISA_AVX2 ? axpy_avx2 : axpy_scalar;
 }
-
-float g3_dot_f32(const float *a, const float *b, int64_t n) { return g3_fk()->dot(a, b, n); }
-
-void g3_axpy_f32(float a, const float *x, float *y, int64_t n) { g3_fk()->axpy(a, x, y, n); }
