@@ -34,14 +34,24 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 
 from . import _check
+from .config import Gemma3Config
+from .engine import Engine
+from .tokenizer import Tokenizer
 
-if TYPE_CHECKING:
-    from .model import Model
+
+class Model(Protocol):
+    """What scoring needs of a model (gemma3.model.Model is one): named here rather than imported,
+    so that scoring depends on the engine and not on the facade that calls it."""
+
+    engine: Engine
+    config: Gemma3Config
+    tokenizer: Tokenizer | None
+    max_seq_len: int
 
 PREFILL_TOKENS = 512  # tokens per forward call while prefilling contexts (no logits)
 LOGITS_ROWS = 128  # rows of logits per forward call while scoring continuations
