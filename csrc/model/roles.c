@@ -175,6 +175,22 @@ int g3_role_name(const char *pattern, int64_t layer, char *buf, size_t n)
     return len < 0 || (size_t)len >= n ? -1 : 0;
 }
 
+int g3_role_next(g3_role_slot *s)
+{
+    for (; s->j < s->t->n; s->j++, s->i = 0) {
+        const g3_role *r = &s->t->roles[s->j];
+        if (s->i < (r->per_layer ? s->n_layer : 1)) {
+            s->role = r;
+            s->base = r->per_layer ? (char *)s->layers + (size_t)s->i * s->layer_size : s->top;
+            const int fits = g3_role_name(r->key, r->per_layer ? s->i : -1, s->name,
+                                          sizeof s->name) == 0;
+            s->i++;
+            return fits ? 1 : -1;
+        }
+    }
+    return 0;
+}
+
 static g3_status check_matrix(const g3_role_table *t, const g3_role *r, const char *name,
                               const g3_weight *w, const int64_t *dims, g3_err *err)
 {
@@ -198,26 +214,23 @@ static g3_status check_matrix(const g3_role_table *t, const g3_role *r, const ch
 g3_status g3_roles_check(const g3_role_table *t, const int64_t dims[G3_DIM_N], void *top,
                          void *layers, size_t layer_size, int64_t n_layer, g3_err *err)
 {
-    char name[96];
-    for (int j = 0; j < t->n; j++) {
-        const g3_role *r = &t->roles[j];
-        const int64_t n = r->per_layer ? n_layer : 1;
-        for (int64_t i = 0; i < n; i++) {
-            void *base = r->per_layer ? (char *)layers + (size_t)i * layer_size : top;
-            g3_role_name(r->key, r->per_layer ? i : -1, name, sizeof name);
-            const int bound = r->kind == G3_ROLE_MATRIX ? g3_role_matrix(r, base)->data != NULL
-                                                        : *g3_role_vector(r, base) != NULL;
-            if (!bound) {
-                if (r->optional)
-                    continue;
-                return g3_fail(err, G3_ERR_FORMAT, "missing %s tensor '%s'", t->what, name);
-            }
-            if (r->kind == G3_ROLE_MATRIX) {
-                g3_status st = check_matrix(t, r, name, g3_role_matrix(r, base), dims, err);
-                if (st)
-                    return st;
-            }
+    g3_role_slot s = {.t = t, .top = top, .layers = layers, .layer_size = layer_size,
+                      .n_layer = n_layer};
+    int more;
+    while ((more = g3_role_next(&s)) > 0) {
+        const g3_role *r = s.role;
+        const int bound = r->kind == G3_ROLE_MATRIX ? g3_role_matrix(r, s.base)->data != NULL
+                                                    : *g3_role_vector(r, s.base) != NULL;
+        if (!bound) {
+            if (r->optional)
+                continue;
+            return g3_fail(err, G3_ERR_FORMAT, "missing %s tensor '%s'", t->what, s.name);
+        }
+        if (r->kind == G3_ROLE_MATRIX) {
+            g3_status st = check_matrix(t, r, s.name, g3_role_matrix(r, s.base), dims, err);
+            if (st)
+                return st;
         }
     }
-    return G3_OK;
+    return more < 0 ? g3_fail(err, G3_ERR_FORMAT, "%s tensor name too long", t->what) : G3_OK;
 }

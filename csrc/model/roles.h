@@ -84,6 +84,25 @@ static inline const float **g3_role_vector(const g3_role *r, void *base)
 /* pattern with "{i}" replaced by layer (< 0: left as is); 0, or -1 when it does not fit. */
 int g3_role_name(const char *pattern, int64_t layer, char *buf, size_t n);
 
+/* One (role, layer) slot of a table over a model's structs: the role, the struct its field lives in
+ * (base: a layer for per-layer roles, else top) and the slot's name ("blk.3.attn_q"). */
+typedef struct {
+    const g3_role_table *t;
+    void *top, *layers;
+    size_t layer_size;
+    int64_t n_layer;
+    int j;     /* role index; start at 0 */
+    int64_t i; /* layer index within a per-layer role; start at 0 */
+    const g3_role *role;
+    void *base;
+    char name[96];
+} g3_role_slot;
+
+/* Moves to the next slot: 1 while there is one, 0 at the end, -1 if its name does not fit. Start
+ * from {.t, .top, .layers, .layer_size, .n_layer} (j and i zero). Binding and checks walk the
+ * table with it, so both see the same slots in the same order. */
+int g3_role_next(g3_role_slot *s);
+
 /* Walks the table over bound structs: every required role bound, every matrix of the expected
  * shape and a computable type. Errors name the tensor, the expected and the actual shape. */
 g3_status g3_roles_check(const g3_role_table *t, const int64_t dims[G3_DIM_N], void *top,

@@ -88,31 +88,29 @@ int g3_py_bind_roles(g3_module_state *ms, PyObject *keep, PyObject *weights,
                      const g3_role_table *t, const int64_t *dims, void *top, void *layers,
                      size_t layer_size, int64_t n_layer)
 {
-    char name[96];
-    for (int j = 0; j < t->n; j++) {
-        const g3_role *r = &t->roles[j];
-        const int64_t n = r->per_layer ? n_layer : 1;
-        for (int64_t i = 0; i < n; i++) {
-            void *base = r->per_layer ? (char *)layers + (size_t)i * layer_size : top;
-            if (g3_role_name(r->key, r->per_layer ? i : -1, name, sizeof name) < 0) {
-                PyErr_Format(PyExc_ValueError, "%s tensor name too long", t->what);
+    g3_role_slot s = {.t = t, .top = top, .layers = layers, .layer_size = layer_size,
+                      .n_layer = n_layer};
+    int more;
+    while ((more = g3_role_next(&s)) > 0) {
+        const g3_role *r = s.role;
+        if (r->kind == G3_ROLE_VECTOR) {
+            if (bind_vector(ms, keep, weights, t->what, s.name, dims[r->rows] * dims[r->cols],
+                            g3_role_vector(r, s.base)) < 0)
                 return -1;
-            }
-            if (r->kind == G3_ROLE_VECTOR) {
-                if (bind_vector(ms, keep, weights, t->what, name, dims[r->rows] * dims[r->cols],
-                                g3_role_vector(r, base)) < 0)
-                    return -1;
-                continue;
-            }
-            g3_weight *w = g3_role_matrix(r, base);
-            if (bind_matrix(ms, keep, weights, t->what, name, w, r->optional) < 0)
-                return -1;
-            if (!w->data && r->tie) { /* the tied role is bound before: table order */
-                const g3_role *tied = find_role(t, r->tie);
-                if (tied && !tied->per_layer && tied->kind == G3_ROLE_MATRIX)
-                    *w = *g3_role_matrix(tied, top);
-            }
+            continue;
         }
+        g3_weight *w = g3_role_matrix(r, s.base);
+        if (bind_matrix(ms, keep, weights, t->what, s.name, w, r->optional) < 0)
+            return -1;
+        if (!w->data && r->tie) { /* the tied role is bound before: table order */
+            const g3_role *tied = find_role(t, r->tie);
+            if (tied && !tied->per_layer && tied->kind == G3_ROLE_MATRIX)
+                *w = *g3_role_matrix(tied, top);
+        }
+    }
+    if (more < 0) {
+        PyErr_Format(PyExc_ValueError, "%s tensor name too long", t->what);
+        return -1;
     }
     return 0;
 }
