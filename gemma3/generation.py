@@ -177,6 +177,14 @@ def attn_capture(attn: tuple | None, n_keys: int):
     return core, {L: d["pattern"][:, 0, :] for L, d in core.items()}
 
 
+def check_room(n_prompt: int, max_seq_len: int, which: str = "the prompt") -> None:
+    """Generation's own rule (the cache's is C's, see gemma3.engine): a prompt leaves room for at
+    least one new token."""
+    if n_prompt + 1 > max_seq_len:
+        raise ValueError(f"context overflow: {which} has {n_prompt} tokens and max_seq_len is "
+                         f"{max_seq_len}")
+
+
 def generate_ids(engine: Engine, prompt_ids: list[int], gc: GenerationConfig, stops: set[int],
                  attn: tuple | None = None, attn_out: list | None = None,
                  mm: list | None = None) -> Iterator[int]:
@@ -184,10 +192,7 @@ def generate_ids(engine: Engine, prompt_ids: list[int], gc: GenerationConfig, st
     With attn = (layers, heads), attn_out receives for each new token the attention
     pattern {layer: (heads, n_ctx)} of the query that predicted it."""
     sampler = Sampler(gc, prompt_ids)
-    # generation's own rule (the cache's is C's): the prompt leaves room for one new token
-    if len(prompt_ids) + 1 > engine.max_seq_len:
-        raise ValueError(f"context overflow: the prompt has {len(prompt_ids)} tokens and "
-                         f"max_seq_len is {engine.max_seq_len}")
+    check_room(len(prompt_ids), engine.max_seq_len)
     last_attn = None
 
     def capture_last(n_keys):

@@ -20,7 +20,9 @@ from . import scoring as _scoring
 from .config import Gemma3Config
 from .engine import PREFILL_CHUNK, Engine  # noqa: F401  (PREFILL_CHUNK: re-exported)
 from .generation import Generation, GenerationConfig  # noqa: F401  (re-exported)
-from .loading import check_cache_fits, kv_cache_bytes, open_checkpoint  # noqa: F401
+from .loading import check_cache_fits, kv_cache_bytes  # noqa: F401  (re-exported)
+from .loading import open_checkpoint
+from .loading import set_num_threads  # noqa: F401  (re-exported: gemma3.set_num_threads)
 from .tokenizer import Tokenizer
 
 
@@ -214,9 +216,7 @@ class Model:
         for i, p in enumerate(ids):
             if not p:
                 raise ValueError(f"prompt {i} is empty")
-            if len(p) + 1 > self.max_seq_len:  # generation's rule: room for one new token
-                raise ValueError(f"context overflow: prompt {i} has {len(p)} tokens and "
-                                 f"max_seq_len is {self.max_seq_len}")
+            _gen.check_room(len(p), self.max_seq_len, f"prompt {i}")
             self.engine.check(p, at=0)  # every prompt, before any is fed
         stops = [_gen.stop_ids(g, self.config.eos_token_id, self.tokenizer) for g in gcs]
         with self.engine.exclusive():
@@ -357,7 +357,3 @@ def load(path: str | os.PathLike | None = None, *, n_threads: int | None = None,
     model.vision = vision
     return model
 
-
-def set_num_threads(n: int) -> None:
-    """Threads used by every model in this process (OpenMP and BLAS). 0 = all cores."""
-    _core.set_num_threads(_check.integer("n_threads", n, 0))
