@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from . import _check
+from .engine import LOGITS_CHUNK
 
 ATTN_NAMES = ("hook_q", "hook_k", "hook_v", "hook_z", "hook_pattern", "hook_attn_scores")
 BLOCK_NAMES = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out",
@@ -246,7 +247,7 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
 
 
 # -- the Model's inspection calls (Model.run_with_cache, logit_lens, top_logprobs) --------------
-LOGITS_CHUNK = 128  # rows of logits per call (never a full (n_tokens, vocab) matrix)
+# rows of logits per call: engine.LOGITS_CHUNK (never a full (n_tokens, vocab) matrix)
 
 
 def kv_cache(engine) -> KVCache:
