@@ -23,7 +23,6 @@ import time
 
 import numpy as np
 
-# Spinning OpenMP threads fight BLAS threads and other processes; see gemma3/__init__.py.
 import gemma3
 from gemma3 import _core
 

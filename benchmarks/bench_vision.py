@@ -85,18 +85,6 @@ def ours_from_torch(tower, proj, layers: int, text_width: int, dtype: str | None
     return VisionTower(cfg, w)
 
 
-def blas_coretype() -> str:
-    """Debian's libopenblas (DYNAMIC_ARCH) does not recognise some virtualised Xeons and falls
-    back to its SSE3 "Prescott" kernels, 4x slower here; pick the kernel from the CPU flags
-    unless the user already did. Must run before gemma3._core loads OpenBLAS."""
-    if "OPENBLAS_CORETYPE" not in os.environ:
-        fl = cpu_flags().split()
-        ct = "SKYLAKEX" if "avx512f" in fl else "HASWELL" if "avx2" in fl else None
-        if ct:
-            os.environ["OPENBLAS_CORETYPE"] = ct
-    return os.environ.get("OPENBLAS_CORETYPE", "(OpenBLAS's own choice)")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=os.cpu_count())
@@ -107,10 +95,8 @@ def main() -> None:
     ap.add_argument("--dtype", default=None, choices=[None, "f32", "f16", "bf16", "q8_0"])
     ap.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"],
                     help="transformers attention implementation (default sdpa, its fastest)")
-    ap.add_argument("--blas-autodetect", action="store_true",
-                    help="leave OpenBLAS's kernel choice alone (see blas_coretype)")
     a = ap.parse_args()
-    coretype = "(OpenBLAS's own choice)" if a.blas_autodetect else blas_coretype()
+    coretype = os.environ.get("OPENBLAS_CORETYPE", "(OpenBLAS's own choice)")
 
     import torch
 

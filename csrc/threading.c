@@ -1,6 +1,12 @@
-/* threading.c — the thread policy: one thread count for OpenMP regions (num_threads clauses) and
- * OpenBLAS, set in one place. Kernels are single-threaded over row ranges; the matmul layer
- * (kernels/matmul.c), the forward driver and the vision tower open the parallel regions.
+/* threading.c — the thread policy: one thread pool, ours (OpenMP), sized in one place. Kernels
+ * are single-threaded over row ranges; the matmul layer (kernels/matmul.c, kernels/gemm.c), the
+ * forward driver and the vision tower open the parallel regions (num_threads clauses).
+ *
+ * OpenBLAS is held at one thread, through its API, the first time we ask for a count: g3_sgemm
+ * calls it once per block from inside our regions. Its own pthread pool next to libgomp's made
+ * the two spin against each other on two cores; the old cure was an environment variable
+ * (GOMP_SPINCOUNT) that only worked if read before any libgomp loaded (import torch first: 3x
+ * slower prefill). Nothing here reads or writes the environment.
  *
  * fork(): libgomp keeps a worker pool per thread that opened a parallel region; a forked child
  * inherits the pool's bookkeeping but not its threads, and its first parallel region waits for
@@ -32,7 +38,7 @@ void g3_set_threads(int n)
     if (n < 1)
         n = omp_get_num_procs();
     g3_threads = n;
-    openblas_set_num_threads(n);
+    openblas_set_num_threads(1); /* every BLAS call runs inside one of our threads */
 }
 
 int g3_get_threads(void)

@@ -1,4 +1,4 @@
-/* threading.h — the thread policy: one count for OpenMP regions and OpenBLAS (threading.c). */
+/* threading.h — the thread policy: one pool, ours; OpenBLAS held at one thread (threading.c). */
 #ifndef G3_THREADING_H
 #define G3_THREADING_H
 

@@ -1,11 +1,11 @@
 /* attention.c — attention kernels (math and layouts in attention.h). */
 #include "kernels/attention.h"
 
-#include <cblas.h>
 #include <omp.h>
 #include <string.h>
 
 #include "kernels/dispatch.h"
+#include "kernels/gemm.h"
 
 void g3_attn_scores_f32(const float *q, int64_t hd, const g3_kv_span *sp, int nsp, int64_t stride,
                         float scale, float *sc)
@@ -38,8 +38,7 @@ void g3_attn_tile_f32(const float *Q, int64_t ldq, const float *K, const float *
                       const g3_attn_observer *obs)
 {
     const g3_float_kernels *fk = g3_fk();
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)nq, (int)ncol, (int)hd, scale, Q,
-                (int)ldq, K, (int)ldk, 0.0f, S, (int)lds);
+    g3_sgemm(G3_GEMM_BT, nq, ncol, hd, scale, Q, ldq, K, ldk, S, lds, nt);
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (int64_t r = 0; r < nq; r++) {
         float *row = S + r * lds;
@@ -58,6 +57,5 @@ void g3_attn_tile_f32(const float *Q, int64_t ldq, const float *K, const float *
         for (int64_t j = hi[r] + 1; j < ncol; j++)
             row[j] = 0.0f;
     }
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)nq, (int)hd, (int)ncol, 1.0f, S,
-                (int)lds, V, (int)ldk, 0.0f, Z, (int)ldz);
+    g3_sgemm(G3_GEMM_B, nq, hd, ncol, 1.0f, S, lds, V, ldk, Z, ldz, nt);
 }

@@ -1,10 +1,10 @@
 /* matmul.c — the parallel matrix product y = x W^T (paths and workspace in matmul.h). */
 #include "kernels/matmul.h"
 
-#include <cblas.h>
 #include <omp.h>
 #include <stdlib.h>
 
+#include "kernels/gemm.h"
 #include "kernels/ops.h"
 #include "quant/packed.h"
 
@@ -108,8 +108,8 @@ static g3_status matmul_blas(const g3_weight *W, const float *x, int64_t T, floa
 {
     const int64_t rows = W->rows, cols = W->cols;
     if (W->type == G3_TYPE_F32) {
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)T, (int)rows, (int)cols, 1.0f,
-                    x, (int)cols, (const float *)W->data, (int)cols, 0.0f, y, (int)rows);
+        g3_sgemm(G3_GEMM_BT, T, rows, cols, 1.0f, x, cols, (const float *)W->data, cols, y, rows,
+                 g3_get_threads());
         return G3_OK;
     }
     const g3_to_float_fn to_float = g3_type_get(W->type)->to_float;
@@ -123,8 +123,7 @@ static g3_status matmul_blas(const g3_weight *W, const float *x, int64_t T, floa
 #pragma omp parallel for num_threads(nt) schedule(static)
         for (int64_t r = 0; r < n; r++)
             to_float(W->data + (size_t)(r0 + r) * W->row_bytes, buf + r * cols, cols);
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)T, (int)n, (int)cols, 1.0f, x,
-                    (int)cols, buf, (int)cols, 0.0f, y + r0, (int)rows);
+        g3_sgemm(G3_GEMM_BT, T, n, cols, 1.0f, x, cols, buf, cols, y + r0, rows, nt);
     }
     return G3_OK;
 }

@@ -2,8 +2,8 @@
  *
  * Three paths, chosen by T and the weight (same choice for a row at any batch size below the BLAS
  * threshold, so a token gets the same bits whether decoded alone or with a few others):
- *   - T >= G3_BLAS_MIN_TOKENS: dequantize a tile of weight rows in parallel, leave the OpenMP
- *     region, sgemm the float tile (BLAS is never called inside an OpenMP region);
+ *   - T >= G3_BLAS_MIN_TOKENS: dequantize a tile of weight rows in parallel, then g3_sgemm the
+ *     float tile (gemm.h: blocks of C on our threads, OpenBLAS single-threaded in each);
  *   - packed (quant/packed.h): AVX-512 VNNI integer matvec over 16-row groups, x quantized once
  *     per token;
  *   - otherwise per row: the type's fused dequantize-and-dot, or dequantize 16 rows and g3_dot_f32.
