@@ -25,7 +25,7 @@ from typing import Any, Callable
 import numpy as np
 
 from . import _core
-from .config import Gemma3Config, from_gguf_metadata, from_hf_config
+from .config import INT_LIMITS, Gemma3Config, from_gguf_metadata, from_hf_config
 from .gguf import GGUFFile, ggml_type_id
 from .safetensors import SafetensorsFile
 from ._core import FormatError, UnsupportedError
@@ -142,6 +142,38 @@ def _check_shape(path: str, name: str, shape: tuple[int, ...], conv: frozenset[s
                       f"expected {exp}")
 
 
+# (role, axis of its bound (rows, cols), the config fields whose product it must equal)
+_SIZED_BY = (("token_embd", 1, ("hidden_size",)),
+             ("blk.{i}.attn_q", 0, ("num_heads", "head_dim")),
+             ("blk.{i}.attn_k", 0, ("num_kv_heads", "head_dim")),
+             ("blk.{i}.ffn_gate", 0, ("intermediate_size",)))
+
+
+def cross_check(cfg: Gemma3Config, fmt: int, path: str,
+                shape_of: Callable[[Role, int | None], tuple[str, tuple[int, ...]] | None]) -> None:
+    """The config's sizes against the tensors that carry them, before any weight is bound or
+    anything is sized from the config; FormatError names the config key. ``shape_of(role, layer)``
+    -> (file name, bound shape) of the tensor in the file, or None. ``fmt``: 0 GGUF, 1 config.json."""
+    key = {f: v[fmt] for f, v in INT_LIMITS.items()}
+    for rkey, axis, fields in _SIZED_BY:
+        found = shape_of(role_of("text", rkey), 0)
+        if found is None:
+            continue  # reported as a missing tensor by the binding, with its name
+        name, shape = found
+        want = math.prod(getattr(cfg, f) for f in fields)
+        if len(shape) == 2 and shape[axis] != want:
+            decl = " x ".join(f"{key[f]} ({getattr(cfg, f)})" for f in fields)
+            raise FormatError(f"{path}: {decl} = {want}, but tensor {name!r} has "
+                              f"{shape[axis]} {('rows', 'columns')[axis]}")
+    q = role_of("text", "blk.{i}.attn_q")
+    last = next((i for i in range(cfg.num_layers, 0, -1) if shape_of(q, i - 1)), 0)
+    extra = shape_of(q, cfg.num_layers)
+    if last != cfg.num_layers or extra:
+        has = "more" if extra else last
+        raise FormatError(f"{path}: {key['num_layers']} = {cfg.num_layers}, but the file has "
+                          f"{has} layers of attention weights")
+
+
 def _vector(a: np.ndarray, conv: frozenset[str]) -> np.ndarray:
     if "add_one" in conv:
         a = a + 1.0  # the file stores w of a (1 + w) RMSNorm
@@ -220,6 +252,16 @@ def load_gguf(path: str, dtype: str | None = None):
     if tokens is not None and len(tokens) != vocab:
         raise FormatError(f"{path}: {len(tokens)} tokenizer tokens but token_embd has {vocab} rows")
     cfg = from_gguf_metadata(md, vocab)
+
+    def shape_of(role: Role, i: int | None):
+        name = next((n for n in (role.gguf, role.gguf_alt) if n and n.format(i=i) in f.tensors),
+                    None)
+        if name is None:
+            return None
+        name = name.format(i=i)
+        return name, _bound_shape(f.tensors[name].shape, role.gguf_conv)
+
+    cross_check(cfg, 0, path, shape_of)
     w = build_weights("text", cfg.to_core(1).dims, cfg.num_layers,
                       lambda role, i, shape: gguf_entry(f, path, role, i, shape, dtype))
     return cfg, w, md, f
@@ -259,6 +301,15 @@ def load_hf_dir(path: str, dtype: str | None = None):
     where = {name: s for s in shards for name in s.tensors}
     prefix = _find_hf_prefix(set(where))
     tied = hf.get("tie_word_embeddings", True)
+
+    def shape_of(role: Role, i: int | None):
+        names = [n.format(i=i, t=prefix) for n in (role.hf, role.hf_alt) if n]
+        name = next((n for n in names if n in where), None)
+        if name is None:
+            return None
+        return name, _bound_shape(where[name].tensors[name].shape, role.hf_conv)
+
+    cross_check(cfg, 1, path, shape_of)
     w = build_weights("text", cfg.to_core(1).dims, cfg.num_layers,
                       lambda role, i, shape: hf_entry(where, path, role, i, shape,
                                                       {"t": prefix}, dtype, tied))

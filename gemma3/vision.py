@@ -41,6 +41,7 @@ import numpy as np
 
 from . import _check, _core
 from ._core import FormatError, UnsupportedError
+from .config import bounded_int, bounded_num
 from .loader import build_weights, gguf_entry, hf_entry, role_of
 
 __all__ = ["VisionConfig", "VisionTower", "load_hf_vision", "load_mmproj", "token_grid",
@@ -202,11 +203,39 @@ def _vision_prefixes(names) -> tuple[str | None, str | None]:
             _find_prefix(names, HF_PROJECTOR_PREFIXES, proj))
 
 
+# Sanity bounds on the tower's sizes, checked before anything is sized from them (as
+# config.INT_LIMITS for the text model): config.json key -> (mmproj key, low, high). SigLIP in
+# Gemma 3: 896 px, patch 14, width 1152, MLP 4304, 27 layers, 16 heads.
+VISION_LIMITS: dict[str, tuple[str, int, int]] = {
+    "image_size": ("clip.vision.image_size", 1, 1 << 14),
+    "patch_size": ("clip.vision.patch_size", 1, 1024),
+    "hidden_size": ("clip.vision.embedding_length", 1, 1 << 15),
+    "intermediate_size": ("clip.vision.feed_forward_length", 1, 1 << 17),
+    "num_hidden_layers": ("clip.vision.block_count", 1, 256),
+    "num_attention_heads": ("clip.vision.attention.head_count", 1, 256),
+}
+
+
+def check_vision(cfg: VisionConfig) -> VisionConfig:
+    """The relations between the tower's sizes that single bounds cannot express."""
+    if cfg.image_size % cfg.patch_size:
+        raise FormatError(f"image_size {cfg.image_size} is not a multiple of patch_size "
+                          f"{cfg.patch_size}")
+    if cfg.hidden_size % cfg.num_heads:
+        raise FormatError(f"vision hidden size {cfg.hidden_size} is not a multiple of "
+                          f"{cfg.num_heads} heads")
+    side, tok = cfg.image_size // cfg.patch_size, cfg.tokens_per_side
+    if tok * tok != cfg.mm_tokens_per_image or tok < 1 or side % tok:
+        raise FormatError(f"mm_tokens_per_image {cfg.mm_tokens_per_image} is not a square grid "
+                          f"that divides the {side} patches per side")
+    return cfg
+
+
 def _token_ids(hf: dict[str, Any]) -> dict[str, int]:
     def pick(*keys, default):
         for k in keys:
             if hf.get(k) is not None:
-                return int(hf[k])
+                return bounded_int(hf[k], k, 0, (1 << 24) - 1)
         return default
 
     return dict(boi_token_id=pick("boi_token_id", "boi_token_index", default=BOI_ID),
@@ -235,14 +264,19 @@ def load_hf_vision(path: str, hf: dict[str, Any], where: dict[str, Any], text_hi
                                "gelu_pytorch_tanh")
     if vc.get("vision_use_head"):
         pass  # the pooling head is never used by Gemma 3 (last_hidden_state feeds the projector)
-    cfg = VisionConfig(image_size=int(vc["image_size"]), patch_size=int(vc["patch_size"]),
-                       hidden_size=int(vc["hidden_size"]),
-                       intermediate_size=int(vc["intermediate_size"]),
-                       num_layers=int(vc["num_hidden_layers"]),
-                       num_heads=int(vc["num_attention_heads"]),
-                       layer_norm_eps=float(vc["layer_norm_eps"]),
-                       mm_tokens_per_image=int(hf.get("mm_tokens_per_image", 256)),
-                       text_hidden_size=int(text_hidden), **_token_ids(hf))
+    def hf_int(key, value=None):
+        lim = VISION_LIMITS[key]
+        return bounded_int(vc[key] if value is None else value, "vision_config." + key,
+                           lim[1], lim[2])
+
+    cfg = check_vision(VisionConfig(
+        image_size=hf_int("image_size"), patch_size=hf_int("patch_size"),
+        hidden_size=hf_int("hidden_size"), intermediate_size=hf_int("intermediate_size"),
+        num_layers=hf_int("num_hidden_layers"), num_heads=hf_int("num_attention_heads"),
+        layer_norm_eps=bounded_num(vc["layer_norm_eps"], "vision_config.layer_norm_eps", 0, 1),
+        mm_tokens_per_image=bounded_int(hf.get("mm_tokens_per_image", 256),
+                                        "mm_tokens_per_image", 1, 1 << 16),
+        text_hidden_size=int(text_hidden), **_token_ids(hf)))
 
     prefixes = {"v": vp, "m": pp}
     w = build_weights("vision", cfg.to_core().dims, cfg.num_layers,
@@ -250,13 +284,17 @@ def load_hf_vision(path: str, hf: dict[str, Any], where: dict[str, Any], text_hi
     return VisionTower(cfg, w, owners=None, path=path)
 
 
-def _md_int(md: dict[str, Any], key: str, default: int | None = None) -> int:
+def _md_int(md: dict[str, Any], key: str, default: int | None = None, lo: int = 0,
+            hi: int = 1 << 24) -> int:
     v = md.get(key, default)
     if v is None:
         raise FormatError(f"mmproj metadata key {key!r} is missing")
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
-        raise FormatError(f"mmproj metadata key {key!r} must be a non-negative integer, got {v!r}")
-    return int(v)
+    return bounded_int(v, f"mmproj metadata key {key!r}", lo, hi)
+
+
+def _md_size(md: dict[str, Any], field_: str) -> int:
+    key, lo, hi = VISION_LIMITS[field_]
+    return _md_int(md, key, None, lo, hi)
 
 
 def load_mmproj(path: str | os.PathLike, text_hidden: int | None = None,
@@ -279,8 +317,8 @@ def load_mmproj(path: str | os.PathLike, text_hidden: int | None = None,
     if md.get("clip.has_vision_encoder") is False:
         raise FormatError(f"{path}: clip.has_vision_encoder is false")
     k = "clip.vision."
-    image = _md_int(md, k + "image_size")
-    patch = _md_int(md, k + "patch_size")
+    image = _md_size(md, "image_size")
+    patch = _md_size(md, "patch_size")
     if not patch or image % patch:
         raise FormatError(f"{path}: image_size {image} is not a multiple of patch_size {patch}")
     merge = _md_int(md, k + "projector.scale_factor", 4)
@@ -296,7 +334,8 @@ def load_mmproj(path: str | os.PathLike, text_hidden: int | None = None,
         v = md.get(f"clip.gemma3.{name}")
         if v is None and tokenizer is not None:
             v = tokenizer.token_to_id(text)
-        ids[name] = int(v) if v is not None else default
+        ids[name] = bounded_int(v, f"clip.gemma3.{name}", 0, (1 << 24) - 1) if v is not None \
+            else default
     pname = role_of("vision", "mm.input_projection").gguf
     if pname not in f.tensors:
         raise FormatError(f"{path}: tensor {pname!r} is missing")
@@ -308,13 +347,13 @@ def load_mmproj(path: str | os.PathLike, text_hidden: int | None = None,
     if text_hidden is not None and n_text != text_hidden:
         raise FormatError(f"{path}: the projector outputs width {n_text} but the text model's "
                           f"width is {text_hidden}: mmproj and text GGUF do not belong together")
-    cfg = VisionConfig(image_size=image, patch_size=patch,
-                       hidden_size=_md_int(md, k + "embedding_length"),
-                       intermediate_size=_md_int(md, k + "feed_forward_length"),
-                       num_layers=_md_int(md, k + "block_count"),
-                       num_heads=_md_int(md, k + "attention.head_count"),
-                       layer_norm_eps=float(md.get(k + "attention.layer_norm_epsilon", 1e-6)),
-                       mm_tokens_per_image=(side // merge) ** 2, text_hidden_size=n_text, **ids)
+    eps_key = k + "attention.layer_norm_epsilon"
+    cfg = check_vision(VisionConfig(
+        image_size=image, patch_size=patch, hidden_size=_md_size(md, "hidden_size"),
+        intermediate_size=_md_size(md, "intermediate_size"),
+        num_layers=_md_size(md, "num_hidden_layers"), num_heads=_md_size(md, "num_attention_heads"),
+        layer_norm_eps=bounded_num(md.get(eps_key, 1e-6), eps_key, 0, 1),
+        mm_tokens_per_image=(side // merge) ** 2, text_hidden_size=n_text, **ids))
     w = build_weights("vision", cfg.to_core().dims, cfg.num_layers,
                       lambda role, i, shape: gguf_entry(f, path, role, i, shape, dtype))
     return VisionTower(cfg, w, owners=f, path=path)

@@ -323,10 +323,11 @@ def _hf_copy(src: Path, dst: Path, edit) -> None:
 def test_hf_checkpoint_with_wrong_shape(tmp_path):
     cfg = from_hf_config(json.loads((TINY / "config.json").read_text()))
     e, ff = cfg.hidden_size, cfg.intermediate_size
-    _hf_copy(TINY, tmp_path / "t", lambda n, a: a.T if n.endswith("layers.0.mlp.gate_proj.weight")
+    # layer 1: layer 0's shapes are cross-checked against config.json first (test_config_bounds)
+    _hf_copy(TINY, tmp_path / "t", lambda n, a: a.T if n.endswith("layers.1.mlp.gate_proj.weight")
              else a)
     with pytest.raises(gemma3.FormatError,
-                       match=re.escape(f"layers.0.mlp.gate_proj.weight' (blk.0.ffn_gate) has "
+                       match=re.escape(f"layers.1.mlp.gate_proj.weight' (blk.1.ffn_gate) has "
                                        f"shape ({e}, {ff}), expected (n_ff, n_embd) = "
                                        f"({ff}, {e})")):
         gemma3.load(tmp_path / "t")
