@@ -229,12 +229,19 @@ def _worker_init(model_path: str | None, threads: int | None) -> None:
 
 
 def _pool_worker_init(model_path: str | None, threads: int | None) -> None:
-    """Pool workers leave Ctrl-C (which a terminal sends to the whole process group) to the
-    parent, which stops the pool; in a worker it would only print a traceback."""
+    """Pool workers leave Ctrl-C to the parent, which stops the pool. They run in process groups
+    of their own (gemma3._pool), so a terminal's Ctrl-C does not reach them; a SIGINT sent to one
+    directly is ignored too, as it would only print a traceback."""
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _worker_init(model_path, threads)
+
+
+def _start_pool(workers: int, model_path: str | None, threads: int | None):
+    from ._pool import start_pool
+
+    return start_pool(workers, _pool_worker_init, (model_path, threads))
 
 
 def _worker_run(shard: list[dict]) -> list[dict]:
@@ -354,10 +361,7 @@ def run_job(tasks: str, out: str, model_path: str | None = None, workers: int | 
             for sh in shards:
                 write(run_records(model, sh))
         elif shards:
-            import multiprocessing as mp
-
-            ctx = mp.get_context("spawn")  # a fresh interpreter: no forked OpenMP state
-            with ctx.Pool(workers, _pool_worker_init, (model_path, threads)) as pool:
+            with _start_pool(workers, model_path, threads) as pool:  # exit: terminate()
                 for results in pool.imap_unordered(_worker_run, shards):
                     write(results)
     if bar is not None:

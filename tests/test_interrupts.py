@@ -359,3 +359,134 @@ def test_ctrl_c_on_eval_cli_with_worker_pool(job):
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, timeout=300)
     assert p.returncode == 0, p.stderr.decode()
     assert out.read_bytes() == (job / "full.jsonl").read_bytes()
+
+
+# ---- Ctrl-C at a chosen moment of the pool's start-up ------------------------------------------
+# A sitecustomize module, on the PYTHONPATH of the CLI and so of every process it spawns, stops a
+# process at one point of its start-up until the test has sent Ctrl-C to the whole process group:
+# the interrupt lands in that window by construction, not by timing. Points:
+#   parent_pool:   the CLI, just before it starts the pool (the job is read, no worker exists);
+#   parent_in_pool: the CLI, inside the pool's start, its workers spawned (SIGINT held pending);
+#   child_site:    each spawned process (workers, the resource tracker) during interpreter start;
+#   child_unpickle: each spawned worker after start, before it unpickles its process object and
+#                  start-up state (where a worker once printed a KeyboardInterrupt traceback);
+#   child_init:    each worker inside the pool initializer, before it loads the model.
+
+BARRIER = '''
+import os, sys, time
+_dir, _point = os.environ["G3_TEST_BARRIER_DIR"], os.environ["G3_TEST_BARRIER_POINT"]
+_child = str(os.getppid()) != os.environ["G3_TEST_BARRIER_CLI_PARENT"]  # spawned by the CLI
+
+def _stop(point):
+    with open(os.path.join(_dir, f"{point}.{os.getpid()}"), "w"):
+        pass
+    t = time.monotonic() + 60
+    while not os.path.exists(os.path.join(_dir, "go")) and time.monotonic() < t:
+        time.sleep(0.01)
+
+if _point == "child_site" and _child:
+    _stop(_point)
+elif _point == "parent_in_pool" and not _child:
+    import multiprocessing.pool as _pl
+    _orig_rp = _pl.Pool._repopulate_pool
+    def _repopulate_pool(self):
+        r = _orig_rp(self)
+        _stop(_point)
+        return r
+    _pl.Pool._repopulate_pool = _repopulate_pool
+elif _point == "child_unpickle" and _child:
+    import multiprocessing.spawn as _sp
+    _orig = _sp._main
+    def _main(*a, **k):
+        _stop(_point)
+        return _orig(*a, **k)
+    _sp._main = _main
+elif _point in ("parent_pool", "child_init"):
+    import builtins
+    _imp = builtins.__import__
+    def _hook(name, *a, **k):  # patch gemma3.eval once it is imported
+        m = _imp(name, *a, **k)
+        ev = sys.modules.get("gemma3.eval")  # patched once its functions exist
+        if hasattr(ev, "_start_pool") and not getattr(ev, "_g3_barrier", False):
+            ev._g3_barrier = True
+            if _point == "parent_pool" and not _child:
+                orig = ev._start_pool
+                def _start_pool(*a, **k):
+                    _stop(_point)
+                    return orig(*a, **k)
+                ev._start_pool = _start_pool
+            elif _point == "child_init" and _child:
+                orig_init = ev._worker_init
+                def _worker_init(*a, **k):
+                    _stop(_point)
+                    return orig_init(*a, **k)
+                ev._worker_init = _worker_init
+        return m
+    builtins.__import__ = _hook
+'''
+
+
+def terminal_ctrl_c(pgid: int) -> None:
+    """What a terminal's Ctrl-C does — SIGINT to every process of the foreground group — in the
+    order that gives a traceback its best chance: the other members first, the group leader (the
+    CLI, which then stops its workers) 0.3 s later."""
+    members = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(stat[2]) == pgid and int(pid) != pgid:  # field 5: process group
+            members.append(int(pid))
+    for pid in members:
+        try:
+            os.kill(pid, signal.SIGINT)
+        except ProcessLookupError:
+            pass
+    time.sleep(0.3)
+    os.kill(pgid, signal.SIGINT)
+    time.sleep(0.2)  # delivered everywhere while the processes are still stopped
+
+
+@pytest.mark.parametrize("point,stopped", [("parent_pool", 1), ("parent_in_pool", 1),
+                                           ("child_site", 2),
+                                           ("child_unpickle", 2), ("child_init", 2)])
+def test_ctrl_c_at_each_moment_of_pool_start_up(job, tmp_path, point, stopped):
+    """Exit code 130, one line on stderr, no traceback from any process, whatever the moment."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(BARRIER)
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    out = tmp_path / "pool.jsonl"
+    env = dict(os.environ, PYTHONPATH=f"{site}{os.pathsep}{ROOT}",
+               G3_TEST_BARRIER_DIR=str(marks), G3_TEST_BARRIER_POINT=point,
+               G3_TEST_BARRIER_CLI_PARENT=str(os.getpid()))
+    cmd = [sys.executable, "-m", "gemma3", "eval", str(job / "tasks.jsonl"), "--out", str(out),
+           "--model", str(TINY), "--threads", "1", "--workers", "2", "--no-progress"]
+    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         start_new_session=True)
+    deadline = time.monotonic() + 120
+    while (p.poll() is None and len(list(marks.glob(f"{point}.*"))) < stopped
+           and time.monotonic() < deadline):
+        time.sleep(0.01)
+    assert p.poll() is None, p.communicate()[1].decode()
+    assert len(list(marks.glob(f"{point}.*"))) >= stopped, "the barrier was never reached"
+    terminal_ctrl_c(p.pid)
+    (marks / "go").touch()
+    _, err = p.communicate(timeout=120)
+    err = err.decode()
+    time.sleep(1)  # nothing of the job may be left behind (zombies, already dead, not counted)
+    leftover = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            env_ = Path(f"/proc/{pid}/environ").read_bytes()
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if str(marks).encode() in env_ and state != "Z":
+            leftover.append(pid)
+    assert p.returncode == 130, err
+    assert err.strip() == "interrupted", err
+    assert not leftover, f"a process of the job outlived it: {leftover}"
+    check_partial(out, job / "full.jsonl") if out.exists() else None
