@@ -336,6 +336,7 @@ def run_job(tasks: str, out: str, model_path: str | None = None, workers: int | 
         bar = tqdm(total=len(recs), initial=len(recs) - n_left, unit="rec", desc="eval")
     t0 = time.perf_counter()
     n_tokens = 0
+    ray_where = None  # where a Ray job ran (for the summary)
     with open(out, "a", encoding="utf-8") as f:
         def write(results: list[dict]) -> None:
             nonlocal n_tokens
@@ -354,7 +355,7 @@ def run_job(tasks: str, out: str, model_path: str | None = None, workers: int | 
                 bar.update(new)
 
         if ray_address is not None and ray_address is not False:
-            _run_ray(shards, write, model_path, workers, threads, ray_address,
+            ray_where = _run_ray(shards, write, model_path, workers, threads, ray_address,
                      ray_init_kwargs or {})
         elif workers == 1:
             model = load(model_path, n_threads=threads)
@@ -376,6 +377,8 @@ def run_job(tasks: str, out: str, model_path: str | None = None, workers: int | 
             os.fsync(f.fileno())
         os.replace(tmp, out)
     summary = summarize(recs, done, elapsed, n_tokens)
+    if ray_where is not None:
+        summary["ray"] = ray_where
     with open(summary_path(out), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=2)
         f.write("\n")
@@ -387,8 +390,9 @@ def summary_path(out: str) -> str:
     return base + ".summary.json"
 
 
-def _run_ray(shards, write, model_path, workers, threads, address, init_kwargs) -> None:
-    """Shards on Ray actors (one model per actor), results written as they complete."""
+def _run_ray(shards, write, model_path, workers, threads, address, init_kwargs) -> dict:
+    """Shards on Ray actors (one model per actor), results written as they complete. Returns
+    where they ran: shards completed per node id, the gemma3 each node imported, actors lost."""
     import ray
 
     if not ray.is_initialized():
@@ -403,22 +407,51 @@ def _run_ray(shards, write, model_path, workers, threads, address, init_kwargs) 
             _worker_init(path, n_threads)
 
         def run(self, shard):
-            return _worker_run(shard)
+            import gemma3
 
+            return ray.get_runtime_context().get_node_id(), gemma3.__file__, _worker_run(shard)
+
+    # An actor whose node or process dies takes its shard with it: the shard goes back to the
+    # queue for the actors left (a shard is all-or-nothing: its results are written only when it
+    # completes, so a rerun never duplicates a line). Other errors are real and propagate.
+    lost = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError,
+            ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError)
     actors = [Worker.remote(model_path, threads) for _ in range(max(1, workers))]
-    pending = {}
-    queue = list(shards)
-    for a in actors:  # keep every actor busy with one shard at a time
+    queue = list(range(len(shards)))  # shard indices not yet done
+    pending: dict = {}  # object ref -> (actor, shard index)
+    where = {"shards_per_node": {}, "package_per_node": {}, "actors_lost": 0}
+
+    def feed(actor) -> None:
         if queue:
-            pending[a.run.remote(queue.pop(0))] = a
+            i = queue.pop(0)
+            pending[actor.run.remote(shards[i])] = (actor, i)
+
+    for a in actors:  # keep every actor busy with one shard at a time
+        feed(a)
     while pending:
         ready, _ = ray.wait(list(pending), num_returns=1)
-        a = pending.pop(ready[0])
-        write(ray.get(ready[0]))
-        if queue:
-            pending[a.run.remote(queue.pop(0))] = a
+        a, i = pending.pop(ready[0])
+        try:
+            node, package, results = ray.get(ready[0])
+        except lost:
+            where["actors_lost"] += 1
+            queue.insert(0, i)
+            actors.remove(a)
+            ray.kill(a)
+            if not actors:
+                raise RuntimeError("every Ray worker of this job was lost") from None
+            busy = {b for b, _ in pending.values()}
+            for b in actors:
+                if b not in busy:
+                    feed(b)
+            continue
+        write(results)
+        where["shards_per_node"][node] = where["shards_per_node"].get(node, 0) + 1
+        where["package_per_node"][node] = package
+        feed(a)
     for a in actors:
         ray.kill(a)
+    return where
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -442,12 +475,24 @@ def add_arguments(ap) -> None:
     ap.add_argument("--threads", type=int, default=None, help="threads per worker")
     ap.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                     help="run on Ray (no ADDRESS: a local Ray; or ray://host:port / auto)")
+    ap.add_argument("--ray-runtime-env", default=None, metavar="JSON",
+                    help="Ray runtime_env for the workers, e.g. '{\"py_modules\": "
+                         "[\"dist/gemma3-0.1.0-cp311-cp311-manylinux_2_34_x86_64.whl\"]}' to "
+                         "ship this package to a cluster as a wheel")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run_cli(a) -> int:
     import json
 
-    s = run_job(a.tasks, a.out, a.model, a.workers, a.ray, a.threads, not a.no_progress)
+    init = {}
+    if a.ray_runtime_env:
+        if a.ray is None:
+            raise ValueError("--ray-runtime-env needs --ray")
+        try:
+            init["runtime_env"] = json.loads(a.ray_runtime_env)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--ray-runtime-env is not JSON: {e}") from None
+    s = run_job(a.tasks, a.out, a.model, a.workers, a.ray, a.threads, not a.no_progress, init)
     print(json.dumps(s, indent=2))
     return 0
