@@ -5,8 +5,8 @@
 
 #define G3_GEMM_BN 256     /* columns of C per block */
 #define G3_GEMM_BM 256     /* rows of C per block, at most */
-#define G3_GEMM_BM_MIN 16  /* rows of C per block, at least */
-#define G3_GEMM_BLOCKS 16  /* blocks wanted when C is small, for balance on any core count */
+#define G3_GEMM_BM_MIN 64  /* rows of C per block, at least: each block repacks its B panel */
+#define G3_GEMM_BLOCKS 4   /* blocks wanted when C is small (balance for a few cores) */
 
 /* Rows per block: 256, or fewer when C would otherwise give fewer than G3_GEMM_BLOCKS blocks (the
  * attention product Z = S V has N = head size: one column block). A function of M and N only. */
