@@ -321,13 +321,14 @@ static g3_status layer_forward(g3_model *m, int64_t il, g3_run *s, int64_t T, in
     else
         PROF(G3_PROF_ATTN, attention_rows(m, il, s, T, nt, cap));
     PROF(G3_PROF_ATTN, store_kv(m, il, s, T));
-    HOOK(G3_HOOK_Z, s->z);
     if (cap) {
         save(cap->q, s->q, nq);
         save(cap->k, s->k, nkv);
         save(cap->v, s->v, nkv);
-        save(cap->z, s->z, nq);
     }
+    HOOK(G3_HOOK_Z, s->z); /* sees this layer's captures (gemma3/hooks.py rewrites z from them) */
+    if (cap)
+        save(cap->z, s->z, nq);
     PROF(G3_PROF_OPROJ, st = g3_matmul(&L->o, s->z, T, s->h, &s->mm, err));
     if (st)
         return st;
