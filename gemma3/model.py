@@ -17,6 +17,7 @@ from . import generation as _gen
 from . import hooks as _hooks
 from . import inspect as _inspect
 from . import multimodal as _mm
+from . import sae as _sae
 from . import scoring as _scoring
 from .config import Gemma3Config
 from .engine import PREFILL_CHUNK, Engine  # noqa: F401  (PREFILL_CHUNK: re-exported)
@@ -265,16 +266,19 @@ class Model:
     def run_with_cache(self, text_or_ids: str | Sequence[int], names: Sequence[str] | None = None,
                        layers: Sequence[int] | None = None, heads: Sequence[int] | None = None,
                        query_range: tuple[int, int] | None = None, logits: str = "all",
-                       images: Sequence[Any] | None = None, pan_and_scan: bool = False
+                       images: Sequence[Any] | None = None, pan_and_scan: bool = False,
+                       saes: Sequence[Any] = ()
                        ) -> tuple[np.ndarray | None, dict[str, np.ndarray]]:
         """Runs a prompt from an empty context recording activations (TransformerLens names,
         listed in gemma3.inspect). Selects by ``names``, ``layers``, attention ``heads`` and a
         ``query_range`` (rows of the attention maps). ``logits``: "all" (n_tokens, vocab),
         "last" (vocab,) or "none". ``images`` as in :meth:`generate`. Returns (logits, cache
-        dict)."""
+        dict). ``saes`` (gemma3.SAE) add their features as ``<hook>.hook_sae_acts_post``."""
         ids, mm = self._prompt(text_or_ids, images, pan_and_scan, "token ids")
-        return _inspect.run_with_cache(self.engine, ids, mm, names, layers, heads, query_range,
-                                       logits)
+        names = _sae.cache_names(names, saes) if saes else names
+        lg, cache = _inspect.run_with_cache(self.engine, ids, mm, names, layers, heads,
+                                            query_range, logits)
+        return lg, _sae.add_acts(cache, saes) if saes else cache
 
     def run_with_hooks(self, text_or_ids: str | Sequence[int], fwd_hooks=(), logits: str = "all",
                        images: Sequence[Any] | None = None, pan_and_scan: bool = False
