@@ -334,15 +334,18 @@ class Activation:
 
 
 def top_activations(model, sae: SAE, texts: Sequence, features: int | Sequence[int],
-                    k: int = 10, chunk: int = 256) -> dict[int, list[Activation]]:
+                    k: int = 10, chunk: int = 256, start: int = 1) -> dict[int, list[Activation]]:
     """The ``k`` positions with the largest activation of each feature over ``texts`` (strings
     or id lists), best first. Texts run one at a time and are encoded ``chunk`` positions at a
     time against only the chosen features' encoder columns, so memory stays bounded by one text's
-    activation at the hook point plus a (chunk, n_features) block."""
+    activation at the hook point plus a (chunk, n_features) block. Positions before ``start``
+    are skipped (default 1: the BOS position, whose residual norm in Gemma is far larger than
+    any other's and which SAEs are not trained on)."""
     feats = [features] if isinstance(features, (int, np.integer)) else list(features)
     feats = [_check.integer("features item", f, 0, sae.d_sae - 1) for f in feats]
     k = _check.integer("k", k, 1)
     chunk = _check.integer("chunk", chunk, 1)
+    start = _check.integer("start", start, 0)
     name = sae._hook()
     sub = SAE(sae.W_enc[:, feats], sae.b_enc[feats], sae.W_dec[feats], sae.b_dec,
               None if sae.threshold is None else sae.threshold[feats],
@@ -356,7 +359,7 @@ def top_activations(model, sae: SAE, texts: Sequence, features: int | Sequence[i
         ids = model._ids(text, "texts item")
         _, cache = model.run_with_cache(ids, names=[name], logits="none")
         x = cache[name].reshape(len(ids), -1)
-        for s in range(0, len(x), chunk):
+        for s in range(start, len(x), chunk):
             acts = sub.encode(x[s:s + chunk])
             for j, f in enumerate(feats):
                 col = acts[:, j]
