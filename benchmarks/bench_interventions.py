@@ -74,11 +74,12 @@ def main() -> None:
             times[name].append(decode_seconds(model, ids, args.new, p))
     steps = args.new - 1
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"gemma3 {gemma3.__version__} | 270M Q4_K_M | {platform.processor() or platform.machine()}"
+    cpu = platform.processor() or platform.machine()
+    print(f"gemma3 {gemma3.__version__} | 270M Q4_K_M | {cpu}"
           f" | threads {gemma3.model._core.get_num_threads()} | cpus {os.cpu_count()} | "
           f"{args.new} new tokens, median of {args.runs} interleaved runs")
-    print(f"| variant | tok/s | ms/token | vs plain |")
-    print(f"|---|---:|---:|---:|")
+    print("| variant | tok/s | ms/token | vs plain |")
+    print("|---|---:|---:|---:|")
     for k, v in med.items():
         print(f"| {k} | {steps / v:.1f} | {1e3 * v / steps:.2f} | {v / med['plain']:.3f}x |")
     per_cb = (med["callback/layer"] - med["plain"]) / steps / cfg.num_layers

@@ -43,7 +43,6 @@ from pathlib import Path
 import numpy as np
 
 from . import _check
-from . import inspect as _inspect
 from ._core import FormatError, UnsupportedError
 
 ARCHS = ("jumprelu", "relu", "topk")

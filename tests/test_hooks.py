@@ -141,7 +141,7 @@ def test_steered_greedy_generation_matches_transformers(request, refs, name):
     assert plain != want, "steering changed nothing: the test could not fail"
 
 
-# ---- C built-ins vs their NumPy twins (Python callbacks) ------------------------------------------
+# ---- C built-ins vs their NumPy twins (Python callbacks) ---------------------------------------
 
 def _twin(fn):
     return lambda act, hook: fn(act, hook)  # a plain function: runs as a Python callback

@@ -1,5 +1,5 @@
-/* py_hooks.c — the `hooks=` argument of _core.Model.forward: a plan of interventions (model/hooks.h)
- * built by gemma3/hooks.py, and the way back into Python for callback ops.
+/* py_hooks.c — the `hooks=` argument of _core.Model.forward: a plan of interventions
+ * (model/hooks.h) built by gemma3/hooks.py, and the way back into Python for callback ops.
  *
  * hooks = (ops, dispatch)
  *   ops: list of (layer, point, kind, col0, ncols, src, scale, pos) tuples, one g3_hook_op each:
