@@ -534,3 +534,37 @@ def test_top_activations(tiny, refs):
             assert h.token == texts[h.text][h.position]
             assert h.value == pytest.approx(float(every[h.text][h.position, f]), rel=1e-5)
         np.testing.assert_allclose(vals, allv, rtol=1e-5)
+
+
+def test_a_hook_cannot_reenter_the_model(tiny, refs):
+    ids = refs["tiny__ids_clean"].tolist()
+    plain = tiny.logits(ids)
+    with pytest.raises(RuntimeError, match="already running a call"):
+        tiny.run_with_hooks(ids, [("blocks.0.hook_resid_post", lambda a, h: tiny.logits(ids))])
+    np.testing.assert_array_equal(tiny.logits(ids), plain)
+
+
+def test_hooked_calls_keep_no_references(tiny, refs):
+    """Sources, position arrays and callbacks are released after every call (py_hooks.c)."""
+    import sys
+
+    ids = refs["tiny__ids_clean"].tolist()
+    src = np.ones((len(ids), tiny.config.hidden_size), np.float32)
+    pos = np.array([1, 3], np.int64)
+
+    def fn(a, h):
+        return None
+
+    fwd = [("blocks.1.hook_resid_pre", hooks.patch(src, positions=pos)),
+           ("blocks.2.hook_resid_pre", fn)]
+    iv = fwd[0][1]
+    tiny.run_with_hooks(ids, fwd)
+    gc.collect()  # a Plan's closures refer back to it: a cycle the collector frees
+    before = (sys.getrefcount(iv.source), sys.getrefcount(iv.positions), sys.getrefcount(fn))
+    for _ in range(20):
+        tiny.run_with_hooks(ids, fwd)
+        with pytest.raises(ZeroDivisionError):
+            tiny.run_with_hooks(ids, [("blocks.2.hook_resid_pre", lambda a, h: 1 / 0)] + fwd)
+    gc.collect()
+    assert (sys.getrefcount(iv.source), sys.getrefcount(iv.positions),
+            sys.getrefcount(fn)) == before
