@@ -139,6 +139,10 @@ def test_steered_greedy_generation_matches_transformers(request, refs, name):
     plain = model.generate(ids_of(refs, p + "gen_prompt"), max_new_tokens=len(want),
                            temperature=0, return_ids=True, stop_token_ids=[])
     assert plain != want, "steering changed nothing: the test could not fail"
+    if model.tokenizer is not None:  # the text path (stream) passes fwd_hooks too
+        text = "".join(model.stream(ids_of(refs, p + "gen_prompt"), max_new_tokens=len(want),
+                                    temperature=0, stop_token_ids=[], fwd_hooks=fwd))
+        assert text == model.tokenizer.decode(want)
 
 
 # ---- C built-ins vs their NumPy twins (Python callbacks) ---------------------------------------
