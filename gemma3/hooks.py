@@ -140,7 +140,7 @@ class _AblateHeads(Intervention):
         n, D = _head_width(cfg, key, name)
         self._check(n, D, name)
         return [(SET, h * D, D, None if self.mean is None else self.mean[h:h + 1], 1.0,
-                 self.positions) for h in self.heads]
+                 self.positions, False) for h in self.heads]
 
     def __call__(self, act: np.ndarray, hook: HookPoint):
         self._check(act.shape[1], act.shape[2], hook.name)
@@ -164,7 +164,7 @@ class _Steer(Intervention):
         if self.vector.size != W:
             raise ValueError(f"{name}: steering vector has {self.vector.size} values, the "
                              f"activation {W} per position")
-        return [(ADD, 0, W, self.vector[None], self.scale, self.positions)]
+        return [(ADD, 0, W, self.vector[None], self.scale, self.positions, False)]
 
     def __call__(self, act: np.ndarray, hook: HookPoint):
         flat = act.reshape(len(act), -1)
@@ -194,13 +194,14 @@ class _Patch(Intervention):
                              f"(positions,) + {shape[1:]}")
         flat = self.source.reshape(len(self.source), -1)
         if self.heads is None:
-            return [(SET, 0, flat.shape[1], np.ascontiguousarray(flat), 1.0, self.positions)]
+            return [(SET, 0, flat.shape[1], np.ascontiguousarray(flat), 1.0, self.positions,
+                     True)]
         n, D = _head_width(cfg, key, name)
         for h in self.heads:
             if h >= n:
                 raise ValueError(f"{name}: head {h} out of range ({n} heads)")
-        return [(SET, h * D, D, np.ascontiguousarray(self.source[:, h]), 1.0, self.positions)
-                for h in self.heads]
+        return [(SET, h * D, D, np.ascontiguousarray(self.source[:, h]), 1.0, self.positions,
+                 True) for h in self.heads]
 
     def check_length(self, n_tokens, name):
         need = n_tokens if self.positions is None else int(self.positions[-1]) + 1 if len(
@@ -308,11 +309,10 @@ class Plan:
             if isinstance(fn, Intervention):
                 if n_tokens is not None:
                     fn.check_length(n_tokens, name)
-                ops += [(L, POINT[key], kind, c0, nc, src, sc, pos)
-                        for kind, c0, nc, src, sc, pos in fn.ops(cfg, key, name)]
+                ops += [(L, POINT[key], *op) for op in fn.ops(cfg, key, name)]
             else:
                 self.calls[len(ops)] = self._caller(name, key, fn)
-                ops.append((L, POINT[key], CALL, 0, 0, None, 0.0, None))
+                ops.append((L, POINT[key], CALL, 0, 0, None, 0.0, None, False))
         self.spec = (ops, self._dispatch if self.calls else None) if ops else None
 
     def _caller(self, name: str, key: str, fn):
@@ -348,7 +348,7 @@ class Plan:
             self.capture[L] = d
             fns = [(n, k, fn) for n, LL, k, fn in self.entries if LL == L and k in ATTN_MAPS]
             self.calls[len(ops)] = self._map_caller(L, d, fns)
-            ops.append((L, POINT["z"], CALL, 0, 0, None, 0.0, None))
+            ops.append((L, POINT["z"], CALL, 0, 0, None, 0.0, None, False))
 
     def _map_caller(self, L: int, d: dict, fns: list):
         cfg = self.cfg

@@ -168,6 +168,8 @@ BUILTIN_CASES = {
         c["blocks.4.attn.hook_k"] * 2, heads=0)),
     "patch_short_source": ("blocks.7.hook_resid_mid", lambda cfg, c: hooks.patch(
         c["blocks.7.hook_resid_mid"][:10])),
+    "patch_one_row_source": ("blocks.7.hook_resid_mid", lambda cfg, c: hooks.patch(
+        c["blocks.7.hook_resid_mid"][:1])),  # position 0 only, not a row for every position
 }
 
 
@@ -177,8 +179,8 @@ def test_builtin_c_ops_equal_their_numpy_twins(tiny, refs, case):
     _, cache = tiny.run_with_cache(ids[::-1], logits="none")  # another prompt's activations
     name, make = BUILTIN_CASES[case]
     iv = make(tiny.config, cache)
-    if case == "patch_short_source":  # the source covers 10 of the 28 positions
-        with pytest.raises(ValueError, match="covers 10 positions"):
+    if case.startswith("patch_") and "source" in case:  # covers 10 / 1 of the 28 positions
+        with pytest.raises(ValueError, match="covers 1.? positions"):
             tiny.run_with_hooks(ids, [(name, iv)])
         got = tiny.generate(ids, max_new_tokens=3, temperature=0, return_ids=True,
                             stop_token_ids=[], fwd_hooks=[(name, iv)])
@@ -191,6 +193,31 @@ def test_builtin_c_ops_equal_their_numpy_twins(tiny, refs, case):
     twin = tiny.run_with_hooks(ids, [(name, _twin(iv))])
     np.testing.assert_array_equal(c_ops, twin)
     assert np.abs(c_ops - base).max() > 1e-3
+
+
+@pytest.mark.parametrize("op,match", [
+    ((99, 0, 0, 0, 64, None, 1.0, None, False), "layer 99 out of range"),
+    ((-1, 0, 0, 0, 64, None, 1.0, None, False), "layer -1 out of range"),
+    ((0, 9, 0, 0, 64, None, 1.0, None, False), "layer 0 out of range"),  # final: layer -1 only
+    ((0, 12, 0, 0, 64, None, 1.0, None, False), "unknown point 12"),
+    ((0, 0, 7, 0, 64, None, 1.0, None, False), "unknown kind 7"),
+    ((0, 1, 0, 60, 8, None, 1.0, None, False), r"columns \[60, 68\) outside the width 64"),
+    ((0, 0, 1, 0, 64, None, 1.0, None, False), "no source rows"),
+    ((0, 0, 1, 0, 64, np.zeros((2, 64), np.float32), 1.0, None, False), "has one row, not 2"),
+    ((0, 0, 0, 0, 64, np.zeros((1, 63), np.float32), 1.0, None, True), "63 values, not 64"),
+    ((0, 0, 0, 0, 64, None, 1.0, np.array([-1]), False), "negative position"),
+    ((0, 0, 2, 0, 0, None, 0.0, None, False), "without a function"),
+    ((0, 0, 0), "must be .layer, point"),
+])
+def test_c_checks_every_op(tiny, op, match):
+    """C trusts no caller: the private _core entry rejects bad plans before running."""
+    core = tiny.engine.core
+    with tiny.engine.exclusive():
+        core.reset(0)
+        with pytest.raises((ValueError, TypeError), match=match):
+            core.forward(np.array([2, 5, 7], np.int32), 1, hooks=([op], None))
+        assert core.n_past == 0
+        tiny.engine.reset()
 
 
 def test_no_hooks_is_the_plain_pass(tiny, refs):

@@ -2,7 +2,7 @@
  *
  *   SET  x[t, col0:col0+n] = scale * src[r]      ADD  x[t, col0:col0+n] += scale * src[r]
  *
- * with r = 0 for a one-row source, else r = the row's absolute position. Reference: the NumPy
+ * with r = 0 for a broadcast source, r = the row's absolute position for an indexed one. Reference: the NumPy
  * twins are the Python objects gemma3.hooks.ablate_heads / steer / patch, whose __call__ does the
  * same thing to an array; tests/test_hooks.py runs both ways and compares.
  */
@@ -60,6 +60,10 @@ g3_status g3_hooks_check(const g3_config *c, const g3_hooks *h, g3_err *err)
                            (long long)(o->col0 + o->ncols), (long long)W);
         if ((!o->src && o->kind == G3_HOOK_ADD) || (o->src && o->n_src < 1))
             return g3_fail(err, G3_ERR_ARG, "hook %lld (%s): no source rows", (long long)i, name);
+        if (o->src && !o->indexed && o->n_src != 1)
+            return g3_fail(err, G3_ERR_ARG,
+                           "hook %lld (%s): a source for every position has one row, not %lld",
+                           (long long)i, name, (long long)o->n_src);
         if (o->n_pos < 0 || (o->n_pos && !o->pos))
             return g3_fail(err, G3_ERR_ARG, "hook %lld (%s): %lld positions without an array",
                            (long long)i, name, (long long)o->n_pos);
@@ -84,7 +88,7 @@ static void apply_row(const g3_hook_op *o, float *x, int64_t W, int64_t t, int64
 {
     const float *src = NULL;
     if (o->src) {
-        const int64_t r = o->n_src == 1 ? 0 : p;
+        const int64_t r = o->indexed ? p : 0;
         if (r >= o->n_src)
             return; /* the source does not hold this position */
         src = o->src + r * o->ncols;

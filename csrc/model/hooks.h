@@ -19,9 +19,9 @@
  *   G3_HOOK_ADD   row += scale * src_row                      steering
  *   G3_HOOK_CALL  fn(ctx, op index, layer, point, x, T, W, pos0) on the whole (T, W) matrix;
  *                 nonzero stops the pass (the Python binding: a Python function raised)
- * src is (n_src, ncols) row-major: with n_src == 1 the same row applies at every position,
- * otherwise row p applies at position p and positions p >= n_src are left unchanged (a patch
- * source covers the positions of the run it was cached from).
+ * src is (n_src, ncols) row-major: not indexed, its one row applies at every position (steering,
+ * mean ablation); indexed, row p applies at position p and positions p >= n_src are left unchanged
+ * (a patch source covers the positions of the run it was cached from).
  *
  * Ops run in the order given; a point with no op costs one scan of the op list (a handful of
  * compares), a pass with no hooks one NULL test per point. A capture of the same point records
@@ -57,6 +57,7 @@ typedef struct {
     int64_t col0, ncols;  /* the columns touched, within the point's width */
     const float *src;     /* (n_src, ncols) or NULL (SET only: zeros) */
     int64_t n_src;
+    int indexed;          /* 0: src's one row at every position; 1: row p at position p */
     float scale;
     const int64_t *pos;   /* (n_pos) absolute positions, or NULL: every row */
     int64_t n_pos;

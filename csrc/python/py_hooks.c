@@ -2,8 +2,8 @@
  * (model/hooks.h) built by gemma3/hooks.py, and the way back into Python for callback ops.
  *
  * hooks = (ops, dispatch)
- *   ops: list of (layer, point, kind, col0, ncols, src, scale, pos) tuples, one g3_hook_op each:
- *        src None or float32 (n_src, ncols); pos None or int64 (n_pos,)
+ *   ops: list of (layer, point, kind, col0, ncols, src, scale, pos, indexed) tuples, one
+ *        g3_hook_op each: src None or float32 (n_src, ncols); pos None or int64 (n_pos,)
  *   dispatch: None, or dispatch(op_index, layer, point, x, pos0) -> array of x.size float32
  *        values called for G3_HOOK_CALL ops; x is a fresh (T, W) float32 copy of the activation
  *        (so a Python function that keeps it never holds a pointer into the run state), and the
@@ -60,22 +60,23 @@ done:
 static int parse_op(PyObject *item, Py_ssize_t i, g3_hook_op *o, PyObject *keep)
 {
     long long layer, col0, ncols;
-    int point, kind;
+    int point, kind, indexed;
     float scale;
     PyObject *src_o, *pos_o;
     if (!PyTuple_Check(item) ||
-        !PyArg_ParseTuple(item, "LiiLLOfO", &layer, &point, &kind, &col0, &ncols, &src_o, &scale,
-                          &pos_o)) {
+        !PyArg_ParseTuple(item, "LiiLLOfOp", &layer, &point, &kind, &col0, &ncols, &src_o,
+                          &scale, &pos_o, &indexed)) {
         if (!PyErr_Occurred() || PyErr_ExceptionMatches(PyExc_TypeError)) {
             PyErr_Clear();
             PyErr_Format(PyExc_TypeError,
-                         "hook op %zd must be (layer, point, kind, col0, ncols, src, scale, pos)",
+                         "hook op %zd must be (layer, point, kind, col0, ncols, src, scale, pos, "
+                         "indexed)",
                          i);
         }
         return -1;
     }
     *o = (g3_hook_op){.layer = layer, .point = point, .kind = kind, .col0 = col0, .ncols = ncols,
-                      .scale = scale};
+                      .scale = scale, .indexed = indexed};
     if (src_o != Py_None) {
         PyArrayObject *a = (PyArrayObject *)PyArray_FROMANY(src_o, NPY_FLOAT32, 2, 2,
                                                             NPY_ARRAY_IN_ARRAY);
