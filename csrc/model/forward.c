@@ -499,7 +499,8 @@ g3_status g3_model_forward(g3_model *m, const g3_batch *b, g3_err *err)
     /* From here on no step can fail for lack of memory; a matmul reports an error only if the run
      * state was sized wrongly (a bug), and then the cache may hold part of this batch. */
     /* A hook that stops the pass (a Python callback raised) also leaves part of this batch in the
-     * cache, with n_past unchanged: the caller resets the sequence (gemma3/hooks.py does). */
+     * cache, with n_past unchanged: the caller resets the sequence (gemma3/engine.py: the
+     * Engine.hooked flag makes the next prompt start from an empty cache). */
     const g3_capture *cap = b->capture;
     const g3_hooks *hk = b->hooks;
     for (int64_t i = 0; i < c->n_layer && !st; i++)
