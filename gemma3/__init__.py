@@ -8,6 +8,7 @@ from ._default import default_model_path
 from .config import Gemma3Config
 from .gguf import GGUFFile, GGUFWriter, TensorInfo
 from .model import GenerationConfig, Model, load, set_num_threads
+from .sae import SAE
 from .tokenizer import Tokenizer
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "Gemma3Config",
     "GenerationConfig",
     "Model",
+    "SAE",
     "Tokenizer",
     "default_model_path",
     "load",

@@ -70,6 +70,9 @@ class Engine:
         # while another call used the model notices and stops instead of going on from someone
         # else's context.
         self.epoch = 0
+        # hooked: sequence 0's cache was written by a hooked pass (gemma3.hooks), or by one that
+        # a hook stopped half-way: no later prompt may reuse it
+        self.hooked = False
         self._lock = threading.Lock()
 
     # -- the lock ------------------------------------------------------------------------------
@@ -121,6 +124,7 @@ class Engine:
         self.ids = []
         self.pending = []
         self.images = []
+        self.hooked = False
         self.epoch += 1
 
     def fresh(self) -> None:
@@ -154,33 +158,44 @@ class Engine:
         self.check(ids, _mm.soft_mask(len(ids), 0, mm, self.mm_tokens) if mm else None, at=0)
 
     def evaluate(self, ids: Sequence[int], logits: int, capture: dict | None = None,
-                 mm: list | None = None, check: bool = True) -> np.ndarray | None:
-        """feed from an empty sequence 0; the input is checked before the cache is touched."""
+                 mm: list | None = None, check: bool = True, hooks=None) -> np.ndarray | None:
+        """feed from an empty sequence 0; the input is checked before the cache is touched.
+        ``hooks`` (a gemma3.hooks.Plan) run the whole input in one call, as a capture does."""
         arr = np.asarray(ids, dtype=np.int32)
         if check:
             self.check_prompt(arr, mm)
         self.fresh()
-        return self._feed(arr, logits, capture, mm)
+        if hooks is not None and capture is None:
+            capture = {}  # one call: the hooks see the whole prompt
+        return self._feed(arr, logits, capture, mm, hooks)
 
-    def step(self, tok: int, capture: dict | None = None) -> np.ndarray:
+    def _kw(self, capture: dict | None, hooks) -> dict:
+        """core.forward's optional arguments (hooked passes mark the cache, see __init__)."""
+        kw = {} if capture is None else {"capture": capture}
+        if hooks is not None:
+            self.hooked = True
+            kw["hooks"] = hooks.spec
+        return kw
+
+    def step(self, tok: int, capture: dict | None = None, hooks=None) -> np.ndarray:
         """Decodes one token (the generate loop's hot path: no extra work; the C forward checks
         its single call itself). Returns the logits (vocab,)."""
         self.pending = [tok]
         arr = np.array(self.pending, np.int32)
-        out = (self.core.forward(arr, 1) if capture is None else
-               self.core.forward(arr, 1, capture=capture))
+        out = (self.core.forward(arr, 1) if capture is None and hooks is None else
+               self.core.forward(arr, 1, **self._kw(capture, hooks)))
         self.ids.append(tok)
         self.pending = []
         return out[0]
 
-    def _feed(self, arr: np.ndarray, logits: int, capture: dict | None, mm: list | None
-              ) -> np.ndarray | None:
+    def _feed(self, arr: np.ndarray, logits: int, capture: dict | None, mm: list | None,
+              hooks=None) -> np.ndarray | None:
         if mm:
-            return self._feed_mm(arr, logits, capture, mm)
+            return self._feed_mm(arr, logits, capture, mm, hooks)
         core = self.core
         if capture is not None:
             self.pending = arr.tolist()
-            out = core.forward(arr, logits, capture=capture)
+            out = core.forward(arr, logits, **self._kw(capture, hooks))
             self.ids += self.pending
             self.pending = []
             return out
@@ -190,7 +205,7 @@ class Engine:
             piece = arr[s:s + chunk]
             mode = logits if (logits == 2 or s + chunk >= len(arr)) else 0
             self.pending = piece.tolist()
-            out = core.forward(piece, mode)
+            out = core.forward(piece, mode, **self._kw(None, hooks))
             self.ids += self.pending
             self.pending = []
             if logits == 2:
@@ -200,8 +215,8 @@ class Engine:
                                                                 np.float32)
         return out
 
-    def _feed_mm(self, arr: np.ndarray, logits: int, capture: dict | None, mm: list
-                 ) -> np.ndarray | None:
+    def _feed_mm(self, arr: np.ndarray, logits: int, capture: dict | None, mm: list,
+                 hooks=None) -> np.ndarray | None:
         """feed with image spans: each image's embeddings are written unscaled at its soft
         tokens (embd / embd_mask), every image its own mask value so that consecutive images are
         separate bidirectional blocks, and no forward call cuts through an image."""
@@ -225,7 +240,8 @@ class Engine:
             # recorded before the call: a stale entry past the cache only makes reuse stricter
             self.images += [(sp.start, sp.digest) for sp in mm if s <= sp.start - base < e]
             self.pending = arr[s:e].tolist()
-            out = self.core.forward(arr[s:e], mode, embd[s:e], mask[s:e], capture)
+            out = self.core.forward(arr[s:e], mode, embd[s:e], mask[s:e],
+                                    **self._kw(capture, hooks))
             self.ids += self.pending
             self.pending = []
             if logits == 2:
@@ -233,11 +249,16 @@ class Engine:
         return np.concatenate(parts) if logits == 2 else out
 
     def prefill(self, ids: list[int], mm: list | None = None,
-                capture_last: Callable[[int], dict | None] | None = None) -> np.ndarray:
+                capture_last: Callable[[int], dict | None] | None = None, hooks=None
+                ) -> np.ndarray:
         """Makes sequence 0 hold exactly ids, reusing the longest cached prefix it may (images
         compared by their pixels), and returns the last position's logits (vocab,).
-        ``capture_last(n_keys)``: a capture dict for the last position, fed on its own."""
+        ``capture_last(n_keys)``: a capture dict for the last position, fed on its own.
+        ``hooks`` (gemma3.hooks.Plan): every chunk passes through them; nothing cached is reused
+        by or after a hooked prefill."""
         self.sync()
+        if hooks is not None or self.hooked:
+            self.reset()
         if not ids:
             raise ValueError("the prompt is empty: give at least one token (e.g. add_bos=True)")
         mm = mm or []
@@ -261,10 +282,10 @@ class Engine:
         del self.ids[common:]
         self.images = [(s, d) for s, d in self.images if s < common]
         if capture_last is None:
-            return self._feed(rest, 1, None, rest_mm)[0]
+            return self._feed(rest, 1, None, rest_mm, hooks)[0]
         if len(rest) > 1:  # everything but the last token as usual, the last one captured
-            self._feed(rest[:-1], 0, None, rest_mm)
-        return self._feed(rest[-1:], 1, capture_last(len(self.ids) + 1), None)[0]
+            self._feed(rest[:-1], 0, None, rest_mm, hooks)
+        return self._feed(rest[-1:], 1, capture_last(len(self.ids) + 1), None, hooks)[0]
 
     # -- the sequence pool ----------------------------------------------------------------------
     @contextmanager

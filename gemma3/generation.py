@@ -187,10 +187,11 @@ def check_room(n_prompt: int, max_seq_len: int, which: str = "the prompt") -> No
 
 def generate_ids(engine: Engine, prompt_ids: list[int], gc: GenerationConfig, stops: set[int],
                  attn: tuple | None = None, attn_out: list | None = None,
-                 mm: list | None = None) -> Iterator[int]:
+                 mm: list | None = None, hooks=None) -> Iterator[int]:
     """Yields new token ids; sequence 0 holds prompt + every yielded id but the last.
     With attn = (layers, heads), attn_out receives for each new token the attention
-    pattern {layer: (heads, n_ctx)} of the query that predicted it."""
+    pattern {layer: (heads, n_ctx)} of the query that predicted it. ``hooks``: a
+    gemma3.hooks.Plan every forward call (prompt chunks and steps) passes through."""
     sampler = Sampler(gc, prompt_ids)
     check_room(len(prompt_ids), engine.max_seq_len)
     last_attn = None
@@ -201,7 +202,8 @@ def generate_ids(engine: Engine, prompt_ids: list[int], gc: GenerationConfig, st
         return cap
 
     with engine.exclusive():
-        logits = engine.prefill(prompt_ids, mm, capture_last if attn is not None else None)
+        logits = engine.prefill(prompt_ids, mm, capture_last if attn is not None else None,
+                                hooks)
         epoch = engine.epoch
     for step in range(gc.max_new_tokens):
         tok = sampler.draw(logits)
@@ -219,7 +221,7 @@ def generate_ids(engine: Engine, prompt_ids: list[int], gc: GenerationConfig, st
                                    "was paused; the generation cannot continue")
             engine.sync()
             cap, last_attn = attn_capture(attn, len(engine.ids) + 1)
-            logits = engine.step(tok, cap)
+            logits = engine.step(tok, cap, hooks)
 
 
 def stream_text(tokens: Iterator[int], tokenizer, stop: Sequence[str]) -> Iterator[str]:

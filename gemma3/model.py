@@ -14,8 +14,10 @@ import numpy as np
 from . import _check, _core
 from . import chat as _chat
 from . import generation as _gen
+from . import hooks as _hooks
 from . import inspect as _inspect
 from . import multimodal as _mm
+from . import sae as _sae
 from . import scoring as _scoring
 from .config import Gemma3Config
 from .engine import PREFILL_CHUNK, Engine  # noqa: F401  (PREFILL_CHUNK: re-exported)
@@ -111,26 +113,29 @@ class Model:
         return _mm.encode_image(self.vision, image, pan_and_scan)
 
     def stream(self, prompt: str | Sequence[int], *, images: Sequence[Any] | None = None,
-               pan_and_scan: bool = False, **kwargs) -> Iterator[str]:
+               pan_and_scan: bool = False, fwd_hooks=None, **kwargs) -> Iterator[str]:
         """Yields text pieces as they are generated (never a broken UTF-8 sequence).
 
         Arguments as :meth:`generate`, checked when called (not at the first piece). Stop
         strings end the stream; their text is not yielded.
         """
         gc = _gen.settings(self.config.vocab_size, **kwargs)
+        hk = _hooks.plan(self.config, fwd_hooks)
         ids, mm = self._prompt(prompt, images, pan_and_scan)
         if self.tokenizer is None:
             raise ValueError("streaming text needs a tokenizer (pass return_ids=True to "
                              "generate() for token ids)")
-        return self._stream(ids, mm, gc)
+        return self._stream(ids, mm, gc, hk)
 
-    def _stream(self, ids: list[int], mm: list, gc: GenerationConfig) -> Iterator[str]:
-        return _gen.stream_text(self._generate_ids(ids, gc, mm=mm), self.tokenizer, gc.stop)
+    def _stream(self, ids: list[int], mm: list, gc: GenerationConfig, hooks=None
+                ) -> Iterator[str]:
+        return _gen.stream_text(self._generate_ids(ids, gc, mm=mm, hooks=hooks), self.tokenizer,
+                                gc.stop)
 
     def _generate_ids(self, ids: list[int], gc: GenerationConfig, attn=None, attn_out=None,
-                      mm=None) -> Iterator[int]:
+                      mm=None, hooks=None) -> Iterator[int]:
         stops = _gen.stop_ids(gc, self.config.eos_token_id, self.tokenizer)
-        return _gen.generate_ids(self.engine, ids, gc, stops, attn, attn_out, mm)
+        return _gen.generate_ids(self.engine, ids, gc, stops, attn, attn_out, mm, hooks)
 
     def generate(self, prompt: str | Sequence[int], *, max_new_tokens: int = 256,
                  temperature: float = 1.0, top_k: int = 64, top_p: float = 0.95,
@@ -139,7 +144,8 @@ class Model:
                  stop_token_ids: Sequence[int] | None = None, return_ids: bool = False,
                  return_attention: bool = False, attention_layers: Sequence[int] | None = None,
                  attention_heads: Sequence[int] | None = None,
-                 images: Sequence[Any] | None = None, pan_and_scan: bool = False):
+                 images: Sequence[Any] | None = None, pan_and_scan: bool = False,
+                 fwd_hooks=None):
         """Generates a continuation of ``prompt`` (text, tokenized with BOS, or token ids).
 
         ``images`` (models with a vision tower): one per ``<start_of_image>`` in a text prompt
@@ -156,12 +162,15 @@ class Model:
         ``attention[i][layer]`` is the ``(heads, n_ctx)`` attention of the query that predicted
         new token ``i`` over the whole context before it (``attention_layers``/``_heads`` select;
         default all).
+
+        ``fwd_hooks``: ``[(name or filter, fn)]`` applied at every forward call (gemma3.hooks).
         """
         kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                   top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
                   stop=stop, logit_bias=logit_bias, stop_token_ids=stop_token_ids)
         if not (return_attention or return_ids):
-            return "".join(self.stream(prompt, images=images, pan_and_scan=pan_and_scan, **kw))
+            return "".join(self.stream(prompt, images=images, pan_and_scan=pan_and_scan,
+                                       fwd_hooks=fwd_hooks, **kw))
         attn: tuple | None = None
         if return_attention:
             cfg = self.config
@@ -172,11 +181,12 @@ class Model:
             _inspect.CapturePlan.make(cfg, 1, [], layers, heads, None)  # validates
             attn = (layers, heads)
         gc = _gen.settings(self.config.vocab_size, **kw)
+        hk = _hooks.plan(self.config, fwd_hooks)
         p_ids, mm = self._prompt(prompt, images, pan_and_scan)
         if attn is None:
-            return list(self._generate_ids(p_ids, gc, mm=mm))
+            return list(self._generate_ids(p_ids, gc, mm=mm, hooks=hk))
         att: list = []
-        ids = list(self._generate_ids(p_ids, gc, attn, att, mm=mm))
+        ids = list(self._generate_ids(p_ids, gc, attn, att, mm=mm, hooks=hk))
         return Generation(self._text(ids), ids, att)
 
     def _text(self, ids: Sequence[int]) -> str:
@@ -256,16 +266,28 @@ class Model:
     def run_with_cache(self, text_or_ids: str | Sequence[int], names: Sequence[str] | None = None,
                        layers: Sequence[int] | None = None, heads: Sequence[int] | None = None,
                        query_range: tuple[int, int] | None = None, logits: str = "all",
-                       images: Sequence[Any] | None = None, pan_and_scan: bool = False
+                       images: Sequence[Any] | None = None, pan_and_scan: bool = False,
+                       saes: Sequence[Any] = ()
                        ) -> tuple[np.ndarray | None, dict[str, np.ndarray]]:
         """Runs a prompt from an empty context recording activations (TransformerLens names,
         listed in gemma3.inspect). Selects by ``names``, ``layers``, attention ``heads`` and a
         ``query_range`` (rows of the attention maps). ``logits``: "all" (n_tokens, vocab),
         "last" (vocab,) or "none". ``images`` as in :meth:`generate`. Returns (logits, cache
-        dict)."""
+        dict). ``saes`` (gemma3.SAE) add their features as ``<hook>.hook_sae_acts_post``."""
         ids, mm = self._prompt(text_or_ids, images, pan_and_scan, "token ids")
-        return _inspect.run_with_cache(self.engine, ids, mm, names, layers, heads, query_range,
-                                       logits)
+        names = _sae.cache_names(names, saes) if saes else names
+        lg, cache = _inspect.run_with_cache(self.engine, ids, mm, names, layers, heads,
+                                            query_range, logits)
+        return lg, _sae.add_acts(cache, saes) if saes else cache
+
+    def run_with_hooks(self, text_or_ids: str | Sequence[int], fwd_hooks=(), logits: str = "all",
+                       images: Sequence[Any] | None = None, pan_and_scan: bool = False
+                       ) -> np.ndarray | None:
+        """Runs a prompt from an empty context in one forward pass through ``fwd_hooks``
+        (``[(name or name filter, fn)]``; TransformerLens semantics, see gemma3.hooks) and
+        returns its logits as :meth:`run_with_cache` does."""
+        ids, mm = self._prompt(text_or_ids, images, pan_and_scan, "token ids")
+        return _hooks.run_with_hooks(self.engine, ids, mm, fwd_hooks, logits)
 
     def logit_lens(self, text_or_ids: str | Sequence[int], k: int = 5,
                    layers: Sequence[int] | None = None) -> dict[int, tuple[np.ndarray, np.ndarray]]:
@@ -293,9 +315,10 @@ class Model:
         Returns the reply text, or an iterator of pieces with ``stream=True``. Keyword
         arguments as :meth:`generate`.
         """
+        hk = _hooks.plan(self.config, kwargs.pop("fwd_hooks", None))
         gc = _gen.settings(self.config.vocab_size, **kwargs)
         ids, mm = self._chat_prompt(messages, pan_and_scan)
-        it = self._stream(ids, mm, gc)
+        it = self._stream(ids, mm, gc, hk)
         return it if stream else "".join(it)
 
     def chat_ids(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True

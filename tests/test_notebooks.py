@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
-NAMES = ["attention_patterns.ipynb"]
+NAMES = ["attention_patterns.ipynb", "interventions.ipynb"]
 KERNEL = "gemma3-test"
 TIME_LIMIT_S = 180  # the issue: the notebook runs in under 3 minutes
 CELL_TIMEOUT_S = 170

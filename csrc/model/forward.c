@@ -24,6 +24,7 @@
 
 #include "kernels/attention.h"
 #include "kernels/ops.h"
+#include "model/hooks.h"
 #include "model/model.h"
 #include "model/run.h"
 
@@ -246,6 +247,39 @@ static void norm_rows(const float *x, const float *w, float *y, int64_t T, int64
         g3_rmsnorm_f32(x + t * n, w, y + t * n, n, eps);
 }
 
+/* x += y, row by row (the hooked form of add_normed: norm, hook, then add) */
+static void add_rows(float *x, const float *y, int64_t T, int64_t n, int nt)
+{
+#pragma omp parallel for num_threads(nt) if(T > 1) schedule(static)
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t i = 0; i < n; i++)
+            x[t * n + i] += y[t * n + i];
+}
+
+/* Runs the interventions at one point of layer il (none: one NULL test). */
+#define HOOK(point, buf)                                                                           \
+    do {                                                                                           \
+        if (hk && (st = g3_hooks_apply(hk, c, il, point, buf, T, s->pos[0], err)))                 \
+            return st;                                                                             \
+    } while (0)
+
+/* x += rms(y) * w with the sublayer output hooked between the norm and the add when asked. */
+static g3_status add_sublayer(g3_model *m, g3_run *s, const float *w, int64_t il, int point,
+                              int64_t T, int nt, const g3_hooks *hk, g3_err *err)
+{
+    const g3_config *c = &m->cfg;
+    const int64_t E = c->n_embd;
+    g3_status st = G3_OK;
+    if (!hk || !g3_hooks_at(hk, il, point)) {
+        PROF(G3_PROF_NORM, add_normed(s->x, s->h, w, T, E, c->eps, nt));
+        return G3_OK;
+    }
+    PROF(G3_PROF_NORM, norm_rows(s->h, w, s->h, T, E, c->eps, nt));
+    HOOK(point, s->h);
+    add_rows(s->x, s->h, T, E, nt);
+    return G3_OK;
+}
+
 static void save(float *dst, const float *src, int64_t n)
 {
     if (dst)
@@ -262,13 +296,14 @@ static void geglu_rows(float *g, const float *u, int64_t n, int nt)
 }
 
 static g3_status layer_forward(g3_model *m, int64_t il, g3_run *s, int64_t T, int nt, int single,
-                               const g3_layer_capture *cap, g3_err *err)
+                               const g3_layer_capture *cap, const g3_hooks *hk, g3_err *err)
 {
     const g3_config *c = &m->cfg;
     const g3_layer *L = &m->layers[il];
     const int64_t E = c->n_embd, F = c->n_ff;
     const int64_t nq = T * c->n_head * c->head_dim, nkv = T * c->n_head_kv * c->head_dim;
     g3_status st = G3_OK;
+    HOOK(G3_HOOK_RESID_PRE, s->x);
     if (cap)
         save(cap->resid_pre, s->x, T * E);
     PROF(G3_PROF_NORM, norm_rows(s->x, L->attn_norm, s->h, T, E, c->eps, nt));
@@ -278,6 +313,9 @@ static g3_status layer_forward(g3_model *m, int64_t il, g3_run *s, int64_t T, in
     if (st)
         return st;
     PROF(G3_PROF_ROPE, qk_norm_rope(m, L, s, T, nt));
+    HOOK(G3_HOOK_Q, s->q);
+    HOOK(G3_HOOK_K, s->k);
+    HOOK(G3_HOOK_V, s->v);
     if (single && T >= G3_ATTN_BLAS_MIN)
         PROF(G3_PROF_ATTN, attention_tiles(m, il, s, T, nt, cap));
     else
@@ -287,12 +325,16 @@ static g3_status layer_forward(g3_model *m, int64_t il, g3_run *s, int64_t T, in
         save(cap->q, s->q, nq);
         save(cap->k, s->k, nkv);
         save(cap->v, s->v, nkv);
-        save(cap->z, s->z, nq);
     }
+    HOOK(G3_HOOK_Z, s->z); /* sees this layer's captures (gemma3/hooks.py rewrites z from them) */
+    if (cap)
+        save(cap->z, s->z, nq);
     PROF(G3_PROF_OPROJ, st = g3_matmul(&L->o, s->z, T, s->h, &s->mm, err));
     if (st)
         return st;
-    PROF(G3_PROF_NORM, add_normed(s->x, s->h, L->post_attn_norm, T, E, c->eps, nt));
+    if ((st = add_sublayer(m, s, L->post_attn_norm, il, G3_HOOK_ATTN_OUT, T, nt, hk, err)))
+        return st;
+    HOOK(G3_HOOK_RESID_MID, s->x);
     if (cap) {
         save(cap->attn_out, s->h, T * E);
         save(cap->resid_mid, s->x, T * E);
@@ -307,7 +349,9 @@ static g3_status layer_forward(g3_model *m, int64_t il, g3_run *s, int64_t T, in
     PROF(G3_PROF_DOWN, st = g3_matmul(&L->down, s->g, T, s->h, &s->mm, err));
     if (st)
         return st;
-    PROF(G3_PROF_NORM, add_normed(s->x, s->h, L->post_ffn_norm, T, E, c->eps, nt));
+    if ((st = add_sublayer(m, s, L->post_ffn_norm, il, G3_HOOK_MLP_OUT, T, nt, hk, err)))
+        return st;
+    HOOK(G3_HOOK_RESID_POST, s->x);
     if (cap) {
         save(cap->mlp_out, s->h, T * E);
         save(cap->resid_post, s->x, T * E);
@@ -349,6 +393,11 @@ static g3_status check_batch(const g3_model *m, const g3_batch *b, g3_err *err)
         return g3_fail(err, G3_ERR_ARG, "a batch needs at least one group");
     if (b->capture && ng != 1)
         return g3_fail(err, G3_ERR_ARG, "capture works on single-sequence calls only");
+    if (b->hooks && ng != 1)
+        return g3_fail(err, G3_ERR_ARG, "hooks work on single-sequence calls only");
+    g3_status hst = b->hooks ? g3_hooks_check(&m->cfg, b->hooks, err) : G3_OK;
+    if (hst)
+        return hst;
     const uint8_t *mask = b->embd ? b->embd_mask : NULL;
     int64_t total = 0;
     for (int64_t g = 0; g < ng; g++) {
@@ -449,22 +498,38 @@ g3_status g3_model_forward(g3_model *m, const g3_batch *b, g3_err *err)
     }
     /* From here on no step can fail for lack of memory; a matmul reports an error only if the run
      * state was sized wrongly (a bug), and then the cache may hold part of this batch. */
+    /* A hook that stops the pass (a Python callback raised) also leaves part of this batch in the
+     * cache, with n_past unchanged: the caller resets the sequence (gemma3/engine.py: the
+     * Engine.hooked flag makes the next prompt start from an empty cache). */
     const g3_capture *cap = b->capture;
+    const g3_hooks *hk = b->hooks;
     for (int64_t i = 0; i < c->n_layer && !st; i++)
         st = layer_forward(m, i, s, T, nt, single, cap && cap->layers ? &cap->layers[i] : NULL,
-                           err);
-    if (!st && cap && cap->final_norm)
-        norm_rows(s->x, m->output_norm, cap->final_norm, T, E, c->eps, nt);
+                           hk, err);
+    /* hooked final norm: every row normed into h and hooked, the LM head reads h */
+    const int final_hook = hk && g3_hooks_at(hk, -1, G3_HOOK_FINAL);
+    if (!st && final_hook) {
+        norm_rows(s->x, m->output_norm, s->h, T, E, c->eps, nt);
+        st = g3_hooks_apply(hk, c, -1, G3_HOOK_FINAL, s->h, T, s->pos[0], err);
+    }
+    if (!st && cap && cap->final_norm) {
+        if (final_hook)
+            save(cap->final_norm, s->h, T * E);
+        else
+            norm_rows(s->x, m->output_norm, cap->final_norm, T, E, c->eps, nt);
+    }
     if (!st && b->logits_mode) {
         int64_t n = T;
+        float *rows = final_hook ? s->h : s->x;
         if (b->logits_mode == 1) { /* the last token of every group */
             n = 0;
             for (int64_t t = 0; t < T; t++)
                 if (t + 1 == T || s->first[t + 1] != s->first[t])
-                    memcpy(s->x + (n++) * E, s->x + t * E, sizeof(float) * E);
+                    memmove(rows + (n++) * E, rows + t * E, sizeof(float) * E);
         }
-        PROF(G3_PROF_LM_HEAD, norm_rows(s->x, m->output_norm, s->h, n, E, c->eps, nt);
-             st = g3_matmul(&m->output, s->h, n, b->logits, &s->mm, err));
+        if (!final_hook)
+            PROF(G3_PROF_LM_HEAD, norm_rows(s->x, m->output_norm, s->h, n, E, c->eps, nt));
+        PROF(G3_PROF_LM_HEAD, st = g3_matmul(&m->output, s->h, n, b->logits, &s->mm, err));
         if (!st && c->final_softcap > 0) {
             const float cap_v = c->final_softcap;
             for (int64_t i = 0; i < n * c->n_vocab; i++)

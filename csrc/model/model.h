@@ -125,6 +125,7 @@ typedef struct {
     int logits_mode;      /* 0: none, 1: last token of each group, 2: every token */
     float *logits;        /* (n_groups or T, n_vocab) */
     const g3_capture *capture; /* optional; single-group calls only */
+    const struct g3_hooks_s *hooks; /* optional interventions (model/hooks.h); single-group */
 } g3_batch;
 
 g3_status g3_model_forward(g3_model *m, const g3_batch *b, g3_err *err);

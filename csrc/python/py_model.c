@@ -18,6 +18,7 @@
 #include "model/model.h"
 #include "model/roles.h"
 #include "model/run.h"
+#include "python/py_hooks.h"
 
 typedef struct {
     PyObject_HEAD
@@ -219,15 +220,17 @@ static int parse_capture(ModelObject *self, PyObject *capd, npy_intp T, g3_captu
 }
 
 /* forward(ids: int32 1-D, logits: 0|1|2, embd: float32 (T, E) or None, embd_mask: uint8 (T) or
- * None, capture: dict or None) -> float32 (rows, vocab) or None */
+ * None, capture: dict or None, seqs, lens, hooks: see py_hooks.c or None) -> float32 (rows, vocab)
+ * or None */
 static PyObject *model_forward(ModelObject *self, PyObject *args, PyObject *kw)
 {
-    static char *kwlist[] = {"ids", "logits", "embd", "embd_mask", "capture", "seqs", "lens", NULL};
+    static char *kwlist[] = {"ids",  "logits", "embd",  "embd_mask", "capture",
+                             "seqs", "lens",   "hooks", NULL};
     PyObject *ids_o, *embd_o = Py_None, *mask_o = Py_None, *cap_o = Py_None;
-    PyObject *seqs_o = Py_None, *lens_o = Py_None;
+    PyObject *seqs_o = Py_None, *lens_o = Py_None, *hooks_o = Py_None;
     int mode = 1;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|iOOOOO", kwlist, &ids_o, &mode, &embd_o, &mask_o,
-                                     &cap_o, &seqs_o, &lens_o))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|iOOOOOO", kwlist, &ids_o, &mode, &embd_o,
+                                     &mask_o, &cap_o, &seqs_o, &lens_o, &hooks_o))
         return NULL;
     if (mode < 0 || mode > 2)
         return PyErr_Format(PyExc_ValueError, "logits mode must be 0, 1 or 2, got %d", mode);
@@ -236,6 +239,8 @@ static PyObject *model_forward(ModelObject *self, PyObject *args, PyObject *kw)
     PyArrayObject *ids = NULL, *embd = NULL, *mask = NULL, *out = NULL, *seqs = NULL, *lens = NULL;
     PyObject *ret = NULL, *keep = NULL;
     g3_capture cap = {NULL, NULL};
+    g3_py_hooks hk;
+    memset(&hk, 0, sizeof hk);
     const g3_config *c = &self->m->cfg;
     ids = (PyArrayObject *)PyArray_FROMANY(ids_o, NPY_INT32, 1, 1, NPY_ARRAY_IN_ARRAY);
     if (!ids)
@@ -281,6 +286,8 @@ static PyObject *model_forward(ModelObject *self, PyObject *args, PyObject *kw)
         if (!keep || parse_capture(self, cap_o, T, &cap, keep) < 0)
             goto done;
     }
+    if (hooks_o != Py_None && g3_py_hooks_parse(hooks_o, c, &hk) < 0)
+        goto done;
     if (mode) {
         npy_intp dims[2] = {mode == 1 ? n_groups : T, c->n_vocab};
         out = (PyArrayObject *)PyArray_SimpleNew(2, dims, NPY_FLOAT32);
@@ -298,11 +305,15 @@ static PyObject *model_forward(ModelObject *self, PyObject *args, PyObject *kw)
         .n_groups = n_groups,
         .group_seq = seqs ? PyArray_DATA(seqs) : NULL,
         .group_len = lens ? PyArray_DATA(lens) : NULL,
+        .hooks = hooks_o != Py_None ? &hk.h : NULL,
     };
     g3_err err = {{0}, 0};
     g3_status st;
-    Py_BEGIN_ALLOW_THREADS st = g3_model_forward(self->m, &b, &err);
-    Py_END_ALLOW_THREADS
+    hk.ts = PyEval_SaveThread(); /* a callback hook takes the GIL back through hk.ts */
+    st = g3_model_forward(self->m, &b, &err);
+    PyEval_RestoreThread(hk.ts);
+    if (g3_py_hooks_finish(&hk) < 0)
+        goto done;
     if (st) {
         g3_py_raise(mstate((PyObject *)self), st == G3_ERR_ARG ? G3_ERR_ARG : st, &err, NULL);
         goto done;
@@ -312,6 +323,7 @@ static PyObject *model_forward(ModelObject *self, PyObject *args, PyObject *kw)
 done:
     self->busy = 0;
     PyMem_Free(cap.layers);
+    g3_py_hooks_clear(&hk);
     Py_XDECREF(keep);
     Py_XDECREF(seqs);
     Py_XDECREF(lens);
