@@ -246,7 +246,9 @@ def test_interrupt_inside_one_vision_encode_call():
     t0 = time.perf_counter()
     o = run_interrupted(lambda: tower.encode(px), lambda: time.perf_counter() > t0 + full / 8)
     assert_mid_operation(o, "vision encode")
-    assert o.latency < full / 4, f"interrupt took {o.latency:.2f} s to land; encode {full:.2f} s"
+    # without the checkpoint the signal would wait for the rest of the call (7/8 of it); half
+    # leaves room for a machine whose load changes between the two timings
+    assert o.latency < full / 2, f"interrupt took {o.latency:.2f} s to land; encode {full:.2f} s"
     np.testing.assert_array_equal(tower.encode(px), want)
 
 
