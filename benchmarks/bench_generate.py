@@ -1,30 +1,35 @@
-"""llama-bench-style table: gemma3 vs llama.cpp on the same GGUF, same threads, same run.
+"""llama-bench-style table: gemma3 vs llama.cpp on the same GGUF, each engine in its own process.
 
     python benchmarks/bench_generate.py [--model PATH] [--threads 1 2] [--depths 0 4096]
-                                        [--reps 3] [--no-peer]
+                                        [--reps 3] [--rounds 3] [--peer-python PY] [--no-peer]
+                                        [--first torch] [--g3-python PY]
 
 Columns: pp512 (prompt processing, tokens/s over a 512-token batch) and tg128 (generation,
-tokens/s over 128 single-token steps), each after `depth` tokens already in the cache; median of
---reps runs after a warm-up. The peer is llama.cpp through llama-cpp-python (its version is
-printed), with the same thread count, batch 512 and an F16 KV cache (its default).
+tokens/s over 128 single-token steps), each after `depth` tokens already in the cache. Every
+measurement runs in a fresh process with the engine's own default environment: this script passes
+its environment on unchanged and imports neither engine itself. One process measures one engine at
+one thread count, all depths, `--reps` runs after a warm-up (median); `--rounds` rounds alternate
+the engines' order, and the table gives the median over rounds and the ratio of medians.
 
-Also printed: decode memory traffic (bytes of weights read per token x tokens/s) next to a
-streaming-read probe of this machine, and gemma3's per-op breakdown of one decode step.
+The peer is llama.cpp through llama-cpp-python, with the same thread count, batch 512 and its
+default F16 KV cache, run by `--peer-python` (default: this interpreter, if it has llama_cpp).
+`--first torch` imports torch (and runs a torch matmul) in gemma3's process before gemma3, as a
+notebook does; `--g3-python` picks the interpreter for gemma3 (one that has torch, for that case).
+
+Also printed, from one more gemma3 process: decode memory traffic (bytes of weights read per token
+x tokens/s) next to a streaming-read probe of this machine, and the per-op time of a decode step.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
-
-import numpy as np
-
-import gemma3
-from gemma3 import _core
 
 PP, TG = 512, 128
 
@@ -44,85 +49,106 @@ def cpu_flags() -> str:
 
 
 def tokens_for(n: int, vocab: int, seed: int) -> list[int]:
+    import numpy as np
+
     rng = np.random.default_rng(seed)
     return [2] + rng.integers(1000, min(vocab, 200000), n - 1).tolist()
 
 
-# ---------------------------------------------------------------------------------------------
-# gemma3
+# ---- worker: gemma3 ------------------------------------------------------------------------------
 
-def g3_run(model, depth: int, reps: int):
-    ctx = tokens_for(depth + PP + TG + 8, model.config.vocab_size, 1)
-    pp, tg = [], []
-    for r in range(reps + 1):  # first round is the warm-up
-        core = model.engine.core
-        core.reset(0)
-        if depth:
+def g3_worker(path: str, threads: int, depths: list[int], reps: int, first: str | None) -> dict:
+    if first == "torch":
+        import torch
+
+        a = torch.randn(512, 512)
+        (a @ a).sum().item()
+    import numpy as np
+
+    import gemma3
+
+    gemma3.set_num_threads(threads)
+    n_ctx = max(depths) + PP + TG + 16
+    model = gemma3.load(path, max_seq_len=n_ctx)
+    core = model.engine.core
+    out = {}
+    for depth in depths:
+        ctx = tokens_for(depth + PP + TG + 8, model.config.vocab_size, 1)
+        pp, tg = [], []
+
+        def fill():
+            core.reset(0)
             for s in range(0, depth, 512):
                 core.forward(np.asarray(ctx[s:min(s + 512, depth)], np.int32), 0)
-        t = time.perf_counter()
-        core.forward(np.asarray(ctx[depth:depth + PP], np.int32), 1)
-        t_pp = time.perf_counter() - t
-        # tg: single-token steps after depth (cache truncated back to depth)
-        core.reset(0)
-        if depth:
-            for s in range(0, depth, 512):
-                core.forward(np.asarray(ctx[s:min(s + 512, depth)], np.int32), 0)
-        else:
-            core.forward(np.asarray(ctx[:1], np.int32), 1)
-        t = time.perf_counter()
-        for i in range(TG):
-            lg = core.forward(np.asarray([ctx[depth + 1 + i]], np.int32), 1)
-            int(lg[0].argmax())  # what a greedy loop does with the logits
-        t_tg = time.perf_counter() - t
-        if r:
-            pp.append(PP / t_pp)
-            tg.append(TG / t_tg)
-    return statistics.median(pp), statistics.median(tg)
+
+        for r in range(reps + 1):  # the first round is the warm-up
+            fill()
+            t = time.perf_counter()
+            core.forward(np.asarray(ctx[depth:depth + PP], np.int32), 1)
+            t_pp = time.perf_counter() - t
+            fill()
+            if not depth:
+                core.forward(np.asarray(ctx[:1], np.int32), 1)
+            t = time.perf_counter()
+            for i in range(TG):
+                lg = core.forward(np.asarray([ctx[depth + 1 + i]], np.int32), 1)
+                int(lg[0].argmax())  # what a greedy loop does with the logits
+            t_tg = time.perf_counter() - t
+            if r:
+                pp.append(PP / t_pp)
+                tg.append(TG / t_tg)
+        out[str(depth)] = {"pp": statistics.median(pp), "tg": statistics.median(tg)}
+    return out
 
 
-def g3_breakdown(model, steps: int = 32) -> dict[str, float]:
+def g3_extras(path: str, threads: int) -> dict:
+    """Decode per-op breakdown, packed bytes, weight bytes per token, a read-bandwidth probe."""
+    import mmap
+
+    import numpy as np
+
+    import gemma3
+    from gemma3 import _core
+
+    gemma3.set_num_threads(threads)
+    model = gemma3.load(path, max_seq_len=1024)
     core = model.engine.core
     core.reset(0)
     core.forward(np.asarray(tokens_for(16, model.config.vocab_size, 3), np.int32), 1)
     core.profile(True)
+    steps = 32
     for i in range(steps):
         core.forward(np.asarray([1000 + i], np.int32), 1)
-    p = core.profile(False)
-    return {k: v / steps for k, v in p.items() if k not in ("forwards", "tokens")}
+    prof = {k: v / steps for k, v in core.profile(False).items() if k not in ("forwards", "tokens")}
+    f = gemma3.GGUFFile(path)
+    in_file = sum(t.nbytes for t in f.tensors.values())
+    packed = model.packed_bytes
+    rest = sum(t.nbytes for t in f.tensors.values()
+               if len(t.shape) < 2 or not _core.packed_supported(t.type_id))
+    per_token = packed + rest if packed else in_file
+    buf = mmap.mmap(-1, 1024 * 2**20)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        try:
+            buf.madvise(mmap.MADV_HUGEPAGE)
+        except OSError:
+            pass
+    a = np.frombuffer(buf, np.float32)
+    a[:] = 1.0
+    _core.read_bandwidth(a)
+    bw = a.nbytes / statistics.median(_core.read_bandwidth(a)[0] for _ in range(5)) / 1e9
+    return {"profile": prof, "in_file": in_file, "packed": packed, "per_token": per_token,
+            "read_gbs": bw, "isa": _core.isa()["selected"]}
 
 
-# ---------------------------------------------------------------------------------------------
-# llama.cpp
+# ---- worker: llama.cpp -----------------------------------------------------------------------------
 
-def llama_open(path: str, threads: int, n_ctx: int, extra_bufts: bool = True,
-               logits_all: bool = False):
-    """extra_bufts=False turns off llama.cpp's extra buffer types (weight repacking, AMX): a
-    wheel built with -march=native on a CPU that advertises AMX dies with SIGILL where the kernel
-    does not grant AMX state, as on some VMs."""
-    import llama_cpp
-    import llama_cpp.llama_cpp as ll
-
-    if not extra_bufts and not getattr(ll, "_g3_patched", False):
-        orig = ll.llama_model_default_params
-
-        def params():
-            p = orig()
-            p.use_extra_bufts = False
-            return p
-
-        ll.llama_model_default_params = params
-        ll._g3_patched = True
-    return llama_cpp.Llama(model_path=path, n_threads=threads, n_threads_batch=threads,
-                           n_ctx=n_ctx, n_batch=512, n_ubatch=512, logits_all=logits_all,
-                           verbose=False)
-
-
-def llama_run(llm, depth: int, reps: int, vocab: int):
+def llama_worker(path: str, threads: int, depths: list[int], reps: int) -> dict:
     import llama_cpp
 
-    ctx = tokens_for(depth + PP + TG + 8, vocab, 1)
-    pp, tg = [], []
+    n_ctx = max(depths) + PP + TG + 16
+    llm = llama_cpp.Llama(model_path=path, n_threads=threads, n_threads_batch=threads,
+                          n_ctx=n_ctx, n_batch=512, n_ubatch=512, verbose=False)
+    vocab = llm.n_vocab()
 
     def clear():
         llm.reset()
@@ -133,57 +159,50 @@ def llama_run(llm, depth: int, reps: int, vocab: int):
         else:
             llama_cpp.llama_kv_cache_clear(llm.ctx)
 
-    for r in range(reps + 1):
-        clear()
-        if depth:
-            llm.eval(ctx[:depth])
-        t = time.perf_counter()
-        llm.eval(ctx[depth:depth + PP])
-        t_pp = time.perf_counter() - t
-        clear()
-        llm.eval(ctx[:depth] if depth else ctx[:1])
-        t = time.perf_counter()
-        for i in range(TG):
-            llm.eval([ctx[depth + 1 + i]])
-        t_tg = time.perf_counter() - t
-        if r:
-            pp.append(PP / t_pp)
-            tg.append(TG / t_tg)
-    return statistics.median(pp), statistics.median(tg)
+    out = {}
+    for depth in depths:
+        ctx = tokens_for(depth + PP + TG + 8, vocab, 1)
+        pp, tg = [], []
+        for r in range(reps + 1):
+            clear()
+            if depth:
+                llm.eval(ctx[:depth])
+            t = time.perf_counter()
+            llm.eval(ctx[depth:depth + PP])
+            t_pp = time.perf_counter() - t
+            clear()
+            llm.eval(ctx[:depth] if depth else ctx[:1])
+            t = time.perf_counter()
+            for i in range(TG):
+                llm.eval([ctx[depth + 1 + i]])
+            t_tg = time.perf_counter() - t
+            if r:
+                pp.append(PP / t_pp)
+                tg.append(TG / t_tg)
+        out[str(depth)] = {"pp": statistics.median(pp), "tg": statistics.median(tg),
+                           "version": llama_cpp.__version__}
+    return out
 
 
-# ---------------------------------------------------------------------------------------------
+# ---- orchestration ----------------------------------------------------------------------------------
 
-def bandwidth_probe(threads: int, mib: int = 1024, reps: int = 5) -> float:
-    """GB/s of the best streaming read we know (read_bandwidth: wide loads, 4 KiB software
-    prefetch) over an array on 2 MiB pages where the kernel allows them, as the packed weights
-    are: the decode kernels are judged against the same conditions."""
-    import mmap
-
-    _core.set_num_threads(threads)
-    buf = mmap.mmap(-1, mib * 2**20)
-    if hasattr(mmap, "MADV_HUGEPAGE"):
-        try:
-            buf.madvise(mmap.MADV_HUGEPAGE)
-        except OSError:
-            pass
-    a = np.frombuffer(buf, np.float32)
-    a[:] = 1.0
-    _core.read_bandwidth(a)
-    return a.nbytes / statistics.median(_core.read_bandwidth(a)[0] for _ in range(reps)) / 1e9
+def run_worker(python: str, args: list[str]) -> dict:
+    """One measurement in a fresh process with this process's environment, unchanged."""
+    cmd = [python, os.path.abspath(__file__), *args]
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{p.stderr[-2000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
 
 
-def weight_bytes_per_token(path: str, packed_bytes: int) -> tuple[int, int]:
-    """(bytes of weights in the file, bytes a decode step reads). With packing the packed copies
-    replace every matrix of a packable type; an untied token_embd is then only read one row per
-    token and is left out."""
-    f = gemma3.GGUFFile(path)
-    in_file = sum(t.nbytes for t in f.tensors.values())
-    if not packed_bytes:
-        return in_file, in_file
-    rest = sum(t.nbytes for t in f.tensors.values()
-               if len(t.shape) < 2 or not _core.packed_supported(t.type_id))
-    return in_file, packed_bytes + rest
+def has_llama(python: str) -> bool:
+    return subprocess.run([python, "-c", "import llama_cpp"], capture_output=True).returncode == 0
+
+
+def default_model(python: str) -> str:
+    p = subprocess.run([python, "-c", "import gemma3; print(gemma3.default_model_path())"],
+                       capture_output=True, text=True, check=True)
+    return p.stdout.strip().splitlines()[-1]
 
 
 def main(argv=None) -> int:
@@ -191,50 +210,53 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default=None)
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--depths", type=int, nargs="+", default=[0, 4096])
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=3, help="runs per process after a warm-up")
+    ap.add_argument("--rounds", type=int, default=3, help="fresh processes per engine, alternating")
     ap.add_argument("--no-peer", action="store_true")
-    ap.add_argument("--no-pack", action="store_true",
-                    help="gemma3 with load(pack=False): the float dequantize-and-dot decode kernels")
-    ap.add_argument("--peer-no-extra-bufts", action="store_true",
-                    help="disable llama.cpp's repacked/AMX buffers (needed for AMX builds on "
-                         "machines without AMX permission)")
+    ap.add_argument("--peer-python", default=None, help="interpreter with llama_cpp")
+    ap.add_argument("--g3-python", default=sys.executable, help="interpreter with gemma3")
+    ap.add_argument("--first", choices=["torch"], default=None,
+                    help="import torch in gemma3's process before gemma3")
+    ap.add_argument("--worker", choices=["gemma3", "llama.cpp", "extras"], help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
-    path = str(a.model or gemma3.default_model_path())
-    n_ctx = max(a.depths) + PP + TG + 16
+    if a.worker:
+        th = a.threads[0]
+        res = (g3_worker(a.model, th, a.depths, a.reps, a.first) if a.worker == "gemma3" else
+               llama_worker(a.model, th, a.depths, a.reps) if a.worker == "llama.cpp" else
+               g3_extras(a.model, th))
+        print(json.dumps(res))
+        return 0
+
+    path = a.model or default_model(a.g3_python)
     peer = None
     if not a.no_peer:
-        try:
-            import llama_cpp
-
-            peer = f"llama.cpp via llama-cpp-python {llama_cpp.__version__}" + (
-                " (extra buffer types off)" if a.peer_no_extra_bufts else "")
-        except ImportError:
-            print("llama-cpp-python is not installed: `pip install llama-cpp-python` to compare",
-                  file=sys.stderr)
+        peer = a.peer_python or sys.executable
+        if not has_llama(peer):
+            print(f"{peer} has no llama_cpp (pip install llama-cpp-python, or --peer-python): "
+                  "gemma3 alone", file=sys.stderr)
+            peer = None
+    engines = [("gemma3", a.g3_python)] + ([("llama.cpp", peer)] if peer else [])
+    common = ["--model", path, "--depths", *map(str, a.depths), "--reps", str(a.reps)]
     print(f"model: {path}")
-    print(f"cpu: {os.cpu_count()} cores, flags: {cpu_flags()}; gemma3 kernels: "
-          f"{_core.isa()['selected']}; peer: {peer or 'none'}")
-    print(f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')} "
-          f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT')}; load average {os.getloadavg()}")
-    rows = []
-    tg2 = None
-    packed = 0
+    print(f"cpu: {os.cpu_count()} cores, flags: {cpu_flags()}; peer: "
+          f"{'llama-cpp-python via ' + peer if peer else 'none'}; gemma3 first import: "
+          f"{a.first or 'gemma3 alone'}; load average {os.getloadavg()}")
+    runs: dict = {}  # (engine, threads, depth) -> list of (pp, tg), one per round
+    version = None
     for th in a.threads:
-        gemma3.set_num_threads(th)
-        model = gemma3.load(path, max_seq_len=n_ctx, pack=False if a.no_pack else None)
-        packed = model.packed_bytes
-        llm = llama_open(path, th, n_ctx, not a.peer_no_extra_bufts) if peer else None
-        for d in a.depths:
-            g_pp, g_tg = g3_run(model, d, a.reps)
-            l_pp, l_tg = llama_run(llm, d, a.reps, model.config.vocab_size) if llm else (None,
-                                                                                          None)
-            rows.append((th, d, g_pp, l_pp, g_tg, l_tg))
-            if d == 0 and th == max(a.threads):
-                tg2 = g_tg
-            print(f"  measured threads={th} depth={d}", file=sys.stderr)
-        if th == max(a.threads):
-            breakdown = g3_breakdown(model)
-        del model, llm
+        for r in range(a.rounds):
+            order = engines if r % 2 == 0 else engines[::-1]
+            for name, python in order:
+                extra = ["--first", a.first] if (name == "gemma3" and a.first) else []
+                res = run_worker(python, ["--worker", name, "--threads", str(th), *common, *extra])
+                for d, v in res.items():
+                    runs.setdefault((name, th, int(d)), []).append((v["pp"], v["tg"]))
+                    version = v.get("version", version)
+                print(f"  round {r + 1}/{a.rounds} {name} threads={th}", file=sys.stderr)
+
+    def med(name, th, d, i):
+        v = runs.get((name, th, d))
+        return statistics.median(x[i] for x in v) if v else None
 
     def ratio(x, y):
         return f"{x / y:6.2f}x" if x and y else "     -"
@@ -242,26 +264,31 @@ def main(argv=None) -> int:
     def num(x):
         return f"{x:9.1f}" if x else "        -"
 
-    print()
+    print(f"\n{a.rounds} rounds x {a.reps} runs per engine and thread count, each round a fresh "
+          f"process per engine, order alternating; llama-cpp-python {version or '-'}")
     print("| threads | depth | test  | gemma3 t/s | llama.cpp t/s | ratio |")
     print("|--------:|------:|:------|-----------:|--------------:|------:|")
-    for th, d, g_pp, l_pp, g_tg, l_tg in rows:
-        print(f"| {th:7d} | {d:5d} | pp{PP} | {num(g_pp)}  | {num(l_pp)}     | {ratio(g_pp, l_pp)} |")
-        print(f"| {th:7d} | {d:5d} | tg{TG} | {num(g_tg)}  | {num(l_tg)}     | {ratio(g_tg, l_tg)} |")
-    in_file, bpt = weight_bytes_per_token(path, packed)
-    print(f"\ngemma3 decode kernels: " + (f"packed integer (VNNI), {packed / 2**20:.1f} MiB packed"
-                                          if packed else "float dequantize-and-dot"))
-    bw = bandwidth_probe(max(a.threads))
+    for th in a.threads:
+        for d in a.depths:
+            for i, test in ((0, f"pp{PP}"), (1, f"tg{TG}")):
+                g, p = med("gemma3", th, d, i), med("llama.cpp", th, d, i)
+                print(f"| {th:7d} | {d:5d} | {test} | {num(g)}  | {num(p)}     | {ratio(g, p)} |")
+
+    th = max(a.threads)
+    x = run_worker(a.g3_python, ["--worker", "extras", "--threads", str(th), "--model", path])
+    tg2 = med("gemma3", th, min(a.depths), 1)
+    print(f"\ngemma3 kernels: {x['isa']}; decode: " + (
+        f"packed integer (VNNI), {x['packed'] / 2**20:.1f} MiB packed" if x["packed"]
+        else "float dequantize-and-dot"))
     if tg2:
-        ach = bpt * tg2 / 1e9
-        print(f"decode memory traffic: {bpt / 2**20:.1f} MiB of weights read per token (the file "
-              f"holds {in_file / 2**20:.1f} MiB) x {tg2:.1f} t/s "
-              f"= {ach:.2f} GB/s; streaming-read probe ({max(a.threads)} threads, 1 GiB): "
-              f"{bw:.2f} GB/s -> {100 * ach / bw:.0f}% of the roofline "
-              f"(roofline {bw * 1e9 / bpt:.1f} t/s)")
-    tot = sum(breakdown.values())
-    print(f"\ngemma3 decode step ({max(a.threads)} threads, depth 16): {tot * 1e3:.2f} ms")
-    for k, v in sorted(breakdown.items(), key=lambda kv: -kv[1]):
+        ach = x["per_token"] * tg2 / 1e9
+        print(f"decode memory traffic: {x['per_token'] / 2**20:.1f} MiB of weights read per token "
+              f"(the file holds {x['in_file'] / 2**20:.1f} MiB) x {tg2:.1f} t/s = {ach:.2f} GB/s; "
+              f"streaming-read probe ({th} threads, 1 GiB): {x['read_gbs']:.2f} GB/s -> "
+              f"{100 * ach / x['read_gbs']:.0f}% of the roofline")
+    tot = sum(x["profile"].values())
+    print(f"\ngemma3 decode step ({th} threads, depth 16): {tot * 1e3:.2f} ms")
+    for k, v in sorted(x["profile"].items(), key=lambda kv: -kv[1]):
         print(f"  {k:14s} {v * 1e3:7.3f} ms  {100 * v / tot:5.1f}%")
     return 0
 
