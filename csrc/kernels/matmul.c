@@ -180,8 +180,39 @@ static int all_packed(int n, const g3_weight *const *W)
     return 1;
 }
 
+static int any_lora(int n, const g3_weight *const *W)
+{
+    for (int i = 0; i < n; i++)
+        if (W[i]->lora)
+            return 1;
+    return 0;
+}
+
+static g3_status matmul_multi_base(int n, const g3_weight *const *W, const float *x, int64_t T,
+                                   float *const *y, g3_matmul_ws *ws, g3_err *err);
+static g3_status matmul_base(const g3_weight *W, const float *x, int64_t T, float *y,
+                             g3_matmul_ws *ws, g3_err *err);
+
 g3_status g3_matmul_multi(int n, const g3_weight *const *W, const float *x, int64_t T,
                           float *const *y, g3_matmul_ws *ws, g3_err *err)
+{
+    g3_status st = matmul_multi_base(n, W, x, T, y, ws, err);
+    if (!st && any_lora(n, W))
+        g3_lora_apply(n, W, x, T, y);
+    return st;
+}
+
+g3_status g3_matmul(const g3_weight *W, const float *x, int64_t T, float *y, g3_matmul_ws *ws,
+                    g3_err *err)
+{
+    g3_status st = matmul_base(W, x, T, y, ws, err);
+    if (!st && W->lora)
+        g3_lora_apply(1, &W, x, T, &y);
+    return st;
+}
+
+static g3_status matmul_multi_base(int n, const g3_weight *const *W, const float *x, int64_t T,
+                                   float *const *y, g3_matmul_ws *ws, g3_err *err)
 {
     int fused = T < G3_BLAS_MIN_TOKENS;
     if (fused && all_packed(n, W))
@@ -193,7 +224,7 @@ g3_status g3_matmul_multi(int n, const g3_weight *const *W, const float *x, int6
     }
     if (!fused) {
         for (int i = 0; i < n; i++) {
-            g3_status st = g3_matmul(W[i], x, T, y[i], ws, err);
+            g3_status st = matmul_base(W[i], x, T, y[i], ws, err);
             if (st)
                 return st;
         }
@@ -217,8 +248,8 @@ g3_status g3_matmul_multi(int n, const g3_weight *const *W, const float *x, int6
     return G3_OK;
 }
 
-g3_status g3_matmul(const g3_weight *W, const float *x, int64_t T, float *y, g3_matmul_ws *ws,
-                    g3_err *err)
+static g3_status matmul_base(const g3_weight *W, const float *x, int64_t T, float *y,
+                             g3_matmul_ws *ws, g3_err *err)
 {
     if (T >= G3_BLAS_MIN_TOKENS)
         return matmul_blas(W, x, T, y, ws, err);

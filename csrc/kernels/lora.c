@@ -1,0 +1,95 @@
+/* lora.c — low-rank deltas on a matrix product (LoRA):  y += sum_d scale_d * B_d (A_d x)
+ * for every delta d chained on a weight (matmul.h), A (rank, cols), B (rows, rank) float32.
+ *
+ * Reference: PEFT's LoraLayer forward (result + lora_B(lora_A(x)) * scaling), llama.cpp's
+ * llm_build_lora_mm (the same sum, scale = adapter scale * alpha / rank); both unmerged.
+ *
+ * Decode and short chunks (T < G3_BLAS_MIN_TOKENS): one parallel region in two passes separated
+ * by its barrier: u[t] = A x[t] as rank dots per token (all deltas of all n products form one
+ * index space), then every output row adds scale * dot(B[r], u[t]). Each row's arithmetic is the
+ * same at any T below the threshold and any thread count, as in the base product. Long chunks: two
+ * sgemm per delta over chunks of G3_LORA_CHUNK tokens (BLAS never inside a parallel region).
+ * The cost over the base product is (rows + cols) * rank multiply-adds per token and delta,
+ * against rows * cols: 5% for rank 16 on a 640 x 2048 matrix.
+ */
+#include <cblas.h>
+#include <omp.h>
+
+#include "kernels/matmul.h"
+#include "kernels/ops.h"
+
+static void apply_small(int n, const g3_weight *const *W, const float *x, int64_t T,
+                        float *const *y)
+{
+    int64_t n_a = 0, n_rows = 0; /* A rows of every delta; output rows of every product */
+    for (int i = 0; i < n; i++) {
+        if (W[i]->lora)
+            n_rows += W[i]->rows;
+        for (const g3_lora *l = W[i]->lora; l; l = l->next)
+            n_a += l->rank;
+    }
+    const int nt = g3_get_threads();
+#pragma omp parallel num_threads(nt)
+    {
+#pragma omp for schedule(static)
+        for (int64_t ga = 0; ga < n_a; ga++) { /* u[t][j] = A[j] . x[t] */
+            int i = 0;
+            int64_t j = ga;
+            g3_lora *l = W[0]->lora;
+            while (!l || j >= l->rank) { /* walk the chains to the delta holding A row ga */
+                if (l) {
+                    j -= l->rank;
+                    l = l->next;
+                } else {
+                    l = W[++i]->lora;
+                }
+            }
+            const int64_t cols = W[i]->cols;
+            for (int64_t t = 0; t < T; t++)
+                l->u[t * l->rank + j] = g3_dot_f32(l->A + j * cols, x + t * cols, cols);
+        }
+#pragma omp for schedule(static)
+        for (int64_t gr = 0; gr < n_rows; gr++) { /* y[t][r] += scale * B[r] . u[t] */
+            int i = 0;
+            int64_t r = gr;
+            while (!W[i]->lora || r >= W[i]->rows) {
+                if (W[i]->lora)
+                    r -= W[i]->rows;
+                i++;
+            }
+            const int64_t rows = W[i]->rows;
+            for (const g3_lora *l = W[i]->lora; l; l = l->next) {
+                const float *b = l->B + r * l->rank;
+                for (int64_t t = 0; t < T; t++)
+                    y[i][t * rows + r] += l->scale * g3_dot_f32(b, l->u + t * l->rank, l->rank);
+            }
+        }
+    }
+}
+
+static void apply_blas(const g3_weight *W, const float *x, int64_t T, float *y)
+{
+    const int64_t rows = W->rows, cols = W->cols;
+    for (const g3_lora *l = W->lora; l; l = l->next)
+        for (int64_t t0 = 0; t0 < T; t0 += G3_LORA_CHUNK) {
+            const int64_t tc = T - t0 < G3_LORA_CHUNK ? T - t0 : G3_LORA_CHUNK;
+            /* u (tc, rank) = x (tc, cols) @ A^T;  y (tc, rows) += scale * u @ B^T */
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)tc, (int)l->rank,
+                        (int)cols, 1.0f, x + t0 * cols, (int)cols, l->A, (int)cols, 0.0f, l->u,
+                        (int)l->rank);
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)tc, (int)rows,
+                        (int)l->rank, l->scale, l->u, (int)l->rank, l->B, (int)l->rank, 1.0f,
+                        y + t0 * rows, (int)rows);
+        }
+}
+
+void g3_lora_apply(int n, const g3_weight *const *W, const float *x, int64_t T, float *const *y)
+{
+    if (T < G3_BLAS_MIN_TOKENS) {
+        apply_small(n, W, x, T, y);
+        return;
+    }
+    for (int i = 0; i < n; i++)
+        if (W[i]->lora)
+            apply_blas(W[i], x, T, y[i]);
+}
