@@ -384,3 +384,80 @@ def test_270m_adapter_greedy(m270, r270):
             assert greedy_ids(m270, r270[f"{p}__ids"], len(want)) == want, p
     finally:
         m270.unload_adapter("r")
+
+
+# -- evaluation: the CLI, the process pool, Ray, lm-eval ------------------------------------------
+def _ll_tasks(path: Path, ids: np.ndarray, n: int = 12) -> list[tuple[list[int], list[int]]]:
+    pairs = [(ids[:8 + i].tolist(), ids[8 + i:14 + i].tolist()) for i in range(n)]
+    with open(path, "w") as f:
+        for i, (c, x) in enumerate(pairs):
+            f.write(json.dumps({"id": i, "type": "loglikelihood", "context": c,
+                                "continuation": x}) + "\n")
+    return pairs
+
+
+def _logprobs(out: Path) -> list[float]:
+    return [json.loads(x)["logprob"] for x in out.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def ll_job(tmp_path_factory, tref):
+    d = tmp_path_factory.mktemp("adapter_job")
+    pairs = _ll_tasks(d / "tasks.jsonl", tref["input_ids"])
+    m = gemma3.load(str(TINY), adapter=str(ADP / "tiny_a"))
+    want = [m.loglikelihood(c, x)[0] for c, x in pairs]
+    base = gemma3.load(str(TINY))
+    plain = [base.loglikelihood(c, x)[0] for c, x in pairs]
+    assert max(abs(a - b) for a, b in zip(want, plain)) > 1.0  # the adapter matters here
+    return d, want
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_eval_cli_applies_the_adapter(ll_job, workers):
+    import subprocess
+    import sys
+
+    d, want = ll_job
+    out = d / f"cli{workers}.jsonl"
+    cmd = [sys.executable, "-m", "gemma3", "eval", str(d / "tasks.jsonl"), "--out", str(out),
+           "--model", str(TINY), "--threads", "1", "--no-progress", "--workers", workers,
+           "--adapter", str(ADP / "tiny_a")]
+    p = subprocess.run(cmd, capture_output=True, timeout=300, cwd=Path(__file__).parents[1])
+    assert p.returncode == 0, p.stderr.decode()
+    assert _logprobs(out) == pytest.approx(want, abs=1e-5)
+    s = json.loads((d / f"cli{workers}.summary.json").read_text())
+    assert s["adapters"] == {"scales": {str(ADP / "tiny_a"): 1.0}, "merged": False}
+
+
+def test_ray_workers_apply_the_adapter(ll_job):
+    ray = pytest.importorskip("ray")
+    from gemma3 import eval as ev
+
+    d, want = ll_job
+    out = d / "ray.jsonl"
+    try:
+        ev.run_job(str(d / "tasks.jsonl"), str(out), str(TINY), workers=2, threads=1,
+                   ray_address=True, progress=False, adapter=str(ADP / "tiny_a"),
+                   ray_init_kwargs={"num_cpus": 2, "include_dashboard": False,
+                                    "log_to_driver": False})
+    finally:
+        ray.shutdown()
+    assert _logprobs(out) == pytest.approx(want, abs=1e-5)
+
+
+def test_lm_eval_backend_model_args(r270):
+    pytest.importorskip("lm_eval")
+    try:
+        gemma3.default_model_path()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    from gemma3.lm_eval_backend import Gemma3LM
+
+    lm = Gemma3LM(adapter=str(ADP / "r270m"), adapter_scale="1.0", merge_adapter="false",
+                  max_seq_len="256")
+    assert lm.model.adapters.active == {"r270m": 1.0}
+    ids, ti = r270["code__ids"], r270["code__top16_ids"]
+    ours = np.take_along_axis(lm.model.logits(ids), ti, axis=1)
+    np.testing.assert_allclose(ours, r270["code__top16_logits"], rtol=0,
+                               atol=tol.REF_270M_LOGITS_ABS)
+    lm.model.close()
