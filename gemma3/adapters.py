@@ -69,12 +69,18 @@ class Delta:
 
     key: str  # weights-dict key of the matrix, e.g. "blk.3.attn_q"
     A: np.ndarray  # (r, cols) float32, read-only
-    B: np.ndarray  # (rows, r) float32, read-only
+    B: np.ndarray  # (rows, r) float32, read-only; the transposed view of a contiguous B^T
     scale: float  # alpha / r (or alpha / sqrt(r)), before any user scale
 
     @property
     def rank(self) -> int:
         return int(self.A.shape[0])
+
+    @property
+    def Bt(self) -> np.ndarray:  # noqa: N802
+        """B^T (r, rows), contiguous (B is its transposed view): the layout the C core adds
+        with (kernels/lora.c)."""
+        return self.B.T
 
 
 @dataclass(frozen=True)
@@ -239,7 +245,7 @@ def _load_peft(path: Path, cfg) -> Adapter:
                               f"{PEFT_CONFIG} says r = {r} for {module!r}")
         alpha = _peft_pattern(c["alpha_pattern"], module, c["lora_alpha"])
         scale = alpha / (math.sqrt(r) if c.get("use_rslora") else r)
-        found.append((layer, j, Delta(roles[j].key.format(i=layer), _freeze(A), _freeze(B),
+        found.append((layer, j, Delta(roles[j].key.format(i=layer), _freeze(A), _freeze(B.T).T,
                                       float(scale))))
     if not found:
         raise FormatError(f"{where}: no LoRA tensors")
@@ -292,7 +298,7 @@ def _load_gguf(path: str, cfg) -> Adapter:
         _check_finite(path, ab["a"], A)
         _check_finite(path, ab["b"], B)
         scale = alpha / A.shape[0] if alpha else 1.0
-        found.append((layer, j, Delta(role.key.format(i=layer), _freeze(A), _freeze(B),
+        found.append((layer, j, Delta(role.key.format(i=layer), _freeze(A), _freeze(B.T).T,
                                       float(scale))))
     if not found:
         raise FormatError(f"{path}: no LoRA tensors")
@@ -363,7 +369,7 @@ class AdapterSet:
                 raise KeyError(f"no adapter named {n!r} is loaded (loaded: "
                                f"{sorted(self.loaded)})")
             clean[n] = _check.number(f"scale of {n!r}", s)
-        self._apply([(d.key, d.A, d.B, d.scale * s) for n, s in clean.items()
+        self._apply([(d.key, d.A, d.Bt, d.scale * s) for n, s in clean.items()
                      for d in self.loaded[n].deltas if s != 0.0])
         self.active = clean
 

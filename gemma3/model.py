@@ -375,7 +375,7 @@ def load(path: str | os.PathLike | None = None, *, n_threads: int | None = None,
     into the weights with ``merge=True`` (requantized to each matrix's type; the error this
     costs is in ``model.adapters.merged``).
     """
-    todo = _adapters.parse_spec(adapter)
+    todo, merge = _adapters.parse_spec(adapter), _check.boolean("merge", merge)
     merged: dict = {}
     prepare = (lambda cfg, w: merged.update(_adapters.merge_paths(cfg, w, todo))
                ) if merge and todo else None

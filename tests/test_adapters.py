@@ -327,15 +327,15 @@ def _model_gguf(tmp_path) -> Path:
 def test_core_set_lora_checks(tiny):
     """The C core's own rules, for direct callers of _core.Model.set_lora."""
     core = tiny.engine.core
-    A, B = np.zeros((4, 64), np.float32), np.zeros((64, 4), np.float32)
+    A, B = np.zeros((4, 64), np.float32), np.zeros((64, 4), np.float32)  # B: q's (64, rank)
     with pytest.raises(ValueError, match="no matrix 'blk.8.attn_q'"):
-        core.set_lora([("blk.8.attn_q", A, B, 1.0)])
+        core.set_lora([("blk.8.attn_q", A, B.T, 1.0)])
     with pytest.raises(UnsupportedError, match="'token_embd' is not supported"):
-        core.set_lora([("token_embd", A, B, 1.0)])
+        core.set_lora([("token_embd", A, B.T, 1.0)])
     with pytest.raises(FormatError, match=r"'blk.0.attn_k' of shape \(32, 64\)"):
-        core.set_lora([("blk.0.attn_k", A, B, 1.0)])
+        core.set_lora([("blk.0.attn_k", A, B.T, 1.0)])
     with pytest.raises(ValueError, match="not finite"):
-        core.set_lora([("blk.0.attn_q", A, B, float("nan"))])
+        core.set_lora([("blk.0.attn_q", A, B.T, float("nan"))])
     core.set_lora([])
 
 

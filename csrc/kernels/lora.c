@@ -6,7 +6,8 @@
  *
  * Decode and short chunks (T < G3_BLAS_MIN_TOKENS): one parallel region in two passes separated
  * by its barrier: u[t] = A x[t] as rank dots per token (all deltas of all n products form one
- * index space), then every output row adds scale * dot(B[r], u[t]). Each row's arithmetic is the
+ * index space), then each block of G3_LORA_ROWS output rows adds scale * u[t][j] * B^T[j] for
+ * j = 0 .. rank-1 (axpy, in that order). Blocks start at fixed rows, so a row's arithmetic is the
  * same at any T below the threshold and any thread count, as in the base product. Long chunks: two
  * sgemm per delta over chunks of G3_LORA_CHUNK tokens (BLAS never inside a parallel region).
  * The cost over the base product is (rows + cols) * rank multiply-adds per token and delta,
@@ -18,13 +19,15 @@
 #include "kernels/matmul.h"
 #include "kernels/ops.h"
 
+#define G3_LORA_ROWS 128 /* output rows per axpy block: a multiple of every SIMD width */
+
 static void apply_small(int n, const g3_weight *const *W, const float *x, int64_t T,
                         float *const *y)
 {
-    int64_t n_a = 0, n_rows = 0; /* A rows of every delta; output rows of every product */
+    int64_t n_a = 0, n_blk = 0; /* A rows of every delta; output row blocks of every product */
     for (int i = 0; i < n; i++) {
         if (W[i]->lora)
-            n_rows += W[i]->rows;
+            n_blk += (W[i]->rows + G3_LORA_ROWS - 1) / G3_LORA_ROWS;
         for (const g3_lora *l = W[i]->lora; l; l = l->next)
             n_a += l->rank;
     }
@@ -49,20 +52,22 @@ static void apply_small(int n, const g3_weight *const *W, const float *x, int64_
                 l->u[t * l->rank + j] = g3_dot_f32(l->A + j * cols, x + t * cols, cols);
         }
 #pragma omp for schedule(static)
-        for (int64_t gr = 0; gr < n_rows; gr++) { /* y[t][r] += scale * B[r] . u[t] */
+        for (int64_t gb = 0; gb < n_blk; gb++) { /* y[t][r0:r1] += scale u[t][j] B^T[j][r0:r1] */
             int i = 0;
-            int64_t r = gr;
-            while (!W[i]->lora || r >= W[i]->rows) {
-                if (W[i]->lora)
-                    r -= W[i]->rows;
-                i++;
+            int64_t b = gb;
+            for (;; i++) {
+                const int64_t nb = W[i]->lora ? (W[i]->rows + G3_LORA_ROWS - 1) / G3_LORA_ROWS : 0;
+                if (b < nb)
+                    break;
+                b -= nb;
             }
-            const int64_t rows = W[i]->rows;
-            for (const g3_lora *l = W[i]->lora; l; l = l->next) {
-                const float *b = l->B + r * l->rank;
+            const int64_t rows = W[i]->rows, r0 = b * G3_LORA_ROWS;
+            const int64_t nr = rows - r0 < G3_LORA_ROWS ? rows - r0 : G3_LORA_ROWS;
+            for (const g3_lora *l = W[i]->lora; l; l = l->next)
                 for (int64_t t = 0; t < T; t++)
-                    y[i][t * rows + r] += l->scale * g3_dot_f32(b, l->u + t * l->rank, l->rank);
-            }
+                    for (int64_t j = 0; j < l->rank; j++)
+                        g3_axpy_f32(l->scale * l->u[t * l->rank + j], l->Bt + j * rows + r0,
+                                    y[i] + t * rows + r0, nr);
         }
     }
 }
@@ -77,8 +82,8 @@ static void apply_blas(const g3_weight *W, const float *x, int64_t T, float *y)
             cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)tc, (int)l->rank,
                         (int)cols, 1.0f, x + t0 * cols, (int)cols, l->A, (int)cols, 0.0f, l->u,
                         (int)l->rank);
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)tc, (int)rows,
-                        (int)l->rank, l->scale, l->u, (int)l->rank, l->B, (int)l->rank, 1.0f,
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)tc, (int)rows,
+                        (int)l->rank, l->scale, l->u, (int)l->rank, l->Bt, (int)rows, 1.0f,
                         y + t0 * rows, (int)rows);
         }
 }

@@ -20,12 +20,13 @@ struct g3_packed_s;
 
 /* A low-rank delta on a weight's product (LoRA, kernels/lora.c): y += scale * B (A x).
  * The chain of a weight is summed (several adapters active at once). A, B and the scratch belong
- * to whoever attached the chain (model/lora.c); the product only writes the scratch. */
+ * to whoever attached the chain (model/lora.c); the product only writes the scratch. B is held
+ * transposed, so that y += B u is rank contiguous axpy passes over the output rows. */
 typedef struct g3_lora_s {
     int64_t rank;
     float scale;               /* the adapter's alpha / r (or / sqrt r) times the user's scale */
     const float *A;            /* (rank, cols) */
-    const float *B;            /* (rows, rank) */
+    const float *Bt;           /* (rank, rows): B^T */
     float *u;                  /* (G3_LORA_CHUNK, rank) scratch: A x of a chunk of tokens */
     struct g3_lora_s *next;    /* the next delta on the same weight, or NULL */
 } g3_lora;
@@ -73,7 +74,7 @@ g3_status g3_matmul_multi(int n, const g3_weight *const *W, const float *x, int6
                           float *const *y, g3_matmul_ws *ws, g3_err *err);
 /* kernels/lora.c: y[i] += sum over W[i]'s chain of scale * (x A^T) B^T, for the n products of
  * g3_matmul_multi (same x); called by g3_matmul / g3_matmul_multi after the base product. Below
- * G3_BLAS_MIN_TOKENS: one parallel region (A rows, then output rows, each a float dot); above:
+ * G3_BLAS_MIN_TOKENS: one parallel region (A rows as dots, then blocks of output rows by axpy); above:
  * sgemm per delta, chunks of G3_LORA_CHUNK tokens, outside any parallel region. */
 void g3_lora_apply(int n, const g3_weight *const *W, const float *x, int64_t T, float *const *y);
 

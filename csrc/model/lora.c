@@ -69,17 +69,17 @@ g3_status g3_model_set_lora(g3_model *m, const g3_lora_spec *specs, int64_t n, g
             return st;
         }
         const int64_t rows = target[d]->rows, cols = target[d]->cols, r = sp->rank;
-        if (r < 1 || sp->a_rows != r || sp->a_cols != cols || sp->b_rows != rows ||
-            sp->b_cols != r) {
+        if (r < 1 || sp->a_rows != r || sp->a_cols != cols || sp->bt_rows != r ||
+            sp->bt_cols != rows) {
             free(target);
             return g3_fail(err, G3_ERR_FORMAT,
                            "LoRA delta on '%s' of shape (%lld, %lld): A has shape (%lld, %lld) and "
-                           "B (%lld, %lld), expected (rank, %lld) and (%lld, rank) with rank >= 1",
+                           "B^T (%lld, %lld), expected (rank, %lld) and (rank, %lld), rank >= 1",
                            sp->key, (long long)rows, (long long)cols, (long long)sp->a_rows,
-                           (long long)sp->a_cols, (long long)sp->b_rows, (long long)sp->b_cols,
+                           (long long)sp->a_cols, (long long)sp->bt_rows, (long long)sp->bt_cols,
                            (long long)cols, (long long)rows);
         }
-        if (!sp->A || !sp->B || !isfinite(sp->scale)) {
+        if (!sp->A || !sp->Bt || !isfinite(sp->scale)) {
             free(target);
             return g3_fail(err, G3_ERR_ARG, "LoRA delta on '%s': no data, or scale %g not finite",
                            sp->key, (double)sp->scale);
@@ -97,7 +97,7 @@ g3_status g3_model_set_lora(g3_model *m, const g3_lora_spec *specs, int64_t n, g
     detach_all(m);
     float *next_u = u;
     for (int64_t d = 0; d < n; d++) {
-        nodes[d] = (g3_lora){specs[d].rank, specs[d].scale, specs[d].A, specs[d].B, next_u, NULL};
+        nodes[d] = (g3_lora){specs[d].rank, specs[d].scale, specs[d].A, specs[d].Bt, next_u, NULL};
         next_u += specs[d].rank * G3_LORA_CHUNK;
         g3_lora **tail = &target[d]->lora; /* appended: the given order is the summing order */
         while (*tail)

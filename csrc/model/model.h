@@ -137,14 +137,14 @@ g3_status g3_model_check_tokens(const g3_model *m, int64_t n_past, const int32_t
                                 const uint8_t *mask, int64_t n, g3_err *err);
 
 /* model/lora.c. One low-rank delta to attach: W += scale * B A on the per-layer matrix `key` of the
- * role table ("blk.3.attn_q", ... "blk.3.ffn_down"). A (rank, cols), B (rows, rank) float32,
- * row-major, kept alive by the caller while attached (the model does not copy them). */
+ * role table ("blk.3.attn_q", ... "blk.3.ffn_down"). A (rank, cols) and Bt = B^T (rank, rows)
+ * float32, row-major, kept alive by the caller while attached (the model does not copy them). */
 typedef struct {
     const char *key;
     int64_t rank;
     float scale;
-    const float *A, *B;
-    int64_t a_rows, a_cols, b_rows, b_cols; /* the arrays' shapes, checked against the matrix */
+    const float *A, *Bt;
+    int64_t a_rows, a_cols, bt_rows, bt_cols; /* the arrays' shapes, checked against the matrix */
 } g3_lora_spec;
 
 /* Replaces the active deltas by specs[0..n) (n = 0: none), all or nothing; deltas on the same

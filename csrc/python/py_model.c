@@ -336,13 +336,13 @@ static PyObject *model_reset(ModelObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
-/* set_lora(deltas): deltas is a sequence of (key, A, B, scale) — key a per-layer matrix of the
- * role table ("blk.3.attn_q"), A (rank, cols) and B (rows, rank) float32 — replacing the active
+/* set_lora(deltas): deltas is a sequence of (key, A, Bt, scale) — key a per-layer matrix of the
+ * role table ("blk.3.attn_q"), A (rank, cols) and Bt = B^T (rank, rows) float32 — replacing the active
  * ones (empty: none). The arrays stay referenced while attached; every sequence's cache empties. */
 static PyObject *model_set_lora(ModelObject *self, PyObject *arg)
 {
     g3_module_state *ms = mstate((PyObject *)self);
-    PyObject *seq = PySequence_Fast(arg, "set_lora() takes a sequence of (key, A, B, scale)");
+    PyObject *seq = PySequence_Fast(arg, "set_lora() takes a sequence of (key, A, Bt, scale)");
     if (!seq)
         return NULL;
     const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
@@ -359,8 +359,8 @@ static PyObject *model_set_lora(ModelObject *self, PyObject *arg)
         double scale;
         if (!PyTuple_Check(it) || !PyArg_ParseTuple(it, "UOOd", &key, &ao, &bo, &scale)) {
             if (!PyErr_Occurred())
-                PyErr_Format(PyExc_TypeError, "LoRA delta %zd must be a tuple (key, A, B, scale)",
-                             d);
+                PyErr_Format(PyExc_TypeError,
+                             "LoRA delta %zd must be a tuple (key, A, Bt, scale)", d);
             goto done;
         }
         PyArrayObject *a = (PyArrayObject *)PyArray_FROMANY(ao, NPY_FLOAT32, 2, 2,
@@ -380,11 +380,11 @@ static PyObject *model_set_lora(ModelObject *self, PyObject *arg)
         if (!(specs[d].key = PyUnicode_AsUTF8(key)))
             goto done;
         specs[d].A = PyArray_DATA(a);
-        specs[d].B = PyArray_DATA(b);
+        specs[d].Bt = PyArray_DATA(b);
         specs[d].a_rows = PyArray_DIM(a, 0);
         specs[d].a_cols = PyArray_DIM(a, 1);
-        specs[d].b_rows = PyArray_DIM(b, 0);
-        specs[d].b_cols = PyArray_DIM(b, 1);
+        specs[d].bt_rows = PyArray_DIM(b, 0);
+        specs[d].bt_cols = PyArray_DIM(b, 1);
         specs[d].rank = specs[d].a_rows;
         specs[d].scale = (float)scale;
     }
@@ -663,7 +663,7 @@ static PyMethodDef model_methods[] = {
      "reset(seq=-1): forget the cached positions of one sequence (or all)"},
     {"set_n_seq", (PyCFunction)model_set_n_seq, METH_O, "number of independent KV caches"},
     {"set_lora", (PyCFunction)model_set_lora, METH_O,
-     "set_lora([(key, A (rank, cols), B (rows, rank), scale), ...]): the active LoRA deltas "
+     "set_lora([(key, A (rank, cols), Bt (rank, rows), scale), ...]): the active LoRA deltas "
      "(replaces the previous ones; empties every KV cache)"},
     {"seq_n_past", (PyCFunction)model_seq_n_past, METH_O, "positions cached in a sequence"},
     {"copy_seq", (PyCFunction)model_copy_seq, METH_VARARGS,
