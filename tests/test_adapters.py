@@ -65,6 +65,27 @@ def test_tiny_peft_logits_and_greedy(tiny, tref, key, scales):
     assert greedy_ids(tiny, tref["gen_prompt_ids"], 20) == tref[f"{key}__gen_new_ids"].tolist()
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_decode_paths_agree_with_an_adapter(tref, threads):
+    """The packed decode product adds the deltas inside its own region (matmul.c), the float
+    path after it (lora.c): same results, at 1 and 2 threads (q8_0 weights, so both exist)."""
+    ids = tref["input_ids"][:12]
+    rows = {}
+    try:
+        for pack in (True, False):
+            m = gemma3.load(str(TINY), dtype="q8_0", pack=pack, n_threads=threads,
+                            adapter={str(ADP / "tiny_a"): 0.7, str(ADP / "tiny_b"): -0.4})
+            if pack and m.packed_bytes == 0:
+                pytest.skip("no packed integer kernels on this CPU")
+            rows[pack] = np.stack([m.logits(ids[:k + 1], last_only=True)
+                                   for k in range(len(ids))])
+            m.close()
+    finally:
+        gemma3.set_num_threads(0)
+    scale = np.abs(rows[False]).max()
+    np.testing.assert_allclose(rows[True], rows[False], rtol=0, atol=tol.PACKED_MODEL_REL * scale)
+
+
 def test_tiny_adapter_changes_the_output(tiny, tref):
     """The fixture is strong enough to test anything: without it most top-1 tokens differ."""
     base = tiny.logits(tref["input_ids"])

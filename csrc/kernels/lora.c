@@ -4,12 +4,15 @@
  * Reference: PEFT's LoraLayer forward (result + lora_B(lora_A(x)) * scaling), llama.cpp's
  * llm_build_lora_mm (the same sum, scale = adapter scale * alpha / rank); both unmerged.
  *
- * Decode and short chunks (T < G3_BLAS_MIN_TOKENS): one parallel region in two passes separated
- * by its barrier: u[t] = A x[t] as rank dots per token (all deltas of all n products form one
- * index space), then each block of G3_LORA_ROWS output rows adds scale * u[t][j] * B^T[j] for
- * j = 0 .. rank-1 (axpy, in that order). Blocks start at fixed rows, so a row's arithmetic is the
- * same at any T below the threshold and any thread count, as in the base product. Long chunks: two
- * sgemm per delta over chunks of G3_LORA_CHUNK tokens (BLAS never inside a parallel region).
+ * Decode and short chunks (T < G3_BLAS_MIN_TOKENS), with no synchronisation at all: every thread
+ * computes u[t] = A x[t] of every delta itself (rank dots per token, into its own slot of the
+ * delta's scratch: rank * (rows + cols) is small next to rows * cols, and A is read from the cache
+ * the other thread just filled), then adds scale * u[t][j] * B^T[j] (axpy, j = 0 .. rank-1) to
+ * the output rows it owns. The packed decode product does this inside its own parallel region,
+ * right after each range of rows (matmul.c), so a delta costs no extra fork, join or barrier.
+ * Rows are owned in whole 16-row groups, so a row's arithmetic is the same at any T below the
+ * threshold and any thread count, as in the base product. Long chunks: two sgemm per delta over
+ * chunks of G3_LORA_CHUNK tokens (BLAS never inside a parallel region).
  * The cost over the base product is (rows + cols) * rank multiply-adds per token and delta,
  * against rows * cols: 5% for rank 16 on a 640 x 2048 matrix.
  */
@@ -19,55 +22,59 @@
 #include "kernels/matmul.h"
 #include "kernels/ops.h"
 
-#define G3_LORA_ROWS 128 /* output rows per axpy block: a multiple of every SIMD width */
+void g3_lora_down(int n, const g3_weight *const *W, const float *x, int64_t T, int slot)
+{
+    for (int i = 0; i < n; i++) {
+        const int64_t cols = W[i]->cols;
+        for (g3_lora *l = W[i]->lora; l; l = l->next) {
+            float *u = l->u + (size_t)slot * G3_LORA_SLOT_TOKENS * l->rank;
+            for (int64_t t = 0; t < T; t++)
+                for (int64_t j = 0; j < l->rank; j++)
+                    u[t * l->rank + j] = g3_dot_f32(l->A + j * cols, x + t * cols, cols);
+        }
+    }
+}
 
+void g3_lora_up_rows(const g3_weight *W, int64_t T, int slot, int64_t r0, int64_t r1, float *y)
+{
+    const int64_t rows = W->rows;
+    for (const g3_lora *l = W->lora; l; l = l->next) {
+        const float *u = l->u + (size_t)slot * G3_LORA_SLOT_TOKENS * l->rank;
+        for (int64_t t = 0; t < T; t++)
+            for (int64_t j = 0; j < l->rank; j++)
+                g3_axpy_f32(l->scale * u[t * l->rank + j], l->Bt + j * rows + r0,
+                            y + t * rows + r0, r1 - r0);
+    }
+}
+
+/* Outside the packed path: one region, each thread its own u, then an equal share of the
+ * 16-row groups of every product (one index space, cut as the packed product cuts its own). */
 static void apply_small(int n, const g3_weight *const *W, const float *x, int64_t T,
                         float *const *y)
 {
-    int64_t n_a = 0, n_blk = 0; /* A rows of every delta; output row blocks of every product */
-    for (int i = 0; i < n; i++) {
+    int64_t total = 0;
+    for (int i = 0; i < n; i++)
         if (W[i]->lora)
-            n_blk += (W[i]->rows + G3_LORA_ROWS - 1) / G3_LORA_ROWS;
-        for (const g3_lora *l = W[i]->lora; l; l = l->next)
-            n_a += l->rank;
-    }
-    const int nt = g3_get_threads();
+            total += (W[i]->rows + 15) / 16;
+    int nt = g3_get_threads();
+    nt = nt > G3_LORA_SLOTS ? G3_LORA_SLOTS : nt;
 #pragma omp parallel num_threads(nt)
     {
-#pragma omp for schedule(static)
-        for (int64_t ga = 0; ga < n_a; ga++) { /* u[t][j] = A[j] . x[t] */
-            int i = 0;
-            int64_t j = ga;
-            g3_lora *l = W[0]->lora;
-            while (!l || j >= l->rank) { /* walk the chains to the delta holding A row ga */
-                if (l) {
-                    j -= l->rank;
-                    l = l->next;
-                } else {
-                    l = W[++i]->lora;
-                }
+        const int th = omp_get_thread_num(), k = omp_get_num_threads();
+        const int64_t lo = total * th / k, hi = total * (th + 1) / k;
+        g3_lora_down(n, W, x, T, th);
+        int64_t base = 0;
+        for (int i = 0; i < n; i++) {
+            if (!W[i]->lora)
+                continue;
+            const int64_t groups = (W[i]->rows + 15) / 16;
+            const int64_t g0 = lo > base ? lo : base, g1 = hi < base + groups ? hi : base + groups;
+            if (g0 < g1) {
+                const int64_t r1 = (g1 - base) * 16;
+                g3_lora_up_rows(W[i], T, th, (g0 - base) * 16, r1 < W[i]->rows ? r1 : W[i]->rows,
+                                y[i]);
             }
-            const int64_t cols = W[i]->cols;
-            for (int64_t t = 0; t < T; t++)
-                l->u[t * l->rank + j] = g3_dot_f32(l->A + j * cols, x + t * cols, cols);
-        }
-#pragma omp for schedule(static)
-        for (int64_t gb = 0; gb < n_blk; gb++) { /* y[t][r0:r1] += scale u[t][j] B^T[j][r0:r1] */
-            int i = 0;
-            int64_t b = gb;
-            for (;; i++) {
-                const int64_t nb = W[i]->lora ? (W[i]->rows + G3_LORA_ROWS - 1) / G3_LORA_ROWS : 0;
-                if (b < nb)
-                    break;
-                b -= nb;
-            }
-            const int64_t rows = W[i]->rows, r0 = b * G3_LORA_ROWS;
-            const int64_t nr = rows - r0 < G3_LORA_ROWS ? rows - r0 : G3_LORA_ROWS;
-            for (const g3_lora *l = W[i]->lora; l; l = l->next)
-                for (int64_t t = 0; t < T; t++)
-                    for (int64_t j = 0; j < l->rank; j++)
-                        g3_axpy_f32(l->scale * l->u[t * l->rank + j], l->Bt + j * rows + r0,
-                                    y[i] + t * rows + r0, nr);
+            base += groups;
         }
     }
 }
