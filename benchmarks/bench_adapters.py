@@ -10,6 +10,10 @@ written to a temporary directory). Columns: tg (tokens/s over --tg single-token 
 measured in alternating rounds (a warm-up round first), so drift on a shared machine hits all of
 them alike; medians of --reps rounds and the ratios to the base are printed. Plus the per-op
 breakdown of one decode step, unmerged.
+
+Then paired single decode steps (--pairs, the three models stepping in turn, each at the same
+context length): the median of the per-step ratios to the base, which drift on a shared machine
+affects least.
 """
 
 from __future__ import annotations
@@ -74,6 +78,24 @@ def tg_pp(model, n_tg: int, n_pp: int) -> tuple[float, float]:
     return tg, pp
 
 
+def paired(models: dict, n: int) -> dict[str, tuple[float, float]]:
+    """-> {model: (median ms per step, median of its per-step ratio to the first model)}."""
+    cores = {k: m.engine.core for k, m in models.items()}
+    ctx = tokens_for(16 + n, next(iter(models.values())).config.vocab_size, 2)
+    for c in cores.values():
+        c.reset(0)
+        c.forward(np.asarray(ctx[:16], np.int32), 1)
+    t = {k: [] for k in cores}
+    for i in range(n):
+        for k, c in cores.items():
+            t0 = time.perf_counter()
+            int(c.forward(np.asarray([ctx[16 + i]], np.int32), 1)[0].argmax())
+            t[k].append(time.perf_counter() - t0)
+    first = next(iter(t.values()))
+    return {k: (statistics.median(v) * 1e3,
+                statistics.median(a / b for a, b in zip(v, first))) for k, v in t.items()}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None)
@@ -82,6 +104,7 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--tg", type=int, default=128)
     ap.add_argument("--pp", type=int, default=512)
+    ap.add_argument("--pairs", type=int, default=300)
     a = ap.parse_args(argv)
 
     base = gemma3.load(a.model, n_threads=a.threads, max_seq_len=2048)
@@ -114,6 +137,11 @@ def main(argv=None) -> int:
         tg = statistics.median(x[0] for x in res[k])
         pp = statistics.median(x[1] for x in res[k])
         print(f"| {k} | {tg:.1f} | {tg / tg0:.3f} | {pp:.1f} | {pp / pp0:.3f} |")
+    print(f"\n# paired single decode steps ({a.pairs} each, the models in turn)")
+    print("| model | ms/step (median) | vs base (median of per-step ratios) |")
+    print("|---|---:|---:|")
+    for k, (ms, ratio) in paired(models, a.pairs).items():
+        print(f"| {k} | {ms:.2f} | {ratio:.3f} |")
     print("\n# one decode step, unmerged (ms per op)")
     bd = g3_breakdown(unmerged)
     print(" ".join(f"{k}={v * 1e3:.2f}" for k, v in bd.items()))

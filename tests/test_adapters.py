@@ -498,3 +498,21 @@ def test_270m_llama_cpp_greedy_agreement(m270, r270):
             assert got >= want, (p, got)
     finally:
         m270.unload_adapter("r")
+
+
+def test_cli_generate_with_adapter(m270):
+    import subprocess
+    import sys
+
+    prompt = "The old lighthouse keeper"
+    cmd = [sys.executable, "-m", "gemma3", "generate", prompt, "-n", "12", "-t", "0",
+           "--no-echo", "--adapter", str(ADP / "r270m")]
+    p = subprocess.run(cmd, capture_output=True, timeout=300, cwd=Path(__file__).parents[1])
+    assert p.returncode == 0, p.stderr.decode()
+    m270.load_adapter(ADP / "r270m", name="r")
+    try:
+        want = m270.generate(prompt, max_new_tokens=12, temperature=0.0)
+    finally:
+        m270.unload_adapter("r")
+    assert p.stdout.decode().rstrip("\n") == want
+    assert want != m270.generate(prompt, max_new_tokens=12, temperature=0.0)
