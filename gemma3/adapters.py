@@ -218,10 +218,15 @@ def _load_peft(path: Path, cfg) -> Adapter:
                     "LoRA on an embedding" if "lora_embedding" in name else
                     "a bias" if name.endswith(".bias") else "not a LoRA A/B matrix")
             raise UnsupportedError(f"{where}: tensor {name!r} is not supported ({what})")
-        pairs.setdefault(m.group(1), {})[m.group(2)] = name
+        ab = pairs.setdefault(m.group(1), {})
+        if m.group(2) in ab:
+            raise FormatError(f"{where}: tensors {ab[m.group(2)]!r} and {name!r} are both "
+                              f"lora_{m.group(2)} of {m.group(1)!r}")
+        ab[m.group(2)] = name
     rx = _hf_module_regex()
     roles = _layer_matrices()
     found = []
+    seen: dict[str, str] = {}  # matrix key -> module (two spellings of one layer's matrix)
     for module, ab in pairs.items():
         if set(ab) != {"A", "B"}:
             have = next(iter(ab.values()))
@@ -235,6 +240,10 @@ def _load_peft(path: Path, cfg) -> Adapter:
                                    "supported")
         j = int(next(g for g, v in m.groupdict().items() if v is not None and g[0] == "r")[1:])
         layer = int(m.group(f"i{j}"))
+        key = roles[j].key.format(i=layer)
+        if key in seen:
+            raise FormatError(f"{where}: modules {seen[key]!r} and {module!r} both adapt {key}")
+        seen[key] = module
         A, B = f.array(ab["A"]), f.array(ab["B"])
         _check_pair(where, (ab["A"], ab["B"]), A, B, cfg, roles[j], layer)
         _check_finite(where, ab["A"], A)
@@ -245,8 +254,7 @@ def _load_peft(path: Path, cfg) -> Adapter:
                               f"{PEFT_CONFIG} says r = {r} for {module!r}")
         alpha = _peft_pattern(c["alpha_pattern"], module, c["lora_alpha"])
         scale = alpha / (math.sqrt(r) if c.get("use_rslora") else r)
-        found.append((layer, j, Delta(roles[j].key.format(i=layer), _freeze(A), _freeze(B.T).T,
-                                      float(scale))))
+        found.append((layer, j, Delta(key, _freeze(A), _freeze(B.T).T, float(scale))))
     if not found:
         raise FormatError(f"{where}: no LoRA tensors")
     return Adapter(str(path), "peft", tuple(d for _, _, d in sorted(found, key=lambda x: x[:2])))
@@ -313,7 +321,7 @@ def load_adapter(path: str | os.PathLike, cfg) -> Adapter:
         raise FileNotFoundError(2, "no such adapter file or directory", path)
     if os.path.isdir(path):
         return _load_peft(Path(path), cfg)
-    if os.path.basename(path) == PEFT_CONFIG:
+    if os.path.basename(path) in (PEFT_CONFIG, PEFT_WEIGHTS):  # a file of a PEFT directory
         return _load_peft(Path(path).parent, cfg)
     return _load_gguf(path, cfg)
 

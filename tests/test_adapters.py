@@ -268,6 +268,12 @@ def test_mismatched_shapes_name_the_tensor(tiny, tmp_path):
                              np.zeros((16, 64), np.float32)) or t.__setitem__(
         "base_model.model.model.vision_tower.layers.0.q_proj.lora_B.weight",
         np.zeros((64, 16), np.float32)), UnsupportedError, "vision tower"),
+    (lambda t: t.__setitem__(
+        "base_model.model.model.language_model.layers.2.mlp.up_proj.lora_A.weight",
+        t["base_model.model.model.layers.2.mlp.up_proj.lora_A.weight"]) or t.__setitem__(
+        "base_model.model.model.language_model.layers.2.mlp.up_proj.lora_B.weight",
+        t["base_model.model.model.layers.2.mlp.up_proj.lora_B.weight"]), FormatError,
+     "both adapt blk.2.ffn_up"),
     (lambda t: t.__setitem__("base_model.model.model.embed_tokens.lora_embedding_A",
                              np.zeros((16, 512), np.float32)), UnsupportedError, "embedding"),
 ])
@@ -297,6 +303,9 @@ def test_truncated_and_pickled_files(tiny, tmp_path):
         tiny.load_adapter(d)
     with pytest.raises(FileNotFoundError):
         tiny.load_adapter(tmp_path / "missing")
+    # a file of a PEFT directory stands for the directory
+    a = ad.load_adapter(ADP / "tiny_a" / "adapter_model.safetensors", tiny.config)
+    assert a.format == "peft" and len(a.deltas) == 7 * 8
 
 
 def _gguf_copy(tmp_path, md_edit=None, tensor_edit=None) -> Path:
