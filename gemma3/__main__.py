@@ -21,6 +21,8 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--max-seq-len", type=int, default=None)
+    p.add_argument("--adapter", action="append", default=None, metavar="PATH",
+                   help="LoRA adapter (PEFT directory or llama.cpp LoRA GGUF); repeatable")
 
 
 def _gen_kwargs(a) -> dict:
@@ -33,6 +35,8 @@ def _load(a):
     import gemma3
 
     kw = {"mmproj": a.mmproj} if getattr(a, "mmproj", None) else {}
+    if getattr(a, "adapter", None):
+        kw["adapter"] = a.adapter
     return gemma3.load(a.model, n_threads=a.threads, max_seq_len=a.max_seq_len, **kw)
 
 

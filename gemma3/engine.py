@@ -132,6 +132,13 @@ class Engine:
         self.sync()
         self.reset()
 
+    def set_lora(self, deltas: list) -> None:
+        """Replaces the active LoRA deltas ``[(key, A, B, scale)]`` (gemma3.adapters). The C core
+        empties every sequence's cache, computed with other weights; so is sequence 0's record."""
+        with self.exclusive():
+            self.core.set_lora(deltas)
+            self.reset()
+
     def close(self) -> None:
         with self.exclusive():
             self.core = Closed()

@@ -223,25 +223,41 @@ def read_results(path: str) -> dict:
 _WORKER_MODEL = None
 
 
-def _worker_init(model_path: str | None, threads: int | None) -> None:
+def _worker_init(model_path: str | None, threads: int | None, extra: dict | None = None) -> None:
+    """``extra``: more arguments of load() (the adapters: ``adapter``, ``merge``)."""
     global _WORKER_MODEL
-    _WORKER_MODEL = load(model_path, n_threads=threads)
+    _WORKER_MODEL = load(model_path, n_threads=threads, **(extra or {}))
 
 
-def _pool_worker_init(model_path: str | None, threads: int | None) -> None:
+def _load_extra(adapter, adapter_scale: float, merge: bool) -> dict:
+    """load()'s adapter arguments for every worker: paths made absolute (a Ray actor or a pool
+    process may start elsewhere), one scale for all."""
+    import os
+
+    if adapter is None or adapter == []:
+        return {}
+    paths = [adapter] if isinstance(adapter, (str, os.PathLike)) else list(adapter)
+    scale = _check.number("adapter_scale", adapter_scale)
+    return {"adapter": {os.path.abspath(os.fspath(p)): scale for p in paths},
+            "merge": _check.boolean("merge", merge)}
+
+
+def _pool_worker_init(model_path: str | None, threads: int | None,
+                      extra: dict | None = None) -> None:
     """Pool workers leave Ctrl-C to the parent, which stops the pool. They run in process groups
     of their own (gemma3._pool), so a terminal's Ctrl-C does not reach them; a SIGINT sent to one
     directly is ignored too, as it would only print a traceback."""
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _worker_init(model_path, threads)
+    _worker_init(model_path, threads, extra)
 
 
-def _start_pool(workers: int, model_path: str | None, threads: int | None):
+def _start_pool(workers: int, model_path: str | None, threads: int | None,
+                extra: dict | None = None):
     from ._pool import start_pool
 
-    return start_pool(workers, _pool_worker_init, (model_path, threads))
+    return start_pool(workers, _pool_worker_init, (model_path, threads, extra))
 
 
 def _worker_run(shard: list[dict]) -> list[dict]:
@@ -292,7 +308,8 @@ def summarize(recs: Sequence[dict], results: dict, elapsed: float, n_tokens: int
 
 def run_job(tasks: str, out: str, model_path: str | None = None, workers: int | None = None,
             ray_address: str | bool | None = None, threads: int | None = None,
-            progress: bool = True, ray_init_kwargs: dict | None = None) -> dict:
+            progress: bool = True, ray_init_kwargs: dict | None = None, adapter=None,
+            adapter_scale: float = 1.0, merge_adapter: bool = False) -> dict:
     """Runs a task file into a results file (see the record format above) and returns the
     summary, also written next to ``out`` as ``<out without .jsonl>.summary.json``.
 
@@ -303,7 +320,12 @@ def run_job(tasks: str, out: str, model_path: str | None = None, workers: int | 
 
     ``workers``: processes (default: the CPU count; 1 = in this process). ``ray_address``:
     run on Ray instead (True or "" = start/attach a local Ray, a string = ``ray.init(address)``),
-    one actor per worker, each loading the model once."""
+    one actor per worker, each loading the model once.
+
+    ``adapter``: LoRA adapter path(s) (PEFT directory or llama.cpp LoRA GGUF) every worker loads
+    with the model, at ``adapter_scale`` each, unmerged or folded in with ``merge_adapter``; the
+    summary records them. A results file resumed with other adapters would mix models: use
+    another ``out``."""
     import json
     import os
     import time
@@ -312,6 +334,7 @@ def run_job(tasks: str, out: str, model_path: str | None = None, workers: int | 
         _check.integer("workers", workers, 1)
     if threads is not None:
         _check.integer("threads", threads, 1)
+    extra = _load_extra(adapter, adapter_scale, merge_adapter)
     recs = read_tasks(tasks)
     done = read_results(out)
     known = {json.dumps(r["id"]) for r in recs}
@@ -356,13 +379,13 @@ def run_job(tasks: str, out: str, model_path: str | None = None, workers: int | 
 
         if ray_address is not None and ray_address is not False:
             ray_where = _run_ray(shards, write, model_path, workers, threads, ray_address,
-                     ray_init_kwargs or {})
+                                 ray_init_kwargs or {}, extra)
         elif workers == 1:
-            model = load(model_path, n_threads=threads)
+            model = load(model_path, n_threads=threads, **extra)
             for sh in shards:
                 write(run_records(model, sh))
         elif shards:
-            with _start_pool(workers, model_path, threads) as pool:  # exit: terminate()
+            with _start_pool(workers, model_path, threads, extra) as pool:  # exit: terminate()
                 for results in pool.imap_unordered(_worker_run, shards):
                     write(results)
     if bar is not None:
@@ -379,6 +402,8 @@ def run_job(tasks: str, out: str, model_path: str | None = None, workers: int | 
     summary = summarize(recs, done, elapsed, n_tokens)
     if ray_where is not None:
         summary["ray"] = ray_where
+    if extra:
+        summary["adapters"] = {"scales": extra["adapter"], "merged": extra["merge"]}
     with open(summary_path(out), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=2)
         f.write("\n")
@@ -390,7 +415,8 @@ def summary_path(out: str) -> str:
     return base + ".summary.json"
 
 
-def _run_ray(shards, write, model_path, workers, threads, address, init_kwargs) -> dict:
+def _run_ray(shards, write, model_path, workers, threads, address, init_kwargs,
+             extra=None) -> dict:
     """Shards on Ray actors (one model per actor), results written as they complete. Returns
     where they ran: shards completed per node id, the gemma3 each node imported, actors lost."""
     import ray
@@ -403,8 +429,8 @@ def _run_ray(shards, write, model_path, workers, threads, address, init_kwargs) 
 
     @ray.remote(num_cpus=1)
     class Worker:
-        def __init__(self, path, n_threads):
-            _worker_init(path, n_threads)
+        def __init__(self, path, n_threads, extra):
+            _worker_init(path, n_threads, extra)
 
         def run(self, shard):
             import gemma3
@@ -416,7 +442,7 @@ def _run_ray(shards, write, model_path, workers, threads, address, init_kwargs) 
     # completes, so a rerun never duplicates a line). Other errors are real and propagate.
     lost = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError,
             ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError)
-    actors = [Worker.remote(model_path, threads) for _ in range(max(1, workers))]
+    actors = [Worker.remote(model_path, threads, extra) for _ in range(max(1, workers))]
     queue = list(range(len(shards)))  # shard indices not yet done
     pending: dict = {}  # object ref -> (actor, shard index)
     where = {"shards_per_node": {}, "package_per_node": {}, "actors_lost": 0}
@@ -480,6 +506,13 @@ def add_arguments(ap) -> None:
                          "[\"dist/gemma3-0.1.0-cp311-cp311-manylinux_2_34_x86_64.whl\"]}' to "
                          "ship this package to a cluster as a wheel")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ap.add_argument("--adapter", action="append", default=None, metavar="PATH",
+                    help="LoRA adapter (PEFT directory or llama.cpp LoRA GGUF) every worker "
+                    "applies; repeatable (several adapters at once)")
+    ap.add_argument("--adapter-scale", type=float, default=1.0,
+                    help="scale of each --adapter (default 1)")
+    ap.add_argument("--merge-adapter", action="store_true",
+                    help="fold the adapters into the weights (requantized) instead")
 
 
 def run_cli(a) -> int:
@@ -493,6 +526,7 @@ def run_cli(a) -> int:
             init["runtime_env"] = json.loads(a.ray_runtime_env)
         except json.JSONDecodeError as e:
             raise ValueError(f"--ray-runtime-env is not JSON: {e}") from None
-    s = run_job(a.tasks, a.out, a.model, a.workers, a.ray, a.threads, not a.no_progress, init)
+    s = run_job(a.tasks, a.out, a.model, a.workers, a.ray, a.threads, not a.no_progress, init,
+                adapter=a.adapter, adapter_scale=a.adapter_scale, merge_adapter=a.merge_adapter)
     print(json.dumps(s, indent=2))
     return 0

@@ -12,7 +12,9 @@ own CLI), or from Python: ``import gemma3.lm_eval_backend`` then
 Model arguments: ``path`` (GGUF file or HF directory; default the embedded 270M), ``threads``,
 ``max_seq_len``, ``max_length`` (the window for rolling log-likelihood and the left-truncation
 length; default max_seq_len), ``seqs`` (KV sequences scored together per forward call, default
-16). lm-eval's own ``--batch_size`` is accepted and ignored: batching is by sequences here and
+16), ``adapter`` (a LoRA adapter: PEFT directory or llama.cpp LoRA GGUF; several joined with
+``;``), ``adapter_scale`` (default 1), ``merge_adapter`` (fold it into the weights; default
+False). lm-eval's own ``--batch_size`` is accepted and ignored: batching is by sequences here and
 changes no number.
 
 BOS: Gemma needs ``<bos>`` first. Contexts are encoded with BOS and continuations are the tail of
@@ -38,11 +40,17 @@ class Gemma3LM(TemplateLM):
     def __init__(self, path: str | None = None, threads: int | None = None,
                  max_seq_len: int | None = None, max_length: int | None = None,
                  seqs: int | None = None, batch_size: int | str | None = None,
-                 model: Model | None = None, **kwargs) -> None:
+                 model: Model | None = None, adapter: str | None = None,
+                 adapter_scale: float | str = 1.0, merge_adapter: bool | str = False,
+                 **kwargs) -> None:
         super().__init__()
         if model is None:  # model: an already loaded gemma3.Model (Python use only)
+            if isinstance(merge_adapter, str):  # model_args arrive as text
+                merge_adapter = merge_adapter.strip().lower() in ("1", "true", "yes")
+            paths = [p for p in adapter.split(";") if p] if adapter else None
+            extra = _eval._load_extra(paths, float(adapter_scale), bool(merge_adapter))
             model = load(path, n_threads=int(threads) if threads else None,
-                         max_seq_len=int(max_seq_len) if max_seq_len else None)
+                         max_seq_len=int(max_seq_len) if max_seq_len else None, **extra)
         self.model = model
         if self.model.tokenizer is None:
             raise ValueError("the gemma3 lm-eval backend needs a checkpoint with a tokenizer")

@@ -17,8 +17,10 @@ from .tokenizer import Tokenizer
 
 def open_checkpoint(path: str | os.PathLike | None, n_threads: int | None,
                     max_seq_len: int | None, dtype: str | None,
-                    mmproj: str | os.PathLike | None, pack: bool | None):
-    """-> (core, config, tokenizer, path, owners, max_seq_len, vision): see gemma3.load."""
+                    mmproj: str | os.PathLike | None, pack: bool | None, prepare=None):
+    """-> (core, config, tokenizer, path, owners, max_seq_len, vision): see gemma3.load.
+    ``prepare(config, weights)``, if given, may change the weights dict before the C model is
+    built (gemma3.adapters.merge_into)."""
     from ._default import default_model_path
 
     if path is None:
@@ -56,6 +58,8 @@ def open_checkpoint(path: str | os.PathLike | None, n_threads: int | None,
     if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 1:
         raise ValueError(f"max_seq_len must be a positive integer, got {max_seq_len!r}")
     check_cache_fits(cfg, max_seq_len)
+    if prepare is not None:
+        prepare(cfg, weights)
     if pack is None:
         pack = _pack_fits(weights)
     elif not isinstance(pack, bool):

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from . import _check, _core
+from . import adapters as _adapters
 from . import chat as _chat
 from . import generation as _gen
 from . import hooks as _hooks
@@ -39,6 +40,7 @@ class Model:
         self.max_seq_len = max_seq_len
         self._owners = owners  # file mappings the weights point into
         self.engine = Engine(core, config, max_seq_len)  # owns the C model (gemma3.engine)
+        self.adapters = _adapters.AdapterSet(config, self.engine.set_lora)
 
     @property
     def vision(self):
@@ -257,6 +259,22 @@ class Model:
         or "hf" (the Hugging Face strided-window recipe); returns gemma3.eval.Perplexity."""
         return _scoring.perplexity(self, text, n_ctx, stride, protocol)
 
+    # -- LoRA adapters (gemma3.adapters; ``model.adapters``: loaded, active, merged) ----------
+    def load_adapter(self, path: str | os.PathLike, name: str | None = None,
+                     scale: float = 1.0) -> str:
+        """Loads a LoRA adapter (PEFT directory or llama.cpp LoRA GGUF) unmerged and activates
+        it at ``scale`` next to the active ones. Returns its name (default: the file name)."""
+        return self.adapters.load(path, name, scale)
+
+    def set_adapters(self, scales: dict[str, float] | None) -> None:
+        """Exactly these loaded adapters active, ``{name: scale}`` ({} or None: the base model).
+        Changing them empties the KV cache."""
+        self.adapters.set(scales)
+
+    def unload_adapter(self, name: str) -> None:
+        """Deactivates and forgets a loaded adapter."""
+        self.adapters.unload(name)
+
     # -- looking inside (gemma3.inspect) -------------------------------------------------------
     @property
     def kv_cache(self) -> _inspect.KVCache:
@@ -354,7 +372,8 @@ class Model:
 
 def load(path: str | os.PathLike | None = None, *, n_threads: int | None = None,
          max_seq_len: int | None = None, dtype: str | None = None,
-         mmproj: str | os.PathLike | None = None, pack: bool | None = None) -> Model:
+         mmproj: str | os.PathLike | None = None, pack: bool | None = None,
+         adapter: Any = None, merge: bool = False) -> Model:
     """Loads a Gemma 3 checkpoint: a GGUF file, or a Hugging Face checkpoint directory.
 
     Vision: a multimodal HF directory (Gemma3ForConditionalGeneration) brings its SigLIP tower;
@@ -373,10 +392,22 @@ def load(path: str | os.PathLike | None = None, *, n_threads: int | None = None,
     It costs a second copy of those weights in memory (``model.packed_bytes``); ``pack=False``
     keeps the float dequantize-and-dot kernels, and the default (None) packs when the copy takes
     at most half of the memory available.
+
+    ``adapter``: a LoRA adapter path (PEFT directory or llama.cpp LoRA GGUF), a list of them,
+    or a dict ``{path: scale}``; applied unmerged (see :meth:`Model.load_adapter`), or folded
+    into the weights with ``merge=True`` (requantized to each matrix's type; the error this
+    costs is in ``model.adapters.merged``).
     """
+    todo, merge = _adapters.parse_spec(adapter), _check.boolean("merge", merge)
+    merged: dict = {}
+    prepare = (lambda cfg, w: merged.update(_adapters.merge_paths(cfg, w, todo))
+               ) if merge and todo else None
     core, cfg, tok, path, owners, n, vision = open_checkpoint(path, n_threads, max_seq_len,
-                                                              dtype, mmproj, pack)
+                                                              dtype, mmproj, pack, prepare)
     model = Model(core, cfg, tok, path, owners, n)
     model.vision = vision
+    model.adapters.merged = merged
+    for p, s in todo if not merge else ():
+        model.load_adapter(p, scale=s)
     return model
 

@@ -130,9 +130,10 @@ static g3_status matmul_blas(const g3_weight *W, const float *x, int64_t T, floa
 
 /* The decode path: n packed matrices sharing the input, T < G3_BLAS_MIN_TOKENS tokens. x is
  * quantized once per token; the groups of all matrices form one index space cut into equal
- * contiguous ranges, one per thread, so a row's arithmetic never depends on the thread count. */
+ * contiguous ranges, one per thread, so a row's arithmetic never depends on the thread count.
+ * With `lora`, each thread also adds the LoRA deltas of the rows it computed (no extra region). */
 static g3_status matmul_packed(int n, const g3_weight *const *W, const float *x, int64_t T,
-                               float *const *y, g3_matmul_ws *ws, g3_err *err)
+                               float *const *y, int lora, g3_matmul_ws *ws, g3_err *err)
 {
     const int64_t cols = W[0]->cols;
     const size_t xb = g3_xq_bytes(cols);
@@ -147,11 +148,15 @@ static g3_status matmul_packed(int n, const g3_weight *const *W, const float *x,
     int64_t total = 0;
     for (int i = 0; i < n; i++)
         total += W[i]->packed->groups;
-    const int nt = g3_get_threads();
+    int nt = g3_get_threads();
+    if (lora && nt > G3_LORA_SLOTS)
+        nt = G3_LORA_SLOTS;
 #pragma omp parallel num_threads(nt)
     {
         const int64_t th = omp_get_thread_num(), k = omp_get_num_threads();
         const int64_t lo = total * th / k, hi = total * (th + 1) / k;
+        if (lora) /* this thread's A x of every delta (kernels/lora.c) */
+            g3_lora_down(n, W, x, T, (int)th);
         int i = 0;
         int64_t base = 0; /* first global group of matrix i */
         for (int64_t g = lo; g < hi;) {
@@ -165,6 +170,11 @@ static g3_status matmul_packed(int n, const g3_weight *const *W, const float *x,
                 g1 = base + P->groups;
             for (int64_t t = 0; t < T; t++)
                 g3_packed_matvec(P, &xq[t], g - base, g1 - base, y[i] + t * P->rows);
+            if (lora && W[i]->lora) { /* the same rows' deltas while they are in the cache */
+                const int64_t r1 = (g1 - base) * 16;
+                g3_lora_up_rows(W[i], T, (int)th, (g - base) * 16, r1 < P->rows ? r1 : P->rows,
+                                y[i]);
+            }
             g = g1;
         }
     }
@@ -179,12 +189,44 @@ static int all_packed(int n, const g3_weight *const *W)
     return 1;
 }
 
+static int any_lora(int n, const g3_weight *const *W)
+{
+    for (int i = 0; i < n; i++)
+        if (W[i]->lora)
+            return 1;
+    return 0;
+}
+
+static g3_status matmul_multi_base(int n, const g3_weight *const *W, const float *x, int64_t T,
+                                   float *const *y, g3_matmul_ws *ws, g3_err *err);
+static g3_status matmul_base(const g3_weight *W, const float *x, int64_t T, float *y,
+                             g3_matmul_ws *ws, g3_err *err);
+
+/* The products, then the LoRA deltas (kernels/lora.c) unless the packed path added them. */
 g3_status g3_matmul_multi(int n, const g3_weight *const *W, const float *x, int64_t T,
                           float *const *y, g3_matmul_ws *ws, g3_err *err)
 {
+    const int lora = any_lora(n, W);
+    if (lora && T < G3_BLAS_MIN_TOKENS && all_packed(n, W))
+        return matmul_packed(n, W, x, T, y, 1, ws, err);
+    g3_status st = matmul_multi_base(n, W, x, T, y, ws, err);
+    if (!st && lora)
+        g3_lora_apply(n, W, x, T, y);
+    return st;
+}
+
+g3_status g3_matmul(const g3_weight *W, const float *x, int64_t T, float *y, g3_matmul_ws *ws,
+                    g3_err *err)
+{
+    return g3_matmul_multi(1, &W, x, T, &y, ws, err);
+}
+
+static g3_status matmul_multi_base(int n, const g3_weight *const *W, const float *x, int64_t T,
+                                   float *const *y, g3_matmul_ws *ws, g3_err *err)
+{
     int fused = T < G3_BLAS_MIN_TOKENS;
     if (fused && all_packed(n, W))
-        return matmul_packed(n, W, x, T, y, ws, err);
+        return matmul_packed(n, W, x, T, y, 0, ws, err);
     int64_t total = 0;
     for (int i = 0; i < n; i++) {
         fused = fused && g3_type_get(W[i]->type)->dot_f32 && W[i]->cols == W[0]->cols;
@@ -192,7 +234,7 @@ g3_status g3_matmul_multi(int n, const g3_weight *const *W, const float *x, int6
     }
     if (!fused) {
         for (int i = 0; i < n; i++) {
-            g3_status st = g3_matmul(W[i], x, T, y[i], ws, err);
+            g3_status st = matmul_base(W[i], x, T, y[i], ws, err);
             if (st)
                 return st;
         }
@@ -216,12 +258,12 @@ g3_status g3_matmul_multi(int n, const g3_weight *const *W, const float *x, int6
     return G3_OK;
 }
 
-g3_status g3_matmul(const g3_weight *W, const float *x, int64_t T, float *y, g3_matmul_ws *ws,
-                    g3_err *err)
+static g3_status matmul_base(const g3_weight *W, const float *x, int64_t T, float *y,
+                             g3_matmul_ws *ws, g3_err *err)
 {
     if (T >= G3_BLAS_MIN_TOKENS)
         return matmul_blas(W, x, T, y, ws, err);
     if (W->packed)
-        return matmul_packed(1, &W, x, T, &y, ws, err);
+        return matmul_packed(1, &W, x, T, &y, 0, ws, err);
     return matmul_small(W, x, T, y, ws, err);
 }

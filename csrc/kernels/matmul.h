@@ -18,6 +18,23 @@
 
 struct g3_packed_s;
 
+/* A low-rank delta on a weight's product (LoRA, kernels/lora.c): y += scale * B (A x).
+ * The chain of a weight is summed (several adapters active at once). A, B and the scratch belong
+ * to whoever attached the chain (model/lora.c); the product only writes the scratch. B is held
+ * transposed, so that y += B u is rank contiguous axpy passes over the output rows. */
+typedef struct g3_lora_s {
+    int64_t rank;
+    float scale;               /* the adapter's alpha / r (or / sqrt r) times the user's scale */
+    const float *A;            /* (rank, cols) */
+    const float *Bt;           /* (rank, rows): B^T */
+    float *u;                  /* (G3_LORA_CHUNK, rank) scratch: A x of a chunk of tokens */
+    struct g3_lora_s *next;    /* the next delta on the same weight, or NULL */
+} g3_lora;
+
+#define G3_LORA_CHUNK 256 /* tokens whose A x is held at once (sgemm path) */
+#define G3_LORA_SLOT_TOKENS 32 /* below G3_BLAS_MIN_TOKENS: the scratch holds a slot of 32 tokens */
+#define G3_LORA_SLOTS (G3_LORA_CHUNK / G3_LORA_SLOT_TOKENS) /* per thread: at most 8 threads */
+
 typedef struct g3_weight_s {
     int type;           /* ggml type id */
     int64_t rows, cols; /* y = W x: rows outputs, cols inputs (contiguous) */
@@ -26,6 +43,8 @@ typedef struct g3_weight_s {
     /* the same matrix repacked for the integer decode kernels (quant/packed.h), or NULL; owned
      * by the model (g3_model_pack) */
     const struct g3_packed_s *packed;
+    /* active low-rank deltas added to every product with this weight, or NULL */
+    g3_lora *lora;
 } g3_weight;
 
 #define G3_BLAS_MIN_TOKENS 32 /* below: the per-row kernels */
@@ -55,6 +74,18 @@ g3_status g3_matmul(const g3_weight *W, const float *x, int64_t T, float *y, g3_
  * per-row kernels are used. */
 g3_status g3_matmul_multi(int n, const g3_weight *const *W, const float *x, int64_t T,
                           float *const *y, g3_matmul_ws *ws, g3_err *err);
+/* kernels/lora.c: y[i] += sum over W[i]'s chain of scale * (x A^T) B^T, for the n products of
+ * g3_matmul_multi (same x); called by g3_matmul / g3_matmul_multi after the base product unless
+ * the packed decode path added the deltas in its own region. Below G3_BLAS_MIN_TOKENS: one
+ * parallel region, no barrier (each thread its own A x, then its rows); above: sgemm per delta,
+ * chunks of G3_LORA_CHUNK tokens, outside any parallel region. */
+void g3_lora_apply(int n, const g3_weight *const *W, const float *x, int64_t T, float *const *y);
+/* The two halves, single-threaded, for a caller's parallel region (T <= G3_LORA_SLOT_TOKENS,
+ * slot < G3_LORA_SLOTS, one slot per thread): u = A x of every delta on W[0..n) into the slot;
+ * then y[t][r0:r1] += scale * u[t] B^T[:, r0:r1] for W's deltas (r0 a multiple of 16). */
+void g3_lora_down(int n, const g3_weight *const *W, const float *x, int64_t T, int slot);
+void g3_lora_up_rows(const g3_weight *W, int64_t T, int slot, int64_t r0, int64_t r1, float *y);
+
 /* Dequantizes row r of W into dst (W->cols floats). */
 void g3_weight_row(const g3_weight *W, int64_t r, float *dst);
 

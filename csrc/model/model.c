@@ -194,6 +194,7 @@ void g3_model_free(g3_model *m)
 {
     if (!m)
         return;
+    g3_model_set_lora(m, NULL, 0, NULL); /* frees the deltas (before the layers they hang on) */
     for (int s = 0; s < m->n_seq; s++)
         seq_free(m, &m->seqs[s]);
     free(m->seqs);

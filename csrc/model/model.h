@@ -67,6 +67,9 @@ typedef struct g3_model {
     struct g3_packed_s **packs; /* what g3_model_pack made, freed with the model */
     int n_packs;
     struct g3_run_s *run; /* forward-pass buffers (model/run.h), grown between calls only */
+    g3_lora *loras;       /* (n_loras) the active low-rank deltas (model/lora.c), or NULL */
+    int64_t n_loras;
+    float *lora_u;        /* their scratch: (sum of ranks, G3_LORA_CHUNK) floats */
     g3_profile prof;      /* this model's per-op timings (forward.c; read by Model.profile) */
 } g3_model;
 
@@ -134,5 +137,20 @@ g3_status g3_model_forward(g3_model *m, const g3_batch *b, g3_err *err);
 g3_status g3_model_check_tokens(const g3_model *m, int64_t n_past, const int32_t *ids,
                                 const uint8_t *mask, int64_t n, g3_err *err);
 
+/* model/lora.c. One low-rank delta to attach: W += scale * B A on the per-layer matrix `key` of the
+ * role table ("blk.3.attn_q", ... "blk.3.ffn_down"). A (rank, cols) and Bt = B^T (rank, rows)
+ * float32, row-major, kept alive by the caller while attached (the model does not copy them). */
+typedef struct {
+    const char *key;
+    int64_t rank;
+    float scale;
+    const float *A, *Bt;
+    int64_t a_rows, a_cols, bt_rows, bt_cols; /* the arrays' shapes, checked against the matrix */
+} g3_lora_spec;
+
+/* Replaces the active deltas by specs[0..n) (n = 0: none), all or nothing; deltas on the same
+ * matrix are summed in the given order. Every sequence's KV cache is emptied: it was computed
+ * with other weights. */
+g3_status g3_model_set_lora(g3_model *m, const g3_lora_spec *specs, int64_t n, g3_err *err);
 
 #endif

@@ -24,6 +24,7 @@ typedef struct {
     PyObject_HEAD
     g3_model *m;
     PyObject *keep; /* list of arrays whose memory the model points into */
+    PyObject *lora_keep; /* list of the active LoRA deltas' A and B arrays, or NULL */
     int busy;
     size_t packed_bytes; /* weights repacked for the integer decode kernels */
 } ModelObject;
@@ -99,6 +100,7 @@ static void model_dealloc(ModelObject *self)
     PyTypeObject *tp = Py_TYPE(self);
     g3_model_free(self->m);
     Py_XDECREF(self->keep);
+    Py_XDECREF(self->lora_keep);
     tp->tp_free((PyObject *)self);
     Py_DECREF(tp);
 }
@@ -344,6 +346,78 @@ static PyObject *model_reset(ModelObject *self, PyObject *args)
     g3_model_reset(self->m, seq);
     self->busy = 0;
     Py_RETURN_NONE;
+}
+
+/* set_lora(deltas): deltas is a sequence of (key, A, Bt, scale) — key a per-layer matrix of the
+ * role table ("blk.3.attn_q"), A (rank, cols) and Bt = B^T (rank, rows) float32 — replacing the active
+ * ones (empty: none). The arrays stay referenced while attached; every sequence's cache empties. */
+static PyObject *model_set_lora(ModelObject *self, PyObject *arg)
+{
+    g3_module_state *ms = mstate((PyObject *)self);
+    PyObject *seq = PySequence_Fast(arg, "set_lora() takes a sequence of (key, A, Bt, scale)");
+    if (!seq)
+        return NULL;
+    const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    PyObject *keep = PyList_New(0);
+    g3_lora_spec *specs = n ? PyMem_Calloc((size_t)n, sizeof *specs) : NULL;
+    PyObject *ret = NULL;
+    if (!keep || (n && !specs)) {
+        if (n && !specs)
+            PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t d = 0; d < n; d++) {
+        PyObject *it = PySequence_Fast_GET_ITEM(seq, d), *key, *ao, *bo;
+        double scale;
+        if (!PyTuple_Check(it) || !PyArg_ParseTuple(it, "UOOd", &key, &ao, &bo, &scale)) {
+            if (!PyErr_Occurred())
+                PyErr_Format(PyExc_TypeError,
+                             "LoRA delta %zd must be a tuple (key, A, Bt, scale)", d);
+            goto done;
+        }
+        PyArrayObject *a = (PyArrayObject *)PyArray_FROMANY(ao, NPY_FLOAT32, 2, 2,
+                                                            NPY_ARRAY_IN_ARRAY);
+        if (!a || PyList_Append(keep, (PyObject *)a) < 0) {
+            Py_XDECREF(a);
+            goto done;
+        }
+        Py_DECREF(a);
+        PyArrayObject *b = (PyArrayObject *)PyArray_FROMANY(bo, NPY_FLOAT32, 2, 2,
+                                                            NPY_ARRAY_IN_ARRAY);
+        if (!b || PyList_Append(keep, (PyObject *)b) < 0) {
+            Py_XDECREF(b);
+            goto done;
+        }
+        Py_DECREF(b);
+        if (!(specs[d].key = PyUnicode_AsUTF8(key)))
+            goto done;
+        specs[d].A = PyArray_DATA(a);
+        specs[d].Bt = PyArray_DATA(b);
+        specs[d].a_rows = PyArray_DIM(a, 0);
+        specs[d].a_cols = PyArray_DIM(a, 1);
+        specs[d].bt_rows = PyArray_DIM(b, 0);
+        specs[d].bt_cols = PyArray_DIM(b, 1);
+        specs[d].rank = specs[d].a_rows;
+        specs[d].scale = (float)scale;
+    }
+    if (enter(self) < 0)
+        goto done;
+    g3_err err = {{0}, 0};
+    g3_status st = g3_model_set_lora(self->m, specs, n, &err);
+    self->busy = 0;
+    if (st) {
+        g3_py_raise(ms, st, &err, NULL);
+        goto done;
+    }
+    Py_XSETREF(self->lora_keep, n ? keep : NULL); /* the old arrays are no longer pointed into */
+    if (n)
+        keep = NULL;
+    ret = Py_NewRef(Py_None);
+done:
+    PyMem_Free(specs);
+    Py_XDECREF(keep);
+    Py_DECREF(seq);
+    return ret;
 }
 
 static PyObject *model_set_n_seq(ModelObject *self, PyObject *arg)
@@ -600,6 +674,9 @@ static PyMethodDef model_methods[] = {
     {"reset", (PyCFunction)model_reset, METH_VARARGS,
      "reset(seq=-1): forget the cached positions of one sequence (or all)"},
     {"set_n_seq", (PyCFunction)model_set_n_seq, METH_O, "number of independent KV caches"},
+    {"set_lora", (PyCFunction)model_set_lora, METH_O,
+     "set_lora([(key, A (rank, cols), Bt (rank, rows), scale), ...]): the active LoRA deltas "
+     "(replaces the previous ones; empties every KV cache)"},
     {"seq_n_past", (PyCFunction)model_seq_n_past, METH_O, "positions cached in a sequence"},
     {"copy_seq", (PyCFunction)model_copy_seq, METH_VARARGS,
      "copy_seq(src, dst): dst gets src's cached context"},
