@@ -389,6 +389,26 @@ class AdapterSet:
         del self.loaded[name]
 
 
+class LoadPlan:
+    """load()'s ``adapter=``/``merge=``: merged into the weights before the C model is built
+    (``prepare``, given to open_checkpoint), or loaded unmerged onto the built model (``attach``)."""
+
+    def __init__(self, adapter: Any, merge: bool):
+        self.todo = parse_spec(adapter)
+        self.merge = _check.boolean("merge", merge)
+        self.merged: dict = {}
+        self.prepare = self._prepare if self.merge and self.todo else None
+
+    def _prepare(self, cfg, weights: dict[str, Any]) -> None:
+        self.merged.update(merge_paths(cfg, weights, self.todo))
+
+    def attach(self, model):
+        model.adapters.merged = self.merged
+        for p, s in self.todo if not self.merge else ():
+            model.load_adapter(p, scale=s)
+        return model
+
+
 def parse_spec(adapter: Any) -> list[tuple[str, float]]:
     """gemma3.load's ``adapter`` argument -> [(path, scale)]: None, a path, a list of paths, or
     a dict {path: scale}."""

@@ -295,3 +295,11 @@ def generate_batch(engine: Engine, ids: list[list[int]], gcs: list[GenerationCon
         return out
     return ["".join(t) + (m.flush(d.flush()) if d is not None else "")
             for t, m, d in zip(texts, matchers, decs, strict=True)]
+
+
+def visible_text(tokenizer, ids: Sequence[int]) -> str:
+    """Generated ids as text, as stream() yields it (image markers left out)."""
+    if tokenizer is None:
+        return ""
+    markup = tokenizer.markup_ids
+    return tokenizer.decode([t for t in ids if t not in markup])

@@ -72,6 +72,17 @@ def _parse_name(name: str, n_layers: int) -> tuple[int | None, str]:
                      f"'blocks.5.attn.hook_pattern' or '{FINAL_NAME}'")
 
 
+def attention_selection(cfg, layers: Sequence[int] | None, heads: Sequence[int] | None
+                        ) -> tuple[list[int], list[int]]:
+    """generate(return_attention=True)'s layers and heads (default all), validated."""
+    layers = list(range(cfg.num_layers)) if layers is None else [
+        _check.integer("attention_layers item", x) for x in layers]
+    heads = list(range(cfg.num_heads)) if heads is None else [
+        _check.integer("attention_heads item", x) for x in heads]
+    CapturePlan.make(cfg, 1, [], layers, heads, None)  # validates
+    return layers, heads
+
+
 @dataclass
 class CapturePlan:
     """Which names to record; builds the buffers the C core fills."""

@@ -173,15 +173,8 @@ class Model:
         if not (return_attention or return_ids):
             return "".join(self.stream(prompt, images=images, pan_and_scan=pan_and_scan,
                                        fwd_hooks=fwd_hooks, **kw))
-        attn: tuple | None = None
-        if return_attention:
-            cfg = self.config
-            layers = list(range(cfg.num_layers)) if attention_layers is None else [
-                _check.integer("attention_layers item", x) for x in attention_layers]
-            heads = list(range(cfg.num_heads)) if attention_heads is None else [
-                _check.integer("attention_heads item", x) for x in attention_heads]
-            _inspect.CapturePlan.make(cfg, 1, [], layers, heads, None)  # validates
-            attn = (layers, heads)
+        attn = _inspect.attention_selection(self.config, attention_layers, attention_heads) \
+            if return_attention else None
         gc = _gen.settings(self.config.vocab_size, **kw)
         hk = _hooks.plan(self.config, fwd_hooks)
         p_ids, mm = self._prompt(prompt, images, pan_and_scan)
@@ -189,14 +182,7 @@ class Model:
             return list(self._generate_ids(p_ids, gc, mm=mm, hooks=hk))
         att: list = []
         ids = list(self._generate_ids(p_ids, gc, attn, att, mm=mm, hooks=hk))
-        return Generation(self._text(ids), ids, att)
-
-    def _text(self, ids: Sequence[int]) -> str:
-        """Generated ids as text, as stream() yields it (image markers left out)."""
-        if self.tokenizer is None:
-            return ""
-        markup = self.tokenizer.markup_ids
-        return self.tokenizer.decode([t for t in ids if t not in markup])
+        return Generation(_gen.visible_text(self.tokenizer, ids), ids, att)
 
     # -- batches -----------------------------------------------------------------------------
     def generate_batch(self, prompts: Sequence[str | Sequence[int]],
@@ -398,16 +384,10 @@ def load(path: str | os.PathLike | None = None, *, n_threads: int | None = None,
     into the weights with ``merge=True`` (requantized to each matrix's type; the error this
     costs is in ``model.adapters.merged``).
     """
-    todo, merge = _adapters.parse_spec(adapter), _check.boolean("merge", merge)
-    merged: dict = {}
-    prepare = (lambda cfg, w: merged.update(_adapters.merge_paths(cfg, w, todo))
-               ) if merge and todo else None
+    plan = _adapters.LoadPlan(adapter, merge)
     core, cfg, tok, path, owners, n, vision = open_checkpoint(path, n_threads, max_seq_len,
-                                                              dtype, mmproj, pack, prepare)
+                                                              dtype, mmproj, pack, plan.prepare)
     model = Model(core, cfg, tok, path, owners, n)
     model.vision = vision
-    model.adapters.merged = merged
-    for p, s in todo if not merge else ():
-        model.load_adapter(p, scale=s)
-    return model
+    return plan.attach(model)
 
