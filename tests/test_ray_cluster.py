@@ -74,6 +74,30 @@ def _alive_nodes(address: str) -> int:
     return int(p.stdout.strip().splitlines()[-1]) if p.returncode == 0 else 0
 
 
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for p in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            ppid = int(Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(p))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
 class Cluster:
     def __init__(self):
         self.port = _free_port()
@@ -101,7 +125,21 @@ class Cluster:
         raise RuntimeError(f"the Ray cluster did not reach {n} nodes")
 
     def kill_worker_node(self) -> None:
-        os.killpg(self.worker.pid, signal.SIGKILL)  # the raylet, its workers, the ray start
+        """SIGKILL to `ray start` and every process under it (the raylet, its workers: Ray starts
+        some in sessions of their own, so the process group is not enough)."""
+        tree = _descendants(self.worker.pid) + [self.worker.pid]
+        for pid in tree:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.worker.wait(timeout=60)
+        deadline = time.monotonic() + 30  # killed processes take a moment to finish exiting
+        while [pid for pid in tree if _alive(pid)] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        alive = [(pid, Path(f"/proc/{pid}/cmdline").read_bytes()[:80]) for pid in tree
+                 if _alive(pid)]
+        assert not alive, f"processes of the worker node survived: {alive}"
 
     def stop(self) -> None:
         for p in (self.worker, self.head):
@@ -171,8 +209,12 @@ def test_worker_node_killed_half_way_loses_nothing(job, cluster, wheel):
     while p.poll() is None and _lines(out) < N_RECORDS // 4 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert p.poll() is None, "the job ended before the worker node could be killed"
-    cluster.kill_worker_node()
-    _, err = p.communicate(timeout=900)
+    try:
+        cluster.kill_worker_node()
+        _, err = p.communicate(timeout=900)
+    finally:
+        if p.poll() is None:
+            p.kill()
     assert p.returncode == 0, err[-3000:]
     assert out.read_bytes() == (job / "single.jsonl").read_bytes()
     ray_info = json.loads(Path(ev.summary_path(str(out))).read_text())["ray"]
