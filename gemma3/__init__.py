@@ -38,6 +38,9 @@ from ._default import default_model_path  # noqa: E402
 from .config import Gemma3Config
 from .gguf import GGUFFile, GGUFWriter, TensorInfo
 from .model import GenerationConfig, Model, load, set_num_threads
+from .speculative import PromptLookup
+from .speculative import Stats as SpeculativeStats
+from .state import State
 from .tokenizer import Tokenizer
 
 __all__ = [
@@ -49,6 +52,9 @@ __all__ = [
     "Gemma3Config",
     "GenerationConfig",
     "Model",
+    "PromptLookup",
+    "SpeculativeStats",
+    "State",
     "Tokenizer",
     "default_model_path",
     "load",

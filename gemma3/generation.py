@@ -101,12 +101,20 @@ class Sampler:
             self._hist[:len(prompt_ids)] = prompt_ids
         self._n = len(prompt_ids)
 
-    def draw(self, logits: np.ndarray) -> int:
+    def _args(self) -> dict:
         g = self.gc
-        return _core.sample(logits, self.rng, temperature=g.temperature, top_k=g.top_k,
-                            top_p=g.top_p, min_p=g.min_p, repetition_penalty=g.repetition_penalty,
-                            history=None if self._hist is None else self._hist[:self._n],
-                            bias_ids=self.bias_ids, bias_values=self.bias_vals)
+        return dict(temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, min_p=g.min_p,
+                    repetition_penalty=g.repetition_penalty,
+                    history=None if self._hist is None else self._hist[:self._n],
+                    bias_ids=self.bias_ids, bias_values=self.bias_vals)
+
+    def draw(self, logits: np.ndarray) -> int:
+        return _core.sample(logits, self.rng, **self._args())
+
+    def probs(self, logits: np.ndarray) -> np.ndarray:
+        """The distribution :meth:`draw` samples from now: (vocab,) float32, 0 where filtered
+        (speculative sampling, gemma3.speculative)."""
+        return _core.sample_probs(logits, None, **self._args())[0]
 
     def accept(self, tok: int) -> None:
         if self._hist is not None:

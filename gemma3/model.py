@@ -17,6 +17,8 @@ from . import generation as _gen
 from . import inspect as _inspect
 from . import multimodal as _mm
 from . import scoring as _scoring
+from . import speculative as _spec
+from . import state as _state
 from .config import Gemma3Config
 from .engine import PREFILL_CHUNK, Engine  # noqa: F401  (PREFILL_CHUNK: re-exported)
 from .generation import Generation, GenerationConfig  # noqa: F401  (re-exported)
@@ -117,19 +119,24 @@ class Model:
         Arguments as :meth:`generate`, checked when called (not at the first piece). Stop
         strings end the stream; their text is not yielded.
         """
+        spec = _spec.options(self, kwargs)
         gc = _gen.settings(self.config.vocab_size, **kwargs)
         ids, mm = self._prompt(prompt, images, pan_and_scan)
         if self.tokenizer is None:
             raise ValueError("streaming text needs a tokenizer (pass return_ids=True to "
                              "generate() for token ids)")
-        return self._stream(ids, mm, gc)
+        return self._stream(ids, mm, gc, spec)
 
-    def _stream(self, ids: list[int], mm: list, gc: GenerationConfig) -> Iterator[str]:
-        return _gen.stream_text(self._generate_ids(ids, gc, mm=mm), self.tokenizer, gc.stop)
+    def _stream(self, ids: list[int], mm: list, gc: GenerationConfig, spec=None
+                ) -> Iterator[str]:
+        return _gen.stream_text(self._generate_ids(ids, gc, mm=mm, spec=spec), self.tokenizer,
+                                gc.stop)
 
     def _generate_ids(self, ids: list[int], gc: GenerationConfig, attn=None, attn_out=None,
-                      mm=None) -> Iterator[int]:
+                      mm=None, spec=None) -> Iterator[int]:
         stops = _gen.stop_ids(gc, self.config.eos_token_id, self.tokenizer)
+        if spec is not None:
+            return _spec.generate_ids(self.engine, ids, gc, stops, spec, mm)
         return _gen.generate_ids(self.engine, ids, gc, stops, attn, attn_out, mm)
 
     def generate(self, prompt: str | Sequence[int], *, max_new_tokens: int = 256,
@@ -139,7 +146,8 @@ class Model:
                  stop_token_ids: Sequence[int] | None = None, return_ids: bool = False,
                  return_attention: bool = False, attention_layers: Sequence[int] | None = None,
                  attention_heads: Sequence[int] | None = None,
-                 images: Sequence[Any] | None = None, pan_and_scan: bool = False):
+                 images: Sequence[Any] | None = None, pan_and_scan: bool = False,
+                 draft: Any = None, num_draft_tokens: int = 5, stats: Any = None):
         """Generates a continuation of ``prompt`` (text, tokenized with BOS, or token ids).
 
         ``images`` (models with a vision tower): one per ``<start_of_image>`` in a text prompt
@@ -156,12 +164,22 @@ class Model:
         ``attention[i][layer]`` is the ``(heads, n_ctx)`` attention of the query that predicted
         new token ``i`` over the whole context before it (``attention_layers``/``_heads`` select;
         default all).
+
+        Speculative decoding (gemma3.speculative): ``draft="prompt_lookup"`` (or a
+        ``PromptLookup(max_ngram, min_ngram)``) or another loaded Model sharing the tokenizer,
+        ``num_draft_tokens`` (1..30) per verify pass; greedy output equals plain greedy, sampled
+        output has the plain distribution. ``stats``: a ``speculative.Stats`` filled in place.
         """
         kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                   top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
                   stop=stop, logit_bias=logit_bias, stop_token_ids=stop_token_ids)
+        sk = dict(draft=draft, num_draft_tokens=num_draft_tokens, stats=stats)
         if not (return_attention or return_ids):
-            return "".join(self.stream(prompt, images=images, pan_and_scan=pan_and_scan, **kw))
+            return "".join(self.stream(prompt, images=images, pan_and_scan=pan_and_scan, **kw,
+                                       **sk))
+        spec = _spec.options(self, sk)
+        if spec is not None and return_attention:
+            raise ValueError("return_attention is not available with draft= (speculative)")
         attn: tuple | None = None
         if return_attention:
             cfg = self.config
@@ -174,7 +192,7 @@ class Model:
         gc = _gen.settings(self.config.vocab_size, **kw)
         p_ids, mm = self._prompt(prompt, images, pan_and_scan)
         if attn is None:
-            return list(self._generate_ids(p_ids, gc, mm=mm))
+            return list(self._generate_ids(p_ids, gc, mm=mm, spec=spec))
         att: list = []
         ids = list(self._generate_ids(p_ids, gc, attn, att, mm=mm))
         return Generation(self._text(ids), ids, att)
@@ -293,9 +311,10 @@ class Model:
         Returns the reply text, or an iterator of pieces with ``stream=True``. Keyword
         arguments as :meth:`generate`.
         """
+        spec = _spec.options(self, kwargs)
         gc = _gen.settings(self.config.vocab_size, **kwargs)
         ids, mm = self._chat_prompt(messages, pan_and_scan)
-        it = self._stream(ids, mm, gc)
+        it = self._stream(ids, mm, gc, spec)
         return it if stream else "".join(it)
 
     def chat_ids(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
@@ -310,6 +329,21 @@ class Model:
             raise ValueError("chat needs a tokenizer")
         segs, images = _chat.render(messages, add_generation_prompt)
         return _mm.chat_prompt(segs, images, pan_and_scan, self.vision, self.tokenizer)
+
+    # -- KV state (gemma3.state) -------------------------------------------------------------
+    def save_state(self, path: str | os.PathLike | None = None) -> _state.State:
+        """The cached context as a State (also written to ``path``: a versioned file tied to this
+        model). Later prompts extending a live State reuse its cache."""
+        return _state.save(self.engine, path, _state.model_info(self.config))
+
+    def load_state(self, state: _state.State | str | os.PathLike) -> None:
+        """Makes the cached context a saved State or state file (validated before use)."""
+        _state.restore(self.engine, state)
+
+    def fork(self, n: int) -> list[_state.State]:
+        """n States of the cached context sharing one copy of its bytes (best-of-N: load each
+        and continue)."""
+        return _state.fork(self.engine, _check.integer("n", n, 1))
 
     def close(self) -> None:
         """Releases the weights, the KV cache and the vision tower (and the file mappings once
