@@ -303,7 +303,7 @@ def rewind(engine, ids: list[int], mm: list, limit: int) -> int:
     fewest tokens fed, from the live sequence or a remembered State; returns its length. Every
     candidate is planned first, then one is applied: a cut within the rings' margin, a ring
     checkpoint (the caller's feed of ids[start:] includes the recompute), or a reset. Sets
-    ``engine.recomputed``: cached positions that are fed again."""
+    ``engine.recomputed``: positions cached somewhere (live or saved) that are fed again."""
     cfg, core = engine.config, engine.core
     W, M = cfg.sliding_window, engine.mm_tokens
     ring = min(W + _core.KV_RING_MARGIN, engine.max_seq_len) if W > 0 else engine.max_seq_len
@@ -318,15 +318,17 @@ def rewind(engine, ids: list[int], mm: list, limit: int) -> int:
         return c, common, True
 
     best = (*plan(engine.ids, engine.images, engine.checkpoints.at), None)
+    cached = best[1]  # the longest prefix cached anywhere
     for st in engine.states:
         if st.fingerprint == core.fingerprint and st.n_past <= engine.max_seq_len:
             cand = plan(st.ids, st.images, st.checkpoints)
+            cached = max(cached, cand[1])
             if cand[0] > best[0]:
                 best = (*cand, st)
     start, common, deep, st = best
     if st is not None:
         load(engine, st)
-    engine.recomputed = common - start
+    engine.recomputed = cached - start
     if start == len(engine.ids):
         pass
     elif not deep and core.truncate(start):
@@ -335,7 +337,6 @@ def rewind(engine, ids: list[int], mm: list, limit: int) -> int:
         core.state_load(engine.checkpoints.at[start], start, 0, True)
         engine.checkpoints.drop_after(start)
     else:
-        engine.recomputed = common
         engine.reset()
         return 0
     del engine.ids[start:]
