@@ -51,7 +51,8 @@ MAX_DRAFT = min(30, _core.KV_RING_MARGIN + 1)
 
 @dataclass
 class Stats:
-    """Acceptance statistics, filled in place (``stats=`` of generate/stream/chat)."""
+    """Acceptance statistics, filled in place (``stats=`` of generate/stream/chat); one object
+    passed to several calls sums them."""
 
     drafted: int = 0  # draft tokens proposed and checked
     accepted: int = 0  # of those, kept
@@ -208,18 +209,19 @@ def generate_ids(engine, prompt_ids: list[int], gc: GenerationConfig, stops: set
         return
     ctx = list(prompt_ids)  # the prompt and every emitted token
     drafter = spec.drafter.start(ctx)
-    drafts, qs = [], None
+    drafts, qs, emitted = [], None, 0
     while True:
         for tok in _accept(rows, drafts, qs, sampler, greedy, rng, stats):
             if tok in stops:
                 return
+            emitted += 1
             stats.emitted += 1
             yield tok
             ctx.append(tok)
-            if stats.emitted == gc.max_new_tokens or len(ctx) >= engine.max_seq_len:
+            if emitted == gc.max_new_tokens or len(ctx) >= engine.max_seq_len:
                 return
         # the last emitted token is not in the cache yet; draft after it, then verify
-        k = min(spec.k, gc.max_new_tokens - stats.emitted - 1, engine.max_seq_len - 1 - len(ctx))
+        k = min(spec.k, gc.max_new_tokens - emitted - 1, engine.max_seq_len - 1 - len(ctx))
         with engine.exclusive():
             if engine.epoch != epoch:
                 raise RuntimeError("the model was used by another call while this generation "
