@@ -110,6 +110,23 @@ def test_draft_model_greedy_equals_plain_on_tiny(tiny, draft, k):
     assert 0 < st.accepted < st.drafted  # both outcomes exercised
 
 
+@pytest.mark.parametrize("T", [2, 5, 16, 17, 31])
+def test_verify_rows_bit_identical_to_single_steps_270m(m270, T):
+    """What greedy equality rests on: a forward call of T < 32 tokens (the packed multi-token
+    kernel, g3_packed_matmat, and the attention row kernel) gives each row the bits of a
+    one-token call at that position."""
+    core = m270.engine.core
+    ids = m270.tokenizer.encode(PD_TEXT.read_text())[:300 + T]
+    with m270.engine.exclusive():
+        m270.engine.reset()
+        core.forward(np.asarray(ids[:300], np.int32), 0)
+        rows = core.forward(np.asarray(ids[300:], np.int32), 2)
+        assert core.truncate(300)
+        single = [core.forward(np.asarray([t], np.int32), 1)[0] for t in ids[300:]]
+        m270.engine.reset()
+    np.testing.assert_array_equal(rows, np.stack(single))
+
+
 def test_draft_model_270m_twice_equals_plain(m270):
     d = gemma3.load(m270.path, n_threads=2, max_seq_len=2048)
     for i, p in enumerate(_grounded_prompts(3)):
