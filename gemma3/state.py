@@ -8,9 +8,9 @@ What a rollback costs (the rule is C's, ``csrc/model/state.h``):
   ``KV_RING_MARGIN + 1`` positions is free too (rejected speculative drafts, a regenerated reply);
 * deeper, the engine restores the rings from the nearest :class:`Checkpoints` entry at or below
   the target and feeds the tokens from there again: the recompute is at most one checkpoint
-  interval (``max(2 * window, 1024)`` by default; the interval doubles when more than ``max_count``
-  checkpoints would be kept, so memory stays at most ``max_count`` ring copies: 16.7 MiB each on
-  the 270M, 242 MiB on the 4B).
+  interval (``max(2 * window, 1024)`` by default; the interval doubles when more than
+  ``max_count`` = 8 checkpoints would be kept, so memory stays at most 8 ring copies: 15.9 MiB
+  each on the 270M, 23.4 MiB on the 1B, 239 MiB on the 4B; tune ``engine.checkpoints``).
 
 A :class:`State` is immutable: its bytes are a read-only array, so ``fork(n)`` hands out n States
 sharing one copy. States saved from a model are remembered (weakly) by its engine, and a prompt
@@ -228,7 +228,7 @@ class Checkpoints:
     one is dropped and the interval doubles (the worst recompute grows with the context, the
     memory does not)."""
 
-    def __init__(self, window: int, interval: int | None = None, max_count: int = 16):
+    def __init__(self, window: int, interval: int | None = None, max_count: int = 8):
         self.enabled = window > 0
         self.base = interval if interval is not None else 2 * max(window, 1)
         self.interval = self.base

@@ -189,7 +189,7 @@ def test_checkpoints_thin_out_and_stay_bounded(tiny):
         assert gaps.max() <= ck.interval
     finally:
         ck.base = ck.interval = 1024
-        ck.max_count = 16
+        ck.max_count = 8
         ck.clear()
 
 
