@@ -239,7 +239,7 @@ def main(argv=None) -> int:
         section_270m(m, a.k, a.new, a.reps, copy)
         copy.close()
     models = {"270M": m}
-    if "random" in only and a.random:
+    if ("random" in only or "verify" in only) and a.random:
         sys.path.insert(0, str(ROOT / "benchmarks"))
         import make_random_gguf as mrg
 
@@ -250,7 +250,11 @@ def main(argv=None) -> int:
                 print(f"(making {p})")
                 mrg.make(size, "q4_k_m", p)
             paths[size] = p
-        models |= section_random(paths, m, a.k, min(a.new, 48), a.reps, a.threads)
+        if "random" in only:
+            models |= section_random(paths, m, a.k, min(a.new, 48), a.reps, a.threads)
+        else:
+            models |= {f"random {s}": gemma3.load(p, n_threads=a.threads, max_seq_len=2048)
+                       for s, p in paths.items()}
     if models and "verify" in only:
         section_verify(models, a.k, a.reps)
     if not a.no_peer and "peer" in only:

@@ -447,32 +447,31 @@ INL void matmat_kind(const g3_packed *P, const g3_xq *xq, int T, int64_t g0, int
             if (G3_PACK_PREFETCH > 0)
                 for (size_t o = 0; o < vb + 32; o += 64)
                     _mm_prefetch((const char *)p + G3_PACK_PREFETCH + o, _MM_HINT_T0);
-            /* the block's codes, 8 vectors of 16 rows x 4 columns; u[j] covers columns ucol[j]
-             * and goes to the second accumulator (S_K6's upper half) when uhi[j] */
+            /* the block's codes, 8 vectors of 16 rows x 4 columns (V_BYTES: chunk j covers
+             * columns 4j..4j+3; nibbles: u[2j] columns 4j.., u[2j + 1] columns 16 + 4j..) */
             __m512i u[8];
-            int ucol[8], uhi[8];
             if (vmode == V_BYTES) {
-                for (int j = 0; j < 8; j++) {
+#pragma GCC unroll 8
+                for (int j = 0; j < 8; j++)
                     u[j] = _mm512_loadu_si512(p + 64 * j);
-                    ucol[j] = 4 * j;
-                    uhi[j] = smode == S_K6 && j >= 4;
-                }
             } else {
                 const __m512i H = vmode == V_NIB5 ? _mm512_loadu_si512(p + 256) : _mm512_setzero_si512();
-                for (int j = 0; j < 4; j++) {
-                    const __m512i v = _mm512_loadu_si512(p + 64 * j);
-                    __m512i lo = _mm512_and_si512(v, m4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
-                    if (vmode == V_NIB5) {
-                        lo = _mm512_or_si512(lo, _mm512_and_si512(_mm512_sll_epi16(H, _mm_cvtsi32_si128(4 - j)), b4));
-                        hi = _mm512_or_si512(hi, _mm512_and_si512(_mm512_srl_epi16(H, _mm_cvtsi32_si128(j)), b4));
-                    }
-                    u[2 * j] = lo;
-                    ucol[2 * j] = 4 * j;
-                    uhi[2 * j] = 0;
-                    u[2 * j + 1] = hi;
-                    ucol[2 * j + 1] = 16 + 4 * j;
-                    uhi[2 * j + 1] = smode == S_K6;
-                }
+#define NIB_UNPACK(j)                                                                             \
+    do {                                                                                          \
+        const __m512i v = _mm512_loadu_si512(p + 64 * (j));                                       \
+        __m512i lo = _mm512_and_si512(v, m4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4); \
+        if (vmode == V_NIB5) {                                                                    \
+            lo = _mm512_or_si512(lo, _mm512_and_si512(_mm512_slli_epi16(H, 4 - (j)), b4));        \
+            hi = _mm512_or_si512(hi, _mm512_and_si512(_mm512_srli_epi16(H, (j)), b4));            \
+        }                                                                                         \
+        u[2 * (j)] = lo;                                                                          \
+        u[2 * (j) + 1] = hi;                                                                      \
+    } while (0)
+                NIB_UNPACK(0);
+                NIB_UNPACK(1);
+                NIB_UNPACK(2);
+                NIB_UNPACK(3);
+#undef NIB_UNPACK
             }
             p += vb;
             /* the block's scales, shared by every token */
@@ -492,8 +491,17 @@ INL void matmat_kind(const g3_packed *P, const g3_xq *xq, int T, int64_t g0, int
                 __m512i a0[3], a1[3];
                 for (int q = 0; q < 3; q++)
                     a0[q] = a1[q] = _mm512_setzero_si512();
-                for (int j = 0; j < 8; j++)
-                    dp3(uhi[j] ? a1 : a0, u[j], x, col + ucol[j]);
+                if (vmode == V_BYTES) {
+#pragma GCC unroll 8
+                    for (int j = 0; j < 8; j++)
+                        dp3(smode == S_K6 && j >= 4 ? a1 : a0, u[j], x, col + 4 * j);
+                } else {
+#pragma GCC unroll 4
+                    for (int j = 0; j < 4; j++) {
+                        dp3(a0, u[2 * j], x, col + 4 * j);
+                        dp3(smode == S_K6 ? a1 : a0, u[2 * j + 1], x, col + 16 + 4 * j);
+                    }
+                }
                 const __m512 xs = _mm512_set1_ps(x->scale[b]);
                 const int32_t *ds = x->dsum + 6 * b;
                 __m512 acc = yacc[t];
