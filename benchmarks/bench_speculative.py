@@ -17,8 +17,10 @@ cost of a verify pass, with llama.cpp's lookup decoding on the same prompts.
 4. llama.cpp (llama-cpp-python, ``LlamaPromptLookupDecoding``) plain vs lookup on the same prompts
    and GGUF, same threads.
 
-Decode tokens/s is (N - 1) / (t(N) - t(1)): both calls start with the prompt already cached
-(a warm-up call before each), so prefill and call overheads cancel. Medians of --reps runs.
+Decode tokens/s is N / t(N), t(N) the time of a call generating N tokens with its prompt already
+cached (an untimed warm-up call before each; the timed call feeds one prompt token again). Modes
+alternate within each of --reps rounds so that load from other processes spreads over all of
+them; medians are printed.
 """
 
 from __future__ import annotations
@@ -86,14 +88,14 @@ def cpu_flags() -> str:
     return platform.machine()
 
 
-def decode_rate(run, n: int, reps: int) -> float:
-    """(n - 1) / (t(n) - t(1)), median over reps; run(n) generates n tokens from a cached prompt
-    (it does its own untimed warm-up)."""
-    out = []
+def decode_rates(runs: dict, n: int, reps: int) -> dict:
+    """{mode: n / median t(n)}; run(n) generates n tokens from a cached prompt (it does its own
+    untimed warm-up). Modes alternate within each round."""
+    times = {k: [] for k in runs}
     for _ in range(reps):
-        t1, tn = run(1), run(n)
-        out.append((n - 1) / max(tn - t1, 1e-9))
-    return statistics.median(out)
+        for k, run in runs.items():
+            times[k].append(run(n))
+    return {k: n / statistics.median(v) for k, v in times.items()}
 
 
 def g3_runner(model, prompt: str, **kw):
@@ -133,16 +135,19 @@ def section_270m(m, ks, n, reps, draft_copy):
     print("|---|---|---:|---:|---:|---:|---|")
     for name, p in prompts().items():
         plain_ids = m.generate(p, max_new_tokens=n, temperature=0, return_ids=True)
-        base = decode_rate(g3_runner(m, p), n, reps)
-        print(f"| {name} | plain | {base:.1f} | 1.00 | | | |")
         modes = [(f"prompt_lookup k={k}", "prompt_lookup", k) for k in ks]
         if draft_copy is not None:
             modes.append((f"270M draft k={ks[0]}", draft_copy, ks[0]))
+        runs = {"plain": g3_runner(m, p)} | {
+            label: g3_runner(m, p, draft=d, num_draft_tokens=k) for label, d, k in modes}
+        rates = decode_rates(runs, n, reps)
+        base = rates["plain"]
+        print(f"| {name} | plain | {base:.1f} | 1.00 | | | |")
         for label, d, k in modes:
             st = spec.Stats()
             got = m.generate(p, max_new_tokens=n, temperature=0, return_ids=True, draft=d,
                              num_draft_tokens=k, stats=st)
-            rate = decode_rate(g3_runner(m, p, draft=d, num_draft_tokens=k), n, reps)
+            rate = rates[label]
             print(f"| {name} | {label} | {rate:.1f} | {rate / base:.2f} | "
                   f"{st.acceptance_rate:.2f} | {st.tokens_per_call:.2f} | {got == plain_ids} |")
 
@@ -167,14 +172,16 @@ def section_random(paths: dict, m270, ks, n, reps, threads):
     for size, path in paths.items():
         t = gemma3.load(path, n_threads=threads, max_seq_len=2048)
         loaded[f"random {size}"] = t
-        base = decode_rate(g3_runner(t, p), n, reps)
+        runs = {"plain": g3_runner(t, p)} | {
+            k: g3_runner(t, p, draft=m270, num_draft_tokens=k) for k in ks}
+        rates = decode_rates(runs, n, reps)
+        base = rates["plain"]
         print(f"| {size} | plain | {base:.1f} | 1.00 | | |")
         for k in ks:
             st = spec.Stats()
             t.generate(p, max_new_tokens=n, temperature=0, draft=m270, num_draft_tokens=k,
                        stats=st)
-            rate = decode_rate(g3_runner(t, p, draft=m270, num_draft_tokens=k), n, reps)
-            print(f"| {size} | 270M draft k={k} | {rate:.1f} | {rate / base:.2f} | "
+            print(f"| {size} | 270M draft k={k} | {rates[k]:.1f} | {rates[k] / base:.2f} | "
                   f"{st.acceptance_rate:.2f} | {st.tokens_per_call:.2f} |")
     return loaded
 
@@ -194,7 +201,7 @@ def section_llama(path: str, ks, n, reps, threads):
 
     def runner(llm, p):
         def run(k):
-            llm.create_completion(p, max_tokens=1, temperature=0.0)
+            llm.create_completion(p, max_tokens=1, temperature=0.0)  # cache the prompt
             t = time.perf_counter()
             llm.create_completion(p, max_tokens=k, temperature=0.0)
             return time.perf_counter() - t
@@ -206,11 +213,12 @@ def section_llama(path: str, ks, n, reps, threads):
     lookups = {k: Llama(**common, draft_model=LlamaPromptLookupDecoding(num_pred_tokens=k))
                for k in ks}
     for name, p in prompts().items():
-        base = decode_rate(runner(plain, p), n, reps)
+        rates = decode_rates({"plain": runner(plain, p)} | {
+            k: runner(llm, p) for k, llm in lookups.items()}, n, reps)
+        base = rates["plain"]
         print(f"| {name} | plain | {base:.1f} | 1.00 |")
-        for k, llm in lookups.items():
-            rate = decode_rate(runner(llm, p), n, reps)
-            print(f"| {name} | lookup k={k} | {rate:.1f} | {rate / base:.2f} |")
+        for k in lookups:
+            print(f"| {name} | lookup k={k} | {rates[k]:.1f} | {rates[k] / base:.2f} |")
 
 
 def main(argv=None) -> int:

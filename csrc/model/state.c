@@ -1,4 +1,4 @@
-/* state.c — a sequence's KV state as bytes and its restore (layout and rollback rule: state.h). */
+/* state.c — a sequence's KV state as bytes and its restore (layout, rollback rule: state.h). */
 #include "model/state.h"
 
 #include <string.h>
@@ -72,7 +72,8 @@ g3_status g3_state_save(const g3_model *m, int seq, int rings_only, void *dst, s
     const g3_seq *q = &m->seqs[seq];
     const size_t need = g3_state_bytes(m, q->n_past, rings_only);
     if (size != need)
-        return g3_fail(err, G3_ERR_ARG, "a state of %lld positions is %zu bytes, got a buffer of %zu",
+        return g3_fail(err, G3_ERR_ARG,
+                       "a state of %lld positions is %zu bytes, got a buffer of %zu",
                        (long long)q->n_past, need, size);
     transfer(m, q, q->n_past, rings_only, dst, 1);
     return G3_OK;
