@@ -157,6 +157,7 @@ class Engine:
             if self.vision is not None:  # an mmproj tower maps its own file
                 self.vision = Closed()
             self.ids = []
+            self.checkpoints.clear()
 
     # -- feeding sequence 0 ---------------------------------------------------------------------
     def feed(self, ids: Sequence[int], logits: int, capture: dict | None = None,

@@ -302,3 +302,15 @@ def test_interrupt_during_speculative_generation():
     assert m.generate(prompt, max_new_tokens=20, temperature=0, return_ids=True,
                       stop_token_ids=[], draft="prompt_lookup") == want
     assert _core.KV_RING_MARGIN >= spec.MAX_DRAFT - 1
+
+
+def test_stops_at_the_cache_end_like_plain():
+    small = gemma3.load(TINY, n_threads=1, max_seq_len=40)
+    d = gemma3.load(TINY_SCALED, n_threads=1, max_seq_len=40)
+    for n in (20, 35, 38, 39):
+        p = _ids(n, seed=n)
+        kw = dict(max_new_tokens=100, temperature=0, return_ids=True, stop_token_ids=[])
+        plain = small.generate(p, **kw)
+        assert len(plain) == 40 - n
+        for draft in ("prompt_lookup", d):
+            assert small.generate(p, draft=draft, num_draft_tokens=7, **kw) == plain, (n, draft)
