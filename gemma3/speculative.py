@@ -27,6 +27,12 @@ Verification:
   output, but it is not the sample plain decoding draws with that seed (that uses the C
   sampler's stream, one draw per token); the distributions are the same.
 
+Draft length: ``num_draft_tokens`` is the most drafted per pass; after a pass that rejected a
+draft the next one asks for one fewer (at least 1), after a pass that kept them all two more (the
+schedule of transformers' assisted generation), so a drafter that is often wrong costs little
+(a verify pass of k + 1 tokens costs more than one step: ``bench_speculative.py``). Which k is
+used depends only on past passes, so the exactness of both checks is unaffected.
+
 Stop tokens, stop strings (the text layer above is unchanged), ``max_new_tokens`` (never more
 drafted than may be emitted), Ctrl-C (between forward calls: ``Engine.sync`` reconciles) and the
 one-call-at-a-time rule (each step takes the engine's lock; a draft model takes its own) hold as
@@ -210,7 +216,9 @@ def generate_ids(engine, prompt_ids: list[int], gc: GenerationConfig, stops: set
     ctx = list(prompt_ids)  # the prompt and every emitted token
     drafter = spec.drafter.start(ctx)
     drafts, qs, emitted = [], None, 0
+    want = spec.k  # drafts asked for: +2 after a pass that kept them all, -1 after a rejection
     while True:
+        kept = stats.accepted
         for tok in _accept(rows, drafts, qs, sampler, greedy, rng, stats):
             if tok in stops:
                 return
@@ -220,8 +228,11 @@ def generate_ids(engine, prompt_ids: list[int], gc: GenerationConfig, stops: set
             ctx.append(tok)
             if emitted == gc.max_new_tokens or len(ctx) >= engine.max_seq_len:
                 return
+        if drafts:
+            full = stats.accepted - kept == len(drafts)
+            want = min(spec.k, want + 2) if full else max(1, want - 1)
         # the last emitted token is not in the cache yet; draft after it, then verify
-        k = min(spec.k, gc.max_new_tokens - emitted - 1, engine.max_seq_len - 1 - len(ctx))
+        k = min(want, gc.max_new_tokens - emitted - 1, engine.max_seq_len - 1 - len(ctx))
         with engine.exclusive():
             if engine.epoch != epoch:
                 raise RuntimeError("the model was used by another call while this generation "
