@@ -9,6 +9,9 @@ from .config import Gemma3Config
 from .gguf import GGUFFile, GGUFWriter, TensorInfo
 from .model import GenerationConfig, Model, load, set_num_threads
 from .sae import SAE
+from .speculative import PromptLookup
+from .speculative import Stats as SpeculativeStats
+from .state import State
 from .tokenizer import Tokenizer
 
 __all__ = [
@@ -21,6 +24,9 @@ __all__ = [
     "GenerationConfig",
     "Model",
     "SAE",
+    "PromptLookup",
+    "SpeculativeStats",
+    "State",
     "Tokenizer",
     "default_model_path",
     "load",

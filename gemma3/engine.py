@@ -31,6 +31,7 @@ import numpy as np
 
 from . import _core
 from . import multimodal as _mm
+from . import state as _state
 from .config import Gemma3Config
 
 PREFILL_CHUNK = 512  # tokens per forward call while prefilling (interruptible between chunks)
@@ -74,6 +75,16 @@ class Engine:
         # a hook stopped half-way: no later prompt may reuse it
         self.hooked = False
         self._lock = threading.Lock()
+        # deep rollback and saved states (gemma3.state): ring checkpoints of sequence 0, the
+        # States saved from this model (weakly), the positions the last prefill fed again
+        self.checkpoints = _state.Checkpoints(
+            config.sliding_window, max(2 * config.sliding_window, 2 * PREFILL_CHUNK))
+        self.states = _state.Registry()
+        self.recomputed = 0
+
+    def remember(self, st: _state.State) -> _state.State:
+        """Makes a saved State a candidate for prefix reuse (gemma3.state.rewind)."""
+        return self.states.add(st)
 
     # -- the lock ------------------------------------------------------------------------------
     @contextmanager
@@ -125,7 +136,19 @@ class Engine:
         self.pending = []
         self.images = []
         self.hooked = False
+        self.checkpoints.clear()
         self.epoch += 1
+
+    def truncate(self, n: int) -> None:
+        """Keeps sequence 0's first n positions; only within the rings' rollback margin (C's
+        rule, csrc/model/state.h), else RuntimeError (a bug in the caller)."""
+        self.sync()
+        if not self.core.truncate(n):
+            raise RuntimeError(f"cannot cut {len(self.ids)} cached positions back to {n} "
+                               "without recompute")
+        del self.ids[n:]
+        self.images = [(s, d) for s, d in self.images if s < n]
+        self.checkpoints.drop_after(n)
 
     def fresh(self) -> None:
         """Empties sequence 0 for a call that evaluates from an empty context."""
@@ -145,6 +168,7 @@ class Engine:
             if self.vision is not None:  # an mmproj tower maps its own file
                 self.vision = Closed()
             self.ids = []
+            self.checkpoints.clear()
 
     # -- feeding sequence 0 ---------------------------------------------------------------------
     def feed(self, ids: Sequence[int], logits: int, capture: dict | None = None,
@@ -193,6 +217,8 @@ class Engine:
                self.core.forward(arr, 1, **self._kw(capture, hooks)))
         self.ids.append(tok)
         self.pending = []
+        if not self.hooked:  # a hooked cache is never reused, so never checkpointed
+            self.checkpoints.take(self.core, len(self.ids))
         return out[0]
 
     def _feed(self, arr: np.ndarray, logits: int, capture: dict | None, mm: list | None,
@@ -207,16 +233,22 @@ class Engine:
             self.pending = []
             return out
         chunk = LOGITS_CHUNK if logits == 2 else PREFILL_CHUNK
-        parts, out = [], None
-        for s in range(0, len(arr), chunk):
-            piece = arr[s:s + chunk]
-            mode = logits if (logits == 2 or s + chunk >= len(arr)) else 0
+        parts, out, s = [], None, 0
+        while s < len(arr):
+            # cut there to take a ring checkpoint (none of a hooked cache: it is never reused)
+            due = 0 if hooks is not None else self.checkpoints.due(len(self.ids))
+            e = min(s + chunk, len(arr), s + max(1, due - len(self.ids)) if due else len(arr))
+            piece = arr[s:e]
+            mode = logits if (logits == 2 or e >= len(arr)) else 0
             self.pending = piece.tolist()
             out = core.forward(piece, mode, **self._kw(None, hooks))
             self.ids += self.pending
             self.pending = []
+            if not self.hooked:
+                self.checkpoints.take(core, len(self.ids))
             if logits == 2:
                 parts.append(out)
+            s = e
         if logits == 2:
             return np.concatenate(parts) if parts else np.zeros((0, self.config.vocab_size),
                                                                 np.float32)
@@ -272,22 +304,13 @@ class Engine:
         # the whole prompt, before the cache is cut back or fed (the cached prefix is fed again
         # if the cache cannot be truncated: room and ids are those of the whole prompt anyway)
         self.check_prompt(ids, mm)
-        common = 0
-        for a, b in zip(self.ids, ids):
-            if a != b:
-                break
-            common += 1
-        common = min(common, len(ids) - 1)  # at least one token is fed to get logits
-        common = _mm.reusable_prefix(common, self.images, mm, self.mm_tokens)
+        self.epoch += 1
+        # the longest usable prefix from the live sequence or a saved State, cut back within
+        # the rings' margin or from a ring checkpoint (at least one token is fed to get logits)
+        # (a hooked prefill starts from nothing: its hooks must see the whole prompt)
+        common = 0 if hooks is not None else _state.rewind(self, ids, mm, len(ids) - 1)
         rest_mm = [sp for sp in mm if sp.start >= common]
         rest = np.asarray(ids[common:], np.int32)
-        self.epoch += 1
-        if common < len(self.ids) and not self.core.truncate(common):
-            common = 0
-            self.reset()
-            rest, rest_mm = np.asarray(ids, np.int32), mm
-        del self.ids[common:]
-        self.images = [(s, d) for s, d in self.images if s < common]
         if capture_last is None:
             return self._feed(rest, 1, None, rest_mm, hooks)[0]
         if len(rest) > 1:  # everything but the last token as usual, the last one captured

@@ -101,12 +101,20 @@ class Sampler:
             self._hist[:len(prompt_ids)] = prompt_ids
         self._n = len(prompt_ids)
 
-    def draw(self, logits: np.ndarray) -> int:
+    def _args(self) -> dict:
         g = self.gc
-        return _core.sample(logits, self.rng, temperature=g.temperature, top_k=g.top_k,
-                            top_p=g.top_p, min_p=g.min_p, repetition_penalty=g.repetition_penalty,
-                            history=None if self._hist is None else self._hist[:self._n],
-                            bias_ids=self.bias_ids, bias_values=self.bias_vals)
+        return dict(temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, min_p=g.min_p,
+                    repetition_penalty=g.repetition_penalty,
+                    history=None if self._hist is None else self._hist[:self._n],
+                    bias_ids=self.bias_ids, bias_values=self.bias_vals)
+
+    def draw(self, logits: np.ndarray) -> int:
+        return _core.sample(logits, self.rng, **self._args())
+
+    def probs(self, logits: np.ndarray) -> np.ndarray:
+        """The distribution :meth:`draw` samples from now: (vocab,) float32, 0 where filtered
+        (speculative sampling, gemma3.speculative)."""
+        return _core.sample_probs(logits, None, **self._args())[0]
 
     def accept(self, tok: int) -> None:
         if self._hist is not None:
@@ -303,3 +311,32 @@ def visible_text(tokenizer, ids: Sequence[int]) -> str:
         return ""
     markup = tokenizer.markup_ids
     return tokenizer.decode([t for t in ids if t not in markup])
+
+
+def run_batch(model, prompts, per_prompt, return_ids: bool, kwargs: dict) -> list:
+    """Model.generate_batch: arguments checked (every prompt before any is fed), then decoded
+    together under the engine's lock."""
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, (Sequence, np.ndarray)):
+        raise TypeError(f"prompts must be a list of prompts (str or token ids), got "
+                        f"{type(prompts).__name__}")
+    prompts = list(prompts)
+    if per_prompt is not None and (not isinstance(per_prompt, Sequence) or not all(
+            isinstance(d, Mapping) for d in per_prompt)):
+        raise TypeError("settings must be a list of dicts, one per prompt")
+    if per_prompt is not None and len(per_prompt) != len(prompts):
+        raise ValueError(f"settings has {len(per_prompt)} entries for {len(prompts)} prompts")
+    if not prompts:
+        return []
+    vocab, eos = model.config.vocab_size, model.config.eos_token_id
+    gcs = [settings(vocab, **{**kwargs, **(per_prompt[i] if per_prompt is not None else {})})
+           for i in range(len(prompts))]
+    ids = [model._ids(p, "prompt") for p in prompts]
+    for i, p in enumerate(ids):
+        if not p:
+            raise ValueError(f"prompt {i} is empty")
+        check_room(len(p), model.max_seq_len, f"prompt {i}")
+        model.engine.check(p, at=0)  # every prompt, before any is fed
+    stops = [stop_ids(g, eos, model.tokenizer) for g in gcs]
+    with model.engine.exclusive():
+        return generate_batch(model.engine, ids, gcs, stops, model.tokenizer, return_ids)
+

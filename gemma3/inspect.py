@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _check
+from . import _check, _core
 from .engine import LOGITS_CHUNK
 
 ATTN_NAMES = ("hook_q", "hook_k", "hook_v", "hook_z", "hook_pattern", "hook_attn_scores")
@@ -204,7 +204,8 @@ class KVCache:
             vv = v[:n].transpose(1, 0, 2)
             return LayerKV(layer, "global", None, pos, kk, vv)
         slots = k.shape[0]
-        first = max(0, n - slots)
+        # the positions the next query reads (the ring keeps a rollback margin beyond them)
+        first = max(0, n - min(slots, cfg.sliding_window))
         pos = np.arange(first, n, dtype=np.int64)
         idx = pos % slots
         kk = np.ascontiguousarray(k[idx].transpose(1, 0, 2))
@@ -243,7 +244,7 @@ class KVCache:
                  f"{self._engine.max_seq_len}, float32 K and V",
                  f"  global layers: {by['global'][0]:3d}  {by['global'][1] / 2**20:10.1f} MiB",
                  f"  local layers:  {by['local'][0]:3d}  {by['local'][1] / 2**20:10.1f} MiB "
-                 f"(ring of {cfg.sliding_window} slots each)",
+                 f"(ring of {cfg.sliding_window} + {_core.KV_RING_MARGIN} slots each)",
                  f"  total          {total / 2**20:10.1f} MiB; with every layer global it would "
                  f"be {all_global / 2**20:.1f} MiB ({all_global / max(total, 1):.1f}x)"]
         return "\n".join(lines)

@@ -83,10 +83,12 @@ def _pack_fits(weights: dict[str, Any]) -> bool:
 
 def kv_cache_bytes(cfg: Gemma3Config, max_seq_len: int) -> int:
     """Bytes one sequence's KV cache reserves: float32 K and V; global layers hold every
-    position, local layers a ring of min(window, max_seq_len) slots."""
+    position, local layers a ring of min(window + KV_RING_MARGIN, max_seq_len) slots (the margin:
+    history kept for rollback, see csrc/model/state.h)."""
     per_pos = 2 * 4 * cfg.num_kv_heads * cfg.head_dim
     n_global = len(cfg.global_layers)
-    local = min(cfg.sliding_window, max_seq_len) if cfg.sliding_window else max_seq_len
+    local = (min(cfg.sliding_window + _core.KV_RING_MARGIN, max_seq_len) if cfg.sliding_window
+             else max_seq_len)
     return per_pos * (n_global * max_seq_len + (cfg.num_layers - n_global) * local)
 
 

@@ -6,7 +6,7 @@ the KV sequences and the feed protocol), generation (gemma3.generation), prompts
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -20,6 +20,8 @@ from . import inspect as _inspect
 from . import multimodal as _mm
 from . import sae as _sae
 from . import scoring as _scoring
+from . import speculative as _spec
+from . import state as _state
 from .config import Gemma3Config
 from .engine import PREFILL_CHUNK, Engine  # noqa: F401  (PREFILL_CHUNK: re-exported)
 from .generation import Generation, GenerationConfig  # noqa: F401  (re-exported)
@@ -67,7 +69,6 @@ class Model:
         CPUs without AVX-512 VNNI)."""
         return self.engine.core.packed_bytes
 
-    # -- public API --------------------------------------------------------------------------
     def encode(self, prompt: str | Sequence[int], add_bos: bool = True) -> list[int]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
@@ -121,22 +122,27 @@ class Model:
         Arguments as :meth:`generate`, checked when called (not at the first piece). Stop
         strings end the stream; their text is not yielded.
         """
+        spec = _spec.options(self, kwargs)
         gc = _gen.settings(self.config.vocab_size, **kwargs)
         hk = _hooks.plan(self.config, fwd_hooks)
         ids, mm = self._prompt(prompt, images, pan_and_scan)
         if self.tokenizer is None:
             raise ValueError("streaming text needs a tokenizer (pass return_ids=True to "
                              "generate() for token ids)")
-        return self._stream(ids, mm, gc, hk)
+        return self._stream(ids, mm, gc, hk, spec)
 
-    def _stream(self, ids: list[int], mm: list, gc: GenerationConfig, hooks=None
+    def _stream(self, ids: list[int], mm: list, gc: GenerationConfig, hooks=None, spec=None
                 ) -> Iterator[str]:
-        return _gen.stream_text(self._generate_ids(ids, gc, mm=mm, hooks=hooks), self.tokenizer,
-                                gc.stop)
+        return _gen.stream_text(self._generate_ids(ids, gc, mm=mm, hooks=hooks, spec=spec),
+                                self.tokenizer, gc.stop)
 
     def _generate_ids(self, ids: list[int], gc: GenerationConfig, attn=None, attn_out=None,
-                      mm=None, hooks=None) -> Iterator[int]:
+                      mm=None, hooks=None, spec=None) -> Iterator[int]:
         stops = _gen.stop_ids(gc, self.config.eos_token_id, self.tokenizer)
+        if spec is not None:
+            if hooks is not None:
+                raise ValueError("fwd_hooks cannot be combined with draft= (speculative) yet")
+            return _spec.generate_ids(self.engine, ids, gc, stops, spec, mm)
         return _gen.generate_ids(self.engine, ids, gc, stops, attn, attn_out, mm, hooks)
 
     def generate(self, prompt: str | Sequence[int], *, max_new_tokens: int = 256,
@@ -147,7 +153,8 @@ class Model:
                  return_attention: bool = False, attention_layers: Sequence[int] | None = None,
                  attention_heads: Sequence[int] | None = None,
                  images: Sequence[Any] | None = None, pan_and_scan: bool = False,
-                 fwd_hooks=None):
+                 fwd_hooks=None, draft: Any = None, num_draft_tokens: int = 5,
+                 stats: Any = None):
         """Generates a continuation of ``prompt`` (text, tokenized with BOS, or token ids).
 
         ``images`` (models with a vision tower): one per ``<start_of_image>`` in a text prompt
@@ -166,20 +173,29 @@ class Model:
         default all).
 
         ``fwd_hooks``: ``[(name or filter, fn)]`` applied at every forward call (gemma3.hooks).
+
+        Speculative decoding (gemma3.speculative): ``draft="prompt_lookup"`` (or a
+        ``PromptLookup(max_ngram, min_ngram)``) or another loaded Model sharing the tokenizer,
+        ``num_draft_tokens`` (1..30) per verify pass; greedy output equals plain greedy, sampled
+        output has the plain distribution. ``stats``: a ``speculative.Stats`` filled in place.
         """
         kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                   top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
                   stop=stop, logit_bias=logit_bias, stop_token_ids=stop_token_ids)
+        sk = dict(draft=draft, num_draft_tokens=num_draft_tokens, stats=stats)
         if not (return_attention or return_ids):
             return "".join(self.stream(prompt, images=images, pan_and_scan=pan_and_scan,
-                                       fwd_hooks=fwd_hooks, **kw))
+                                       fwd_hooks=fwd_hooks, **kw, **sk))
+        spec = _spec.options(self, sk)
+        if spec is not None and return_attention:
+            raise ValueError("return_attention is not available with draft= (speculative)")
         attn = _inspect.attention_selection(self.config, attention_layers, attention_heads) \
             if return_attention else None
         gc = _gen.settings(self.config.vocab_size, **kw)
         hk = _hooks.plan(self.config, fwd_hooks)
         p_ids, mm = self._prompt(prompt, images, pan_and_scan)
         if attn is None:
-            return list(self._generate_ids(p_ids, gc, mm=mm, hooks=hk))
+            return list(self._generate_ids(p_ids, gc, mm=mm, hooks=hk, spec=spec))
         att: list = []
         ids = list(self._generate_ids(p_ids, gc, attn, att, mm=mm, hooks=hk))
         return Generation(_gen.visible_text(self.tokenizer, ids), ids, att)
@@ -196,29 +212,7 @@ class Model:
         temperature, stop strings, max_new_tokens...). Each sequence stops on its own. Greedy
         results equal one-by-one :meth:`generate` exactly. Returns texts (or id lists).
         """
-        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, (Sequence, np.ndarray)):
-            raise TypeError(f"prompts must be a list of prompts (str or token ids), got "
-                            f"{type(prompts).__name__}")
-        prompts = list(prompts)
-        if settings is not None and (not isinstance(settings, Sequence) or not all(
-                isinstance(d, Mapping) for d in settings)):
-            raise TypeError("settings must be a list of dicts, one per prompt")
-        if settings is not None and len(settings) != len(prompts):
-            raise ValueError(f"settings has {len(settings)} entries for {len(prompts)} prompts")
-        if not prompts:
-            return []
-        gcs = [_gen.settings(self.config.vocab_size,
-                             **{**kwargs, **(settings[i] if settings is not None else {})})
-               for i in range(len(prompts))]
-        ids = [self._ids(p, "prompt") for p in prompts]
-        for i, p in enumerate(ids):
-            if not p:
-                raise ValueError(f"prompt {i} is empty")
-            _gen.check_room(len(p), self.max_seq_len, f"prompt {i}")
-            self.engine.check(p, at=0)  # every prompt, before any is fed
-        stops = [_gen.stop_ids(g, self.config.eos_token_id, self.tokenizer) for g in gcs]
-        with self.engine.exclusive():
-            return _gen.generate_batch(self.engine, ids, gcs, stops, self.tokenizer, return_ids)
+        return _gen.run_batch(self, prompts, settings, return_ids, kwargs)
 
     # -- scoring (gemma3.scoring) ---------------------------------------------------------------
     def loglikelihood(self, context: str | Sequence[int], continuation: str | Sequence[int]
@@ -320,9 +314,10 @@ class Model:
         arguments as :meth:`generate`.
         """
         hk = _hooks.plan(self.config, kwargs.pop("fwd_hooks", None))
+        spec = _spec.options(self, kwargs)
         gc = _gen.settings(self.config.vocab_size, **kwargs)
         ids, mm = self._chat_prompt(messages, pan_and_scan)
-        it = self._stream(ids, mm, gc, hk)
+        it = self._stream(ids, mm, gc, hk, spec)
         return it if stream else "".join(it)
 
     def chat_ids(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
@@ -337,6 +332,21 @@ class Model:
             raise ValueError("chat needs a tokenizer")
         segs, images = _chat.render(messages, add_generation_prompt)
         return _mm.chat_prompt(segs, images, pan_and_scan, self.vision, self.tokenizer)
+
+    # -- KV state (gemma3.state) -------------------------------------------------------------
+    def save_state(self, path: str | os.PathLike | None = None) -> _state.State:
+        """The cached context as a State (also written to ``path``: a versioned file tied to this
+        model). Later prompts extending a live State reuse its cache."""
+        return _state.save(self.engine, path, _state.model_info(self.config))
+
+    def load_state(self, state: _state.State | str | os.PathLike) -> None:
+        """Makes the cached context a saved State or state file (validated before use)."""
+        _state.restore(self.engine, state)
+
+    def fork(self, n: int) -> list[_state.State]:
+        """n States of the cached context sharing one copy of its bytes (best-of-N: load each
+        and continue)."""
+        return _state.fork(self.engine, _check.integer("n", n, 1))
 
     def close(self) -> None:
         """Releases the weights, the KV cache and the vision tower (and the file mappings once
@@ -362,9 +372,8 @@ def load(path: str | os.PathLike | None = None, *, n_threads: int | None = None,
          adapter: Any = None, merge: bool = False) -> Model:
     """Loads a Gemma 3 checkpoint: a GGUF file, or a Hugging Face checkpoint directory.
 
-    Vision: a multimodal HF directory (Gemma3ForConditionalGeneration) brings its SigLIP tower;
-    a text GGUF takes llama.cpp's vision file with ``mmproj="mmproj.gguf"``. The tower is
-    ``model.vision`` (None for text-only models).
+    Vision (``model.vision``, None for text-only models): a multimodal HF directory brings its
+    SigLIP tower; a text GGUF takes llama.cpp's vision file with ``mmproj="mmproj.gguf"``.
 
     With no path, the embedded default model (Gemma 3 270M, Q4_K_M) is used.
     ``n_threads``: threads for compute (default: all cores). ``max_seq_len``: positions the
@@ -372,17 +381,14 @@ def load(path: str | os.PathLike | None = None, *, n_threads: int | None = None,
     weights on load ("q8_0", "q4_0", "q4_k", "q6_k", "f16", "bf16", "f32"); by default GGUF
     weights are used as stored and HF weights as float32.
 
-    ``pack``: on CPUs with AVX-512 VNNI, repack the Q8_0, Q4_0, Q5_0, Q4_K, Q5_K and Q6_K matrices
-    into 16-row groups for the integer decode kernels (activations quantized to 24 bits per
-    32 values, so logits match the float kernels to ~1e-7 relative; about 2x faster decoding).
-    It costs a second copy of those weights in memory (``model.packed_bytes``); ``pack=False``
-    keeps the float dequantize-and-dot kernels, and the default (None) packs when the copy takes
-    at most half of the memory available.
+    ``pack``: with AVX-512 VNNI, repack Q8_0, Q4_0, Q5_0, Q4_K, Q5_K and Q6_K matrices into
+    16-row groups for the integer decode kernels (24-bit activations: logits as the float
+    kernels' to ~1e-7; ~2x faster decoding), at the cost of a second copy
+    (``model.packed_bytes``); default: pack when that takes at most half the available memory.
 
-    ``adapter``: a LoRA adapter path (PEFT directory or llama.cpp LoRA GGUF), a list of them,
-    or a dict ``{path: scale}``; applied unmerged (see :meth:`Model.load_adapter`), or folded
-    into the weights with ``merge=True`` (requantized to each matrix's type; the error this
-    costs is in ``model.adapters.merged``).
+    ``adapter``: LoRA adapter path(s) (PEFT directory or llama.cpp LoRA GGUF; a list, or
+    ``{path: scale}``), applied unmerged (:meth:`Model.load_adapter`), or with ``merge=True``
+    folded into the weights, requantized (the error is in ``model.adapters.merged``).
     """
     plan = _adapters.LoadPlan(adapter, merge)
     core, cfg, tok, path, owners, n, vision = open_checkpoint(path, n_threads, max_seq_len,

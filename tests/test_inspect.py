@@ -284,8 +284,9 @@ def _theoretical_nbytes(model) -> int:
     n_global = sum(t == "full_attention" for t in cfg.layer_types)
     n_local = cfg.num_layers - n_global
     per_pos = 2 * 4 * cfg.num_kv_heads * cfg.head_dim
-    return per_pos * (n_global * model.max_seq_len
-                      + n_local * min(cfg.sliding_window, model.max_seq_len))
+    # local rings keep KV_RING_MARGIN positions of rollback history (csrc/model/state.h)
+    ring = min(cfg.sliding_window + gemma3._core.KV_RING_MARGIN, model.max_seq_len)
+    return per_pos * (n_global * model.max_seq_len + n_local * ring)
 
 
 @pytest.mark.parametrize("which", ["tiny", "270m"])
@@ -303,7 +304,7 @@ def test_kv_nbytes_and_summary(which, request):
 
 def test_kv_views_read_only_and_alive_after_del():
     m = gemma3.load(TINY_DIR)
-    m.logits([2, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14])  # 11 tokens > window 8: the ring wrapped
+    m.logits([2] + list(range(5, 54)))  # 50 tokens > window 8 + margin 32: the ring wrapped
     kv = m.kv_cache
     g, loc = kv[5], kv[0]
     assert g.kind == "global" and loc.kind == "local" and loc.window == 8

@@ -168,8 +168,10 @@ static g3_status matmul_packed(int n, const g3_weight *const *W, const float *x,
                 g1 = hi;
             if (g1 > base + P->groups)
                 g1 = base + P->groups;
-            for (int64_t t = 0; t < T; t++)
-                g3_packed_matvec(P, &xq[t], g - base, g1 - base, y[i] + t * P->rows);
+            if (T == 1)
+                g3_packed_matvec(P, xq, g - base, g1 - base, y[i]);
+            else /* every token per weight block: the weights are read once (packed.c) */
+                g3_packed_matmat(P, xq, (int)T, g - base, g1 - base, y[i]);
             if (lora && W[i]->lora) { /* the same rows' deltas while they are in the cache */
                 const int64_t r1 = (g1 - base) * 16;
                 g3_lora_up_rows(W[i], T, (int)th, (g - base) * 16, r1 < P->rows ? r1 : P->rows,

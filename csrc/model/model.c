@@ -112,7 +112,7 @@ g3_status g3_model_set_n_seq(g3_model *m, int n, g3_err *err)
     for (int64_t i = 0; i < m->cfg.n_layer; i++) {
         g3_layer *L = &m->layers[i];
         const g3_config *c = &m->cfg;
-        L->n_slots = L->is_global ? c->max_seq : (c->window < c->max_seq ? c->window : c->max_seq);
+        L->n_slots = L->is_global ? c->max_seq : g3_model_ring_slots(c);
     }
     if (n < m->n_seq) {
         for (int s = n; s < m->n_seq; s++)
@@ -133,14 +133,19 @@ g3_status g3_model_set_n_seq(g3_model *m, int n, g3_err *err)
     return G3_OK;
 }
 
+int64_t g3_model_ring_slots(const g3_config *c)
+{
+    const int64_t n = c->window + G3_KV_RING_MARGIN;
+    return n < c->max_seq ? n : c->max_seq;
+}
+
 size_t g3_model_cache_bytes(const g3_model *m)
 {
     const g3_config *c = &m->cfg;
     size_t total = 0;
     for (int64_t i = 0; i < c->n_layer; i++) {
         const g3_layer *L = &m->layers[i];
-        int64_t slots = L->is_global ? c->max_seq
-                                     : (c->window < c->max_seq ? c->window : c->max_seq);
+        int64_t slots = L->is_global ? c->max_seq : g3_model_ring_slots(c);
         total += 2 * sizeof(float) * (size_t)slots * (size_t)(c->n_head_kv * c->head_dim);
     }
     return total;
@@ -179,11 +184,13 @@ int g3_model_truncate(g3_model *m, int seq, int64_t n)
     g3_seq *q = &m->seqs[seq];
     if (n < 0 || n > q->n_past)
         return 0;
-    /* a ring of W slots holds positions n_past - W .. n_past - 1; a query at position n needs
-     * n - W + 1 .. n - 1, so only n >= n_past - 1 is safe once positions have wrapped */
+    /* a ring of S slots holds positions n_past - S .. n_past - 1; a query at position n reads
+     * n - W + 1 .. n - 1 (W = window), so the cut is safe when n - W + 1 >= n_past - S (or
+     * nothing has wrapped yet): with S = W + margin, any n >= n_past - 1 - margin */
     for (int64_t i = 0; i < m->cfg.n_layer; i++) {
         const g3_layer *L = &m->layers[i];
-        if (!L->is_global && q->n_past > L->n_slots && n < q->n_past - 1)
+        const int64_t need = n - m->cfg.window + 1 > 0 ? n - m->cfg.window + 1 : 0;
+        if (!L->is_global && q->n_past > L->n_slots && need < q->n_past - L->n_slots)
             return 0;
     }
     q->n_past = n;

@@ -24,18 +24,26 @@ typedef struct g3_config_s {
     float rope_base_local, rope_scale_local;
 } g3_config;
 
+/* Positions a local ring keeps beyond the window, so that the last G3_KV_RING_MARGIN + 1
+ * positions can be dropped (a rejected speculative draft, an edited last turn) without recompute:
+ * the rollback rule of g3_model_truncate. 32 slots of K and V per local layer (e.g. +6% on the
+ * 270M's 512-slot rings). */
+#define G3_KV_RING_MARGIN 32
+
 typedef struct {
     int is_global;
     g3_weight q, k, v, o, gate, up, down;
     const float *attn_norm, *q_norm, *k_norm, *post_attn_norm, *ffn_norm, *post_ffn_norm;
     /* cache slots of this layer in every sequence: max_seq for global layers, a ring of
-     * min(window, max_seq) for local layers (the last `window` positions are all it reads) */
+     * min(window + G3_KV_RING_MARGIN, max_seq) for local layers (the last `window` positions are
+     * all it reads; the margin is history kept for rollback, model/state.h) */
     int64_t n_slots;
 } g3_layer;
 
 /* The KV cache of one sequence. Per layer, k[i] and v[i] are (n_slots, n_head_kv, head_dim)
  * float32; keys are stored after k-norm and RoPE, values raw. Global layers: slot = position;
- * local layers: slot = position % n_slots. */
+ * local layers: slot = position % n_slots, so a ring holds positions n_past - n_slots ..
+ * n_past - 1. */
 typedef struct {
     int64_t n_past; /* positions cached */
     float **k, **v; /* (n_layer) */
@@ -87,10 +95,13 @@ g3_status g3_model_pack(g3_model *m, size_t *bytes, g3_err *err);
 g3_status g3_model_set_n_seq(g3_model *m, int n, g3_err *err);
 void g3_model_free(g3_model *m);
 void g3_model_reset(g3_model *m, int seq); /* seq < 0: every sequence */
-/* Drops cached positions >= n of a sequence when its local rings still hold what positions >= n
- * will need: n >= n_past - 1, or nothing has wrapped yet. Returns 1 on success, 0 if not. */
+/* Drops cached positions >= n of a sequence when its local rings still hold what position n
+ * will read (positions >= n - window + 1): n >= n_past - 1 - G3_KV_RING_MARGIN, or nothing
+ * has wrapped yet. Returns 1 on success, 0 if not (model/state.h: restore a ring checkpoint and
+ * recompute from there instead). */
 int g3_model_truncate(g3_model *m, int seq, int64_t n);
 size_t g3_model_cache_bytes(const g3_model *m); /* of one sequence */
+int64_t g3_model_ring_slots(const g3_config *c); /* slots of a local layer's ring */
 /* Makes sequence dst hold the same cached context as src (copies the used slots). */
 g3_status g3_model_copy_seq(g3_model *m, int src, int dst, g3_err *err);
 

@@ -19,6 +19,7 @@
 #include "model/roles.h"
 #include "model/run.h"
 #include "python/py_hooks.h"
+#include "model/state.h"
 
 typedef struct {
     PyObject_HEAD
@@ -475,6 +476,70 @@ static PyObject *model_truncate(ModelObject *self, PyObject *arg)
     return PyBool_FromLong(ok);
 }
 
+/* state_save(seq=0, rings_only=False) -> uint8 array: the sequence's KV state (model/state.h). */
+static PyObject *model_state_save(ModelObject *self, PyObject *args)
+{
+    int seq = 0, rings_only = 0;
+    if (!PyArg_ParseTuple(args, "|ip", &seq, &rings_only))
+        return NULL;
+    if (enter(self) < 0)
+        return NULL;
+    g3_err err = {{0}, 0};
+    const int64_t n = seq >= 0 && seq < self->m->n_seq ? self->m->seqs[seq].n_past : 0;
+    npy_intp dims[1] = {(npy_intp)g3_state_bytes(self->m, n, rings_only)};
+    PyObject *out = PyArray_SimpleNew(1, dims, NPY_UINT8);
+    if (!out) {
+        self->busy = 0;
+        return NULL;
+    }
+    g3_status st;
+    Py_BEGIN_ALLOW_THREADS st = g3_state_save(self->m, seq, rings_only,
+                                              PyArray_DATA((PyArrayObject *)out),
+                                              (size_t)dims[0], &err);
+    Py_END_ALLOW_THREADS
+    self->busy = 0;
+    if (st) {
+        Py_DECREF(out);
+        return g3_py_raise(mstate((PyObject *)self), st, &err, NULL);
+    }
+    return out;
+}
+
+/* state_load(data: bytes-like, n, seq=0, rings_only=False): the sequence holds that state. */
+static PyObject *model_state_load(ModelObject *self, PyObject *args)
+{
+    Py_buffer buf;
+    long long n;
+    int seq = 0, rings_only = 0;
+    if (!PyArg_ParseTuple(args, "y*L|ip", &buf, &n, &seq, &rings_only))
+        return NULL;
+    if (enter(self) < 0) {
+        PyBuffer_Release(&buf);
+        return NULL;
+    }
+    g3_err err = {{0}, 0};
+    g3_status st;
+    Py_BEGIN_ALLOW_THREADS st = g3_state_load(self->m, seq, n, rings_only, buf.buf,
+                                              (size_t)buf.len, &err);
+    Py_END_ALLOW_THREADS
+    self->busy = 0;
+    PyBuffer_Release(&buf);
+    if (st)
+        return g3_py_raise(mstate((PyObject *)self), st, &err, NULL);
+    Py_RETURN_NONE;
+}
+
+static PyObject *model_state_bytes(ModelObject *self, PyObject *args)
+{
+    long long n;
+    int rings_only = 0;
+    if (!PyArg_ParseTuple(args, "L|p", &n, &rings_only))
+        return NULL;
+    if (!self->m || n < 0)
+        return PyErr_Format(PyExc_ValueError, "state_bytes needs n >= 0 on a live model");
+    return PyLong_FromSize_t(g3_state_bytes(self->m, n, rings_only));
+}
+
 /* head(x: float32 (n, E), normalize: bool) -> (n, vocab): the LM head (after the final norm when
  * normalize), for the logit lens. */
 static PyObject *model_head(ModelObject *self, PyObject *args)
@@ -688,6 +753,12 @@ static PyMethodDef model_methods[] = {
      "check_feed(ids, embd_mask=None, at=n_past): ValueError unless forward accepts them"},
     {"truncate", (PyCFunction)model_truncate, METH_VARARGS,
      "truncate(n, seq=0) -> bool: keep the first n positions if the local rings allow it"},
+    {"state_save", (PyCFunction)model_state_save, METH_VARARGS,
+     "state_save(seq=0, rings_only=False) -> uint8 array of the sequence's KV state"},
+    {"state_load", (PyCFunction)model_state_load, METH_VARARGS,
+     "state_load(data, n, seq=0, rings_only=False): the sequence holds the saved state"},
+    {"state_bytes", (PyCFunction)model_state_bytes, METH_VARARGS,
+     "state_bytes(n, rings_only=False) -> bytes of a state of n positions"},
     {"profile", (PyCFunction)model_profile, METH_VARARGS,
      "profile(enable=None) -> this model's per-op seconds of forward passes since the last call "
      "(resets)"},
@@ -699,7 +770,16 @@ static PyObject *model_get_packed_bytes(ModelObject *self, void *c)
     return PyLong_FromSize_t(self->m ? self->packed_bytes : 0);
 }
 
+static PyObject *model_get_fingerprint(ModelObject *self, void *c)
+{
+    if (!self->m)
+        return PyErr_Format(PyExc_RuntimeError, "model is not initialised");
+    return PyLong_FromUnsignedLongLong(g3_state_fingerprint(self->m));
+}
+
 static PyGetSetDef model_getset[] = {
+    {"fingerprint", (getter)model_get_fingerprint, NULL,
+     "64-bit digest of the configuration and weights (what KV states are tied to)", NULL},
     {"packed_bytes", (getter)model_get_packed_bytes, NULL,
      "bytes of weights repacked for the integer decode kernels (0: float decode kernels)", NULL},
     {"n_past", (getter)model_get_n_past, NULL, "positions in the KV cache", NULL},
@@ -754,7 +834,8 @@ static PyMethodDef thread_methods[] = {
 int g3_py_model_init(PyObject *module, g3_module_state *st)
 {
     st->ModelType = PyType_FromModuleAndSpec(module, &model_spec, NULL);
-    if (!st->ModelType || PyModule_AddObjectRef(module, "Model", st->ModelType) < 0)
+    if (!st->ModelType || PyModule_AddObjectRef(module, "Model", st->ModelType) < 0 ||
+        PyModule_AddIntConstant(module, "KV_RING_MARGIN", G3_KV_RING_MARGIN) < 0)
         return -1;
     return PyModule_AddFunctions(module, thread_methods);
 }

@@ -411,3 +411,135 @@ TGT void g3_packed_matvec(const g3_packed *P, const g3_xq *xq, int64_t g0, int64
     case G3_TYPE_Q6_K: matvec_kind(P, xq, g0, g1, y, V_BYTES, S_K6, 32); break;
     }
 }
+
+/* ---- several tokens per pass over the weights ---------------------------------------------------
+ *
+ * A verify pass of speculative decoding (or any few-token call) multiplies the same weights by T
+ * activation vectors. Calling g3_packed_matvec per token streams the weights from memory once and
+ * then re-reads them from cache T - 1 times, with the compute of the later passes serialized
+ * after the memory stall of the first. Here each block's codes are loaded and unpacked once and
+ * multiplied by every token while the next blocks stream in, so T tokens cost about one pass as
+ * long as T times the integer work fits under the memory time. The per-token arithmetic is the
+ * matvec's, in the same order (the integer sums are exact; the float combine and accumulate steps
+ * are the same operations), so each token's y is bit-identical to g3_packed_matvec's. */
+
+INL void matmat_kind(const g3_packed *P, const g3_xq *xq, int T, int64_t g0, int64_t g1, float *y,
+                     const int vmode, const int smode, const int offset)
+{
+    const size_t vb = vmode == V_BYTES ? 512 : vmode == V_NIB ? 256 : 320;
+    const __m512i m4 = _mm512_set1_epi8(0x0F), b4 = _mm512_set1_epi8(0x10);
+    __m512 yacc[G3_PACK_MAX_TOKENS];
+    for (int64_t g = g0; g < g1; g++) {
+        const uint8_t *p = P->data + (size_t)g * P->group_bytes;
+        __m512 dsup = _mm512_setzero_ps(), dminsup = dsup;
+        for (int t = 0; t < T; t++)
+            yacc[t] = _mm512_setzero_ps();
+        for (int64_t b = 0; b < P->nb; b++) {
+            if (smode != S_HALF && b % 8 == 0) {
+                dsup = _mm512_loadu_ps(p);
+                p += 64;
+                if (smode == S_K4) {
+                    dminsup = _mm512_loadu_ps(p);
+                    p += 64;
+                }
+            }
+            const int64_t col = 32 * b;
+            if (G3_PACK_PREFETCH > 0)
+                for (size_t o = 0; o < vb + 32; o += 64)
+                    _mm_prefetch((const char *)p + G3_PACK_PREFETCH + o, _MM_HINT_T0);
+            /* the block's codes, 8 vectors of 16 rows x 4 columns (V_BYTES: chunk j covers
+             * columns 4j..4j+3; nibbles: u[2j] columns 4j.., u[2j + 1] columns 16 + 4j..) */
+            __m512i u[8];
+            if (vmode == V_BYTES) {
+#pragma GCC unroll 8
+                for (int j = 0; j < 8; j++)
+                    u[j] = _mm512_loadu_si512(p + 64 * j);
+            } else {
+                const __m512i H = vmode == V_NIB5 ? _mm512_loadu_si512(p + 256) : _mm512_setzero_si512();
+#define NIB_UNPACK(j)                                                                             \
+    do {                                                                                          \
+        const __m512i v = _mm512_loadu_si512(p + 64 * (j));                                       \
+        __m512i lo = _mm512_and_si512(v, m4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4); \
+        if (vmode == V_NIB5) {                                                                    \
+            lo = _mm512_or_si512(lo, _mm512_and_si512(_mm512_slli_epi16(H, 4 - (j)), b4));        \
+            hi = _mm512_or_si512(hi, _mm512_and_si512(_mm512_srli_epi16(H, (j)), b4));            \
+        }                                                                                         \
+        u[2 * (j)] = lo;                                                                          \
+        u[2 * (j) + 1] = hi;                                                                      \
+    } while (0)
+                NIB_UNPACK(0);
+                NIB_UNPACK(1);
+                NIB_UNPACK(2);
+                NIB_UNPACK(3);
+#undef NIB_UNPACK
+            }
+            p += vb;
+            /* the block's scales, shared by every token */
+            __m512 d = _mm512_setzero_ps(), sc0 = d, sc1 = d, mn = d;
+            if (smode == S_HALF) {
+                d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
+            } else if (smode == S_K4) {
+                sc0 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p)));
+                mn = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p + 16))));
+            } else {
+                sc0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+                sc1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p + 16))));
+            }
+            p += 32;
+            for (int t = 0; t < T; t++) {
+                const g3_xq *x = &xq[t];
+                __m512i a0[3], a1[3];
+                for (int q = 0; q < 3; q++)
+                    a0[q] = a1[q] = _mm512_setzero_si512();
+                if (vmode == V_BYTES) {
+#pragma GCC unroll 8
+                    for (int j = 0; j < 8; j++)
+                        dp3(smode == S_K6 && j >= 4 ? a1 : a0, u[j], x, col + 4 * j);
+                } else {
+#pragma GCC unroll 4
+                    for (int j = 0; j < 4; j++) {
+                        dp3(a0, u[2 * j], x, col + 4 * j);
+                        dp3(smode == S_K6 ? a1 : a0, u[2 * j + 1], x, col + 16 + 4 * j);
+                    }
+                }
+                const __m512 xs = _mm512_set1_ps(x->scale[b]);
+                const int32_t *ds = x->dsum + 6 * b;
+                __m512 acc = yacc[t];
+                if (smode == S_HALF) {
+                    const __m512 S = combine(a0, offset, ds, ds + 3);
+                    acc = _mm512_fmadd_ps(S, _mm512_mul_ps(d, xs), acc);
+                } else if (smode == S_K4) {
+                    const __m512 S = combine(a0, 0, ds, ds + 3);
+                    acc = _mm512_fmadd_ps(S, _mm512_mul_ps(_mm512_mul_ps(dsup, sc0), xs), acc);
+                    acc = _mm512_fnmadd_ps(_mm512_mul_ps(dminsup, mn), _mm512_set1_ps(x->xsum[b]), acc);
+                } else {
+                    const __m512 S0 = combine(a0, offset, ds, NULL), S1 = combine(a1, offset, ds + 3, NULL);
+                    acc = _mm512_fmadd_ps(S0, _mm512_mul_ps(_mm512_mul_ps(dsup, sc0), xs), acc);
+                    acc = _mm512_fmadd_ps(S1, _mm512_mul_ps(_mm512_mul_ps(dsup, sc1), xs), acc);
+                }
+                yacc[t] = acc;
+            }
+        }
+        const int64_t r0 = g * G3_PACK_ROWS, n = P->rows - r0 < G3_PACK_ROWS ? P->rows - r0 : G3_PACK_ROWS;
+        for (int t = 0; t < T; t++)
+            _mm512_mask_storeu_ps(y + (size_t)t * P->rows + r0, (__mmask16)((1u << n) - 1), yacc[t]);
+    }
+}
+
+TGT void g3_packed_matmat(const g3_packed *P, const g3_xq *xq, int T, int64_t g0, int64_t g1,
+                          float *y)
+{
+    for (int t0 = 0; t0 < T; t0 += G3_PACK_MAX_TOKENS) {
+        const int n = T - t0 < G3_PACK_MAX_TOKENS ? T - t0 : G3_PACK_MAX_TOKENS;
+        const g3_xq *x = xq + t0;
+        float *yt = y + (size_t)t0 * P->rows;
+        switch (P->type) {
+        case G3_TYPE_Q8_0: matmat_kind(P, x, n, g0, g1, yt, V_BYTES, S_HALF, 128); break;
+        case G3_TYPE_Q4_0: matmat_kind(P, x, n, g0, g1, yt, V_NIB, S_HALF, 8); break;
+        case G3_TYPE_Q5_0: matmat_kind(P, x, n, g0, g1, yt, V_NIB5, S_HALF, 16); break;
+        case G3_TYPE_Q4_K: matmat_kind(P, x, n, g0, g1, yt, V_NIB, S_K4, 0); break;
+        case G3_TYPE_Q5_K: matmat_kind(P, x, n, g0, g1, yt, V_NIB5, S_K4, 0); break;
+        case G3_TYPE_Q6_K: matmat_kind(P, x, n, g0, g1, yt, V_BYTES, S_K6, 32); break;
+        }
+    }
+}

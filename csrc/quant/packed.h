@@ -65,5 +65,10 @@ void g3_xq_init(g3_xq *xq, int64_t cols, void *buf);
 void g3_xq_prepare(g3_xq *xq, const float *x);
 /* y[r] for the rows of groups [g0, g1) of one token; y has P->rows entries. */
 void g3_packed_matvec(const g3_packed *P, const g3_xq *xq, int64_t g0, int64_t g1, float *y);
+/* The same for T tokens (xq[0..T)) in one pass over the weights, y (T, P->rows); each token's
+ * rows are bit-identical to g3_packed_matvec's. Tokens are taken G3_PACK_MAX_TOKENS at a time. */
+#define G3_PACK_MAX_TOKENS 16
+void g3_packed_matmat(const g3_packed *P, const g3_xq *xq, int T, int64_t g0, int64_t g1,
+                      float *y);
 
 #endif
