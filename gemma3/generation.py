@@ -313,9 +313,9 @@ def visible_text(tokenizer, ids: Sequence[int]) -> str:
     return tokenizer.decode([t for t in ids if t not in markup])
 
 
-def run_batch(model, prompts, per_prompt, return_ids: bool, kwargs: dict) -> list:
+def run_batch(model, to_ids, prompts, per_prompt, return_ids: bool, kwargs: dict) -> list:
     """Model.generate_batch: arguments checked (every prompt before any is fed), then decoded
-    together under the engine's lock."""
+    together under the engine's lock. ``to_ids(prompt, what)``: a prompt as token ids."""
     if isinstance(prompts, (str, bytes)) or not isinstance(prompts, (Sequence, np.ndarray)):
         raise TypeError(f"prompts must be a list of prompts (str or token ids), got "
                         f"{type(prompts).__name__}")
@@ -330,7 +330,7 @@ def run_batch(model, prompts, per_prompt, return_ids: bool, kwargs: dict) -> lis
     vocab, eos = model.config.vocab_size, model.config.eos_token_id
     gcs = [settings(vocab, **{**kwargs, **(per_prompt[i] if per_prompt is not None else {})})
            for i in range(len(prompts))]
-    ids = [model._ids(p, "prompt") for p in prompts]
+    ids = [to_ids(p, "prompt") for p in prompts]
     for i, p in enumerate(ids):
         if not p:
             raise ValueError(f"prompt {i} is empty")

@@ -212,7 +212,7 @@ class Model:
         temperature, stop strings, max_new_tokens...). Each sequence stops on its own. Greedy
         results equal one-by-one :meth:`generate` exactly. Returns texts (or id lists).
         """
-        return _gen.run_batch(self, prompts, settings, return_ids, kwargs)
+        return _gen.run_batch(self, self._ids, prompts, settings, return_ids, kwargs)
 
     # -- scoring (gemma3.scoring) ---------------------------------------------------------------
     def loglikelihood(self, context: str | Sequence[int], continuation: str | Sequence[int]
