@@ -1,6 +1,7 @@
-"""Random-weight GGUFs with the real shapes of Gemma 3 1B and 4B (text), for speed benchmarks.
+"""Random-weight GGUFs with the real shapes of Gemma 3 1B, 4B, 12B and 27B (text), for speed and
+memory benchmarks.
 
-    python benchmarks/make_random_gguf.py --size 1b|4b --mix q4_0|q4_k_m [--out PATH] [--seed 0]
+    python benchmarks/make_random_gguf.py --size 1b|4b|12b|27b --mix q4_0|q4_k_m [--out PATH]
                                           [--check] [--check-only]
 
 --check loads the file with gemma3 and with llama.cpp (llama-cpp-python), checks the logits are
@@ -49,6 +50,12 @@ SIZES = {
                ctx=32768, window=512, rope_scale=None),
     "4b": dict(name="4B", n_embd=2560, n_layer=34, n_head=8, n_kv=4, head_dim=256, n_ff=10240,
                ctx=131072, window=1024, rope_scale=8.0),
+    "12b": dict(name="12B", n_embd=3840, n_layer=48, n_head=16, n_kv=8, head_dim=256,
+                n_ff=15360, ctx=131072, window=1024, rope_scale=8.0),
+    # query_pre_attn_scalar 168 = 5376 / 32: llama.cpp derives it from the 62-layer count, and so
+    # does gemma3.config (no key is written, as llama.cpp's converter writes none)
+    "27b": dict(name="27B", n_embd=5376, n_layer=62, n_head=32, n_kv=16, head_dim=128,
+                n_ff=21504, ctx=131072, window=1024, rope_scale=8.0),
 }
 FILE_TYPE = {"q4_0": 2, "q4_k_m": 15}  # llama_ftype MOSTLY_Q4_0, MOSTLY_Q4_K_M
 FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}  # row length % 256 != 0

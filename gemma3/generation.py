@@ -265,11 +265,18 @@ def generate_batch(engine: Engine, ids: list[list[int]], gcs: list[GenerationCon
     done = [g.max_new_tokens == 0 for g in gcs]
     logits: dict[int, np.ndarray] = {}
     with engine.slots(B) as seqs:
+        first: dict[tuple[int, ...], int] = {}  # a prompt -> the row that computed it first
         for i, s in enumerate(seqs):  # prefill one prompt at a time, as generate() does
-            if not done[i]:
-                for _, lg in engine.run_packed([(s, ids[i])], PREFILL_CHUNK, 1):
-                    if lg is not None:
-                        logits[i] = lg[0]
+            if done[i]:
+                continue
+            j = first.setdefault(tuple(ids[i]), i)
+            if j != i:  # the same prompt again (num_return_sequences): copy, don't recompute
+                engine.core.state_load(engine.core.state_save(seqs[j]), len(ids[i]), s)
+                logits[i] = logits[j]
+                continue
+            for _, lg in engine.run_packed([(s, ids[i])], PREFILL_CHUNK, 1):
+                if lg is not None:
+                    logits[i] = lg[0]
         while True:
             feed = []
             for i in range(B):
@@ -340,3 +347,27 @@ def run_batch(model, to_ids, prompts, per_prompt, return_ids: bool, kwargs: dict
     with model.engine.exclusive():
         return generate_batch(model.engine, ids, gcs, stops, model.tokenizer, return_ids)
 
+
+
+def return_sequences(model, to_ids, prompt, n, return_ids: bool, kwargs: dict,
+                     unsupported: dict) -> list:
+    """Model.generate(num_return_sequences=n): n continuations of one prompt, decoded together
+    (generate_batch: the prompt is computed once and its KV copied to the other sequences).
+    With a seed, sequence i samples with seed + i (so sequence 0 is what generate(seed=seed)
+    gives); without, each draws its own."""
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"num_return_sequences must be an int, got {type(n).__name__}")
+    if not 1 <= n <= MAX_RETURN_SEQUENCES:
+        raise ValueError(f"num_return_sequences must be 1 to {MAX_RETURN_SEQUENCES}, got {n}")
+    used = [k for k, v in unsupported.items() if v]
+    if used:
+        raise ValueError(f"num_return_sequences > 1 cannot be combined with {', '.join(used)}")
+    seed = kwargs.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+    per = [{"seed": None if seed is None else seed + i} for i in range(n)]
+    return run_batch(model, to_ids, [prompt] * n, per, return_ids, kwargs)
+
+
+# sequences of one generate() call; each is a KV sequence (lazily-touched memory)
+MAX_RETURN_SEQUENCES = 256

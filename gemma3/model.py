@@ -154,7 +154,7 @@ class Model:
                  attention_heads: Sequence[int] | None = None,
                  images: Sequence[Any] | None = None, pan_and_scan: bool = False,
                  fwd_hooks=None, draft: Any = None, num_draft_tokens: int = 5,
-                 stats: Any = None):
+                 stats: Any = None, num_return_sequences: int = 1):
         """Generates a continuation of ``prompt`` (text, tokenized with BOS, or token ids).
 
         ``images`` (models with a vision tower): one per ``<start_of_image>`` in a text prompt
@@ -178,11 +178,18 @@ class Model:
         ``PromptLookup(max_ngram, min_ngram)``) or another loaded Model sharing the tokenizer,
         ``num_draft_tokens`` (1..30) per verify pass; greedy output equals plain greedy, sampled
         output has the plain distribution. ``stats``: a ``speculative.Stats`` filled in place.
+
+        ``num_return_sequences=n``: a list of n continuations, decoded together from one
+        computation of the prompt (sequence i samples with ``seed + i``).
         """
         kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                   top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
                   stop=stop, logit_bias=logit_bias, stop_token_ids=stop_token_ids)
         sk = dict(draft=draft, num_draft_tokens=num_draft_tokens, stats=stats)
+        if type(num_return_sequences) is not int or num_return_sequences != 1:
+            return _gen.return_sequences(self, self._ids, prompt, num_return_sequences, return_ids,
+                                         kw, dict(images=images, fwd_hooks=fwd_hooks, draft=draft,
+                                                  return_attention=return_attention))
         if not (return_attention or return_ids):
             return "".join(self.stream(prompt, images=images, pan_and_scan=pan_and_scan,
                                        fwd_hooks=fwd_hooks, **kw, **sk))

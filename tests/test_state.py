@@ -103,6 +103,39 @@ def test_fork_continues_bitwise(tiny):
         np.testing.assert_allclose(got, fresh, rtol=0, atol=tol.TINY_LOGITS_ABS)
 
 
+def test_num_return_sequences_computes_the_prompt_once(tiny, monkeypatch):
+    """n continuations of one prompt decoded together from one prefill (the KV copied to the
+    other sequences): sequence i is exactly what generate(seed=seed + i) gives alone."""
+    ids = _ids(70, seed=8)  # longer than the tiny's window: the copied rings matter
+    kw = dict(max_new_tokens=10, temperature=1.0, top_k=0, top_p=1.0, return_ids=True)
+    alone = [tiny.generate(ids, seed=40 + i, **kw) for i in range(3)]
+    fed = []
+    run_packed = tiny.engine.run_packed
+    monkeypatch.setattr(tiny.engine, "run_packed",
+                        lambda streams, *a: (fed.append(len(streams[0][1])) or
+                                             run_packed(streams, *a)))
+    got = tiny.generate(ids, seed=40, num_return_sequences=3, **kw)
+    assert got == alone
+    assert len(set(map(tuple, alone))) > 1  # the seeds really differ
+    assert fed.count(len(ids)) == 1  # the prompt was fed once, not three times
+    greedy = tiny.generate(ids, max_new_tokens=6, temperature=0, return_ids=True)
+    assert tiny.generate(ids, max_new_tokens=6, temperature=0, return_ids=True,
+                         num_return_sequences=2) == [greedy, greedy]
+
+
+@pytest.mark.parametrize("n, kw, exc, match", [
+    (0, {}, ValueError, "1 to 256"), (257, {}, ValueError, "1 to 256"),
+    (2.0, {}, TypeError, "must be an int"), (True, {}, TypeError, "must be an int"),
+    (2, {"draft": "prompt_lookup"}, ValueError, "draft"),
+    (2, {"return_attention": True}, ValueError, "return_attention"),
+    (2, {"seed": "x"}, TypeError, "seed"),
+])
+def test_num_return_sequences_arguments(tiny, n, kw, exc, match):
+    with pytest.raises(exc, match=match):
+        tiny.generate(_ids(5), max_new_tokens=2, num_return_sequences=n, **kw)
+    assert tiny.generate(_ids(5), max_new_tokens=2, temperature=0, return_ids=True)  # usable
+
+
 def test_270m_round_trip_file_and_fork_bitwise(m270, tmp_path):
     ids = m270.tokenizer.encode(PD_TEXT.read_text()[:3000])[:700]  # past window + margin
     m270.logits(ids[:-3], last_only=True)
