@@ -271,7 +271,7 @@ def generate_batch(engine: Engine, ids: list[list[int]], gcs: list[GenerationCon
                 continue
             j = first.setdefault(tuple(ids[i]), i)
             if j != i:  # the same prompt again (num_return_sequences): copy, don't recompute
-                engine.core.state_load(engine.core.state_save(seqs[j]), len(ids[i]), s)
+                engine.core.copy_seq(seqs[j], s)
                 logits[i] = logits[j]
                 continue
             for _, lg in engine.run_packed([(s, ids[i])], PREFILL_CHUNK, 1):
