@@ -49,6 +49,10 @@ g3_status g3_fail(g3_err *err, g3_status st, const char *fmt, ...)
 /* Read-only private mapping of a whole regular file (io/mmap.c); *base is NULL for an empty file. */
 g3_status g3_map_file(const char *path, const uint8_t **base, uint64_t *size, g3_err *err);
 void g3_unmap_file(const uint8_t *base, uint64_t size);
+/* Drops this process's pages of [p, p + n) inside a mapping made by g3_map_file (whole pages
+ * only; the mapping is read-only and private, so a later read brings them back from the file).
+ * Returns the bytes released (0 when the range is outside the mapping or nothing was dropped). */
+uint64_t g3_map_release(const uint8_t *base, uint64_t size, const uint8_t *p, uint64_t n);
 
 /* ggml tensor type ids as stored in GGUF files (ggml/include/ggml.h enum ggml_type). */
 enum {

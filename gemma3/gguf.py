@@ -127,6 +127,12 @@ class GGUFFile:
         """The tensor as a new float32 array in NumPy order (bit-exact reference dequantization)."""
         return self._f.dequantize(name)
 
+    def release(self, name: str) -> int:
+        """Drops this process's resident pages of a tensor's bytes (whole pages; they are read
+        again from the file if touched). Returns the bytes released (0 for a GGUF opened over a
+        buffer)."""
+        return self._f.release(name)
+
     def close(self) -> None:
         """Unmap the file. Raises BufferError while a view from ``raw()`` is alive."""
         self._f.close()

@@ -6,11 +6,15 @@ for the packed weights). :func:`gemma3.model.load` wraps the result in a Model.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 from . import _check, _core
 from . import vision as _vision
 from .config import Gemma3Config
+from .gguf import GGUFFile
 from .loader import build_core, is_hf_dir, load_gguf, load_hf_dir
 from .tokenizer import Tokenizer
 
@@ -65,7 +69,92 @@ def open_checkpoint(path: str | os.PathLike | None, n_threads: int | None,
     elif not isinstance(pack, bool):
         raise TypeError(f"pack must be True, False or None, got {pack!r}")
     core = build_core(cfg, weights, max_seq_len, pack=pack)
-    return core, cfg, tokenizer, path, owners, max_seq_len, vision
+    footprint = weight_footprint(weights, owners)
+    if core.packed_bytes and isinstance(owners, GGUFFile):
+        footprint.released = release_packed(owners)
+    return core, cfg, tokenizer, path, owners, max_seq_len, vision, footprint
+
+
+@dataclass
+class Footprint:
+    """Where a model's weights live: ``mapped`` bytes are read in place from the checkpoint
+    ``files`` (page cache, shared with other processes), ``owned`` bytes were converted on load
+    and live in this process; ``released``: mapped bytes whose pages were dropped after packing."""
+    files: list[str] = field(default_factory=list)
+    mapped: int = 0
+    owned: int = 0
+    released: int = 0
+
+
+def _in_mapping(a: np.ndarray) -> bool:
+    while isinstance(a, np.ndarray) and a.base is not None:
+        a = a.base
+    return not isinstance(a, np.ndarray)  # a reader's view object (GGUF / safetensors mapping)
+
+
+def weight_footprint(weights: dict[str, Any], owners: Any) -> Footprint:
+    fp = Footprint(files=[os.path.realpath(o.path) for o in
+                          (owners if isinstance(owners, (list, tuple)) else [owners])
+                          if getattr(o, "path", None)])
+    for e in weights.values():
+        a = e[-1] if isinstance(e, tuple) else e
+        if isinstance(a, np.ndarray):
+            if _in_mapping(a):
+                fp.mapped += a.nbytes
+            else:
+                fp.owned += a.nbytes
+    return fp
+
+
+def release_packed(f: GGUFFile) -> int:
+    """After packing: drop the resident file pages of every matrix the packed kernels read from
+    their copy (a packed model otherwise holds each matrix twice). A matrix still read in place
+    (the embedding's rows) brings back only the pages it touches."""
+    return sum(f.release(name) for name, t in f.tensors.items()
+               if len(t.shape) == 2 and _core.packed_supported(t.type_id))
+
+
+def _smaps_rss(files: list[str]) -> int | None:
+    """Resident bytes of this process's mappings of ``files`` (/proc/self/smaps), or None."""
+    try:
+        text = open("/proc/self/smaps").read()
+    except OSError:
+        return None
+    total, inside = 0, False
+    for line in text.splitlines():
+        head = line.split(None, 5)
+        if head and "-" in head[0] and len(head) >= 5 and ":" not in head[0]:
+            inside = len(head) == 6 and head[5].strip() in files
+        elif inside and line.startswith("Rss:"):
+            total += int(line.split()[1]) * 1024
+    return total
+
+
+def _process_rss() -> int | None:
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def memory(engine, footprint: Footprint, vision) -> dict[str, int | None]:
+    """Model.memory(): bytes by kind (see its docstring)."""
+    core = engine.core
+    out = {"weights_mapped": footprint.mapped,
+           "weights_mapped_resident": _smaps_rss(footprint.files),
+           "weights_packed": core.packed_bytes,
+           "weights_owned": footprint.owned,
+           "vision": vision.nbytes if vision is not None else 0,
+           "kv_cache": core.cache_bytes * core.n_seq,
+           "run_state": core.run_bytes}
+    resident = out["weights_mapped_resident"]
+    out["total"] = sum(v for k, v in out.items() if k != "weights_mapped" and v is not None) + \
+        (footprint.mapped if resident is None else 0)
+    out["process_rss"] = _process_rss()
+    return out
 
 
 def _pack_fits(weights: dict[str, Any]) -> bool:

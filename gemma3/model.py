@@ -13,16 +13,17 @@ import numpy as np
 
 from . import _check, _core
 from . import adapters as _adapters
-from . import chat as _chat
 from . import generation as _gen
 from . import hooks as _hooks
 from . import inspect as _inspect
+from . import loading as _loading
 from . import multimodal as _mm
 from . import sae as _sae
 from . import scoring as _scoring
 from . import speculative as _spec
 from . import state as _state
 from .config import Gemma3Config
+from .conversation import ChatMethods
 from .engine import PREFILL_CHUNK, Engine  # noqa: F401  (PREFILL_CHUNK: re-exported)
 from .generation import Generation, GenerationConfig  # noqa: F401  (re-exported)
 from .loading import check_cache_fits, kv_cache_bytes  # noqa: F401  (re-exported)
@@ -31,16 +32,17 @@ from .loading import set_num_threads  # noqa: F401  (re-exported: gemma3.set_num
 from .tokenizer import Tokenizer
 
 
-class Model:
+class Model(ChatMethods):
     """A loaded Gemma 3 model. Create with :func:`gemma3.load`."""
 
     def __init__(self, core: _core.Model, config: Gemma3Config, tokenizer: Tokenizer | None,
-                 path: str, owners: Any, max_seq_len: int):
+                 path: str, owners: Any, max_seq_len: int, footprint: Any = None):
         self.config = config
         self.tokenizer = tokenizer
         self.path = path
         self.max_seq_len = max_seq_len
         self._owners = owners  # file mappings the weights point into
+        self._footprint = footprint or _loading.Footprint()  # where the weights live
         self.engine = Engine(core, config, max_seq_len)  # owns the C model (gemma3.engine)
         self.adapters = _adapters.AdapterSet(config, self.engine.set_lora)
 
@@ -65,9 +67,17 @@ class Model:
 
     @property
     def packed_bytes(self) -> int:
-        """Bytes of weights repacked for the integer decode kernels (0 with ``pack=False`` or on
-        CPUs without AVX-512 VNNI)."""
+        """Bytes of weights repacked for the integer kernels (0: ``pack=False``, no VNNI)."""
         return self.engine.core.packed_bytes
+
+    def memory(self) -> dict[str, int | None]:
+        """Bytes by kind: ``weights_mapped`` (read in place from the checkpoint file; page cache,
+        shared) and ``weights_mapped_resident`` (of those, pages this process holds now; None off
+        Linux), ``weights_packed`` (the integer kernels' copies: the file pages of packed
+        matrices are dropped after packing), ``weights_owned`` (converted on load), ``vision``,
+        ``kv_cache`` (reserved by every sequence; touched as used), ``run_state`` (forward
+        buffers), ``total`` (their sum, mapped counted as resident) and ``process_rss``."""
+        return _loading.memory(self.engine, self._footprint, self.vision)
 
     def encode(self, prompt: str | Sequence[int], add_bos: bool = True) -> list[int]:
         if isinstance(prompt, str):
@@ -309,37 +319,6 @@ class Model:
         (never a full (n_tokens, vocab) matrix): (ids (n, k) int64, logprobs (n, k) float32)."""
         return _inspect.top_logprobs(self.engine, self._ids(text_or_ids, "token ids"), k)
 
-    # -- chat ------------------------------------------------------------------------------------
-    def chat(self, messages: list[dict[str, Any]], *, stream: bool = False,
-             pan_and_scan: bool = False, **kwargs):
-        """Replies to a conversation (``[{"role": "user"|"assistant"|"system", "content": ...}]``).
-
-        Uses the Gemma chat format; the KV cache of the previous turn is reused when the
-        conversation extends it (images included, compared by their pixels). Content may be a
-        list of items ``{"type": "text", "text": ...}`` / ``{"type": "image", "image": ...}``.
-        Returns the reply text, or an iterator of pieces with ``stream=True``. Keyword
-        arguments as :meth:`generate`.
-        """
-        hk = _hooks.plan(self.config, kwargs.pop("fwd_hooks", None))
-        spec = _spec.options(self, kwargs)
-        gc = _gen.settings(self.config.vocab_size, **kwargs)
-        ids, mm = self._chat_prompt(messages, pan_and_scan)
-        it = self._stream(ids, mm, gc, hk, spec)
-        return it if stream else "".join(it)
-
-    def chat_ids(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
-                 ) -> list[int]:
-        """Token ids of the rendered conversation (with BOS; images expanded to their
-        soft-token runs)."""
-        return self._chat_prompt(messages, False, add_generation_prompt)[0]
-
-    def _chat_prompt(self, messages: list[dict[str, Any]], pan_and_scan: bool,
-                     add_generation_prompt: bool = True) -> tuple[list[int], list]:
-        if self.tokenizer is None:
-            raise ValueError("chat needs a tokenizer")
-        segs, images = _chat.render(messages, add_generation_prompt)
-        return _mm.chat_prompt(segs, images, pan_and_scan, self.vision, self.tokenizer)
-
     # -- KV state (gemma3.state) -------------------------------------------------------------
     def save_state(self, path: str | os.PathLike | None = None) -> _state.State:
         """The cached context as a State (also written to ``path``: a versioned file tied to this
@@ -398,9 +377,9 @@ def load(path: str | os.PathLike | None = None, *, n_threads: int | None = None,
     folded into the weights, requantized (the error is in ``model.adapters.merged``).
     """
     plan = _adapters.LoadPlan(adapter, merge)
-    core, cfg, tok, path, owners, n, vision = open_checkpoint(path, n_threads, max_seq_len,
-                                                              dtype, mmproj, pack, plan.prepare)
-    model = Model(core, cfg, tok, path, owners, n)
+    core, cfg, tok, path, owners, n, vision, footprint = open_checkpoint(
+        path, n_threads, max_seq_len, dtype, mmproj, pack, plan.prepare)
+    model = Model(core, cfg, tok, path, owners, n, footprint)
     model.vision = vision
     return plan.attach(model)
 

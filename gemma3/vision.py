@@ -107,6 +107,9 @@ class VisionTower:
         self.path = path
         self._owners = owners
         self._core = _core.VisionTower(config.to_core(), weights)
+        # bytes of the tower's weights (Model.memory)
+        self.nbytes = sum((e[-1] if isinstance(e, tuple) else e).nbytes for e in weights.values()
+                          if isinstance(e, (tuple, np.ndarray)))
 
     def _pixels(self, pixel_values: Any) -> np.ndarray:
         s = self.config.image_size

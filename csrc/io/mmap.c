@@ -50,3 +50,15 @@ void g3_unmap_file(const uint8_t *base, uint64_t size)
     if (base)
         munmap((void *)base, size);
 }
+
+uint64_t g3_map_release(const uint8_t *base, uint64_t size, const uint8_t *p, uint64_t n)
+{
+    const uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
+    if (!base || !p || p < base || n > size || (uint64_t)(p - base) > size - n || !page)
+        return 0;
+    const uintptr_t lo = ((uintptr_t)p + page - 1) / page * page; /* whole pages inside [p, p+n) */
+    const uintptr_t hi = ((uintptr_t)p + n) / page * page;
+    if (hi <= lo || madvise((void *)lo, hi - lo, MADV_DONTNEED) != 0)
+        return 0;
+    return (uint64_t)(hi - lo);
+}

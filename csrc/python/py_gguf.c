@@ -275,6 +275,20 @@ static PyObject *gguf_raw(GGUFObject *self, PyObject *name)
     return arr;
 }
 
+/* release(name) -> int: drops the resident pages of a tensor's bytes (model/loading: a matrix
+ * the kernels read from its packed copy). Only for our own file mapping: a GGUF opened over a
+ * caller's buffer is left alone (dropping anonymous pages would zero them). */
+static PyObject *gguf_release(GGUFObject *self, PyObject *name)
+{
+    const g3_gguf_tensor *t = lookup(self, name);
+    if (!t)
+        return NULL;
+    if (!self->g->mapped)
+        return PyLong_FromLong(0);
+    return PyLong_FromUnsignedLongLong(
+        g3_map_release(self->g->base, self->g->size, t->data, t->nbytes));
+}
+
 static PyObject *gguf_dequantize(GGUFObject *self, PyObject *name)
 {
     const g3_gguf_tensor *t = lookup(self, name);
@@ -340,6 +354,8 @@ static PyMethodDef gguf_methods[] = {
      "[(name, shape, type_id, type_name, nbytes, file_offset)]"},
     {"raw", (PyCFunction)gguf_raw, METH_O, "zero-copy read-only uint8 view of a tensor's bytes"},
     {"dequantize", (PyCFunction)gguf_dequantize, METH_O, "tensor as float32 (NumPy order)"},
+    {"release", (PyCFunction)gguf_release, METH_O,
+     "drop the resident pages of a tensor's bytes (read again from the file if touched)"},
     {"close", (PyCFunction)gguf_close, METH_NOARGS, "unmap the file (no view may be alive)"},
     {NULL, NULL, 0, NULL},
 };
