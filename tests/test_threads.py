@@ -76,3 +76,56 @@ def test_tiny_bitwise_identical_across_thread_counts():
         gen.append(model.generate(ids[:40], max_new_tokens=12, temperature=0, return_ids=True))
     gemma3.set_num_threads(0)
     assert gen[0] == gen[1]
+
+
+# ---- the pool itself (csrc/pool.c: the OpenMP constructs our kernels use, on our threads) --------
+@pytest.mark.parametrize("nt", [1, 2, 3, 5])
+@pytest.mark.parametrize("n, chunk", [(0, 1), (1, 1), (1000, 7), (4097, 64)])
+def test_pool_runs_each_construct_as_openmp_defines_it(nt, n, chunk):
+    r = gemma3._core.pool_probe(nt, n, chunk)
+    so, dn = r["static_owner"], r["dynamic_owner"]
+    # static: contiguous blocks in thread order, sizes differing by at most one
+    assert np.all(np.diff(so) >= 0) and (n == 0 or so.max() < nt)
+    sizes = np.bincount(so, minlength=nt) if n else np.zeros(nt, int)
+    if n >= nt:
+        assert sizes.max() - sizes.min() <= 1
+    # dynamic: every index run exactly once, by a team member, chunk by chunk
+    assert np.all(r["dynamic_count"] == 1) and (n == 0 or dn.max() < nt)
+    for c0 in range(0, n, chunk):
+        assert len(set(dn[c0:c0 + chunk])) == 1
+    assert r["team_static"] == (nt if n else 0) and r["team_region"] == nt
+    assert r["barrier_ok"] == 1 and r["singles"] == 1
+    assert r["nested"] == 1  # a region inside a region runs on its caller alone
+
+
+def test_no_openmp_runtime_is_loaded():
+    """gemma3 links no OpenMP runtime (libgomp / libomp): a process that imports it and runs a
+    model on two threads maps none, so another library's OpenMP keeps its own settings."""
+    code = (f"import gemma3\nm = gemma3.load({str(TINY)!r}, n_threads=2)\n"
+            "m.logits(list(range(2, 60)))\n"
+            "print([l.split()[-1] for l in open('/proc/self/maps') if 'omp' in l.split()[-1]])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_regions_from_two_python_threads_give_the_serial_bits():
+    """Two models run at once from two Python threads: one region holds the pool, the other runs
+    on its caller alone; both give the bits a lone run gives."""
+    import threading
+
+    a, b = gemma3.load(TINY, n_threads=2), gemma3.load(TINY, n_threads=2)
+    ids = [list(np.random.default_rng(i).integers(3, 500, 80)) for i in range(2)]
+    want = [a.logits(ids[0]).tobytes(), b.logits(ids[1]).tobytes()]
+    got: dict = {}
+
+    def run(k, m):
+        for _ in range(20):
+            got.setdefault(k, set()).add(m.logits(ids[k]).tobytes())
+
+    ts = [threading.Thread(target=run, args=(k, m)) for k, m in enumerate((a, b))]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(120)
+    assert got == {0: {want[0]}, 1: {want[1]}}

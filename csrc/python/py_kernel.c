@@ -409,6 +409,73 @@ static PyObject *py_read_bandwidth(PyObject *mod, PyObject *arg)
     return Py_BuildValue("(dd)", t, total);
 }
 
+/* pool_probe(n_threads, n, chunk) -> dict: what the thread pool (pool.c) did with the OpenMP
+ * constructs the kernels use, for tests/test_threads.py: which thread ran each index of a static
+ * and a dynamic loop, how often each index ran, the team sizes seen, whether a barrier held,
+ * how many threads ran a single, and the size of a nested region's team. */
+static PyObject *py_pool_probe(PyObject *self, PyObject *args)
+{
+    int nt;
+    long long n, chunk;
+    if (!PyArg_ParseTuple(args, "iLL", &nt, &n, &chunk))
+        return NULL;
+    if (nt < 1 || nt > 256 || n < 0 || n > (1 << 24) || chunk < 1)
+        return PyErr_Format(PyExc_ValueError, "pool_probe: 1 <= n_threads <= 256, 0 <= n <= 2^24, "
+                            "chunk >= 1");
+    npy_intp dims[1] = {(npy_intp)n};
+    PyObject *st = PyArray_ZEROS(1, dims, NPY_INT32, 0);
+    PyObject *dy = PyArray_ZEROS(1, dims, NPY_INT32, 0);
+    PyObject *cnt = PyArray_ZEROS(1, dims, NPY_INT32, 0);
+    if (!st || !dy || !cnt) {
+        Py_XDECREF(st);
+        Py_XDECREF(dy);
+        Py_XDECREF(cnt);
+        return NULL;
+    }
+    int32_t *so = PyArray_DATA((PyArrayObject *)st), *dn = PyArray_DATA((PyArrayObject *)dy);
+    int32_t *c = PyArray_DATA((PyArrayObject *)cnt);
+    int team_static = 0, team_region = 0, barrier_ok = 1, singles = 0, nested = 0;
+    int arrived[256] = {0};
+    Py_BEGIN_ALLOW_THREADS
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (long long i = 0; i < n; i++) {
+        so[i] = omp_get_thread_num();
+        if (i == 0)
+            team_static = omp_get_num_threads();
+    }
+#pragma omp parallel for num_threads(nt) schedule(dynamic, chunk)
+    for (long long i = 0; i < n; i++) {
+        dn[i] = omp_get_thread_num();
+        __atomic_fetch_add(&c[i], 1, __ATOMIC_RELAXED);
+    }
+#pragma omp parallel num_threads(nt)
+    {
+        const int t = omp_get_thread_num(), k = omp_get_num_threads();
+        __atomic_store_n(&arrived[t], 1, __ATOMIC_RELEASE);
+#pragma omp barrier
+        for (int j = 0; j < k; j++)
+            if (!__atomic_load_n(&arrived[j], __ATOMIC_ACQUIRE))
+                __atomic_store_n(&barrier_ok, 0, __ATOMIC_RELAXED);
+#pragma omp single
+        {
+            __atomic_fetch_add(&singles, 1, __ATOMIC_RELAXED);
+            team_region = k;
+        }
+        if (t == 0) {
+#pragma omp parallel num_threads(nt)
+            {
+                if (omp_get_thread_num() == 0)
+                    nested = omp_get_num_threads();
+            }
+        }
+    }
+    Py_END_ALLOW_THREADS
+    return Py_BuildValue("{sNsNsNsisisisisi}", "static_owner", st, "dynamic_owner", dy,
+                         "dynamic_count", cnt, "team_static", team_static, "team_region",
+                         team_region, "barrier_ok", barrier_ok, "singles", singles, "nested",
+                         nested);
+}
+
 PyMethodDef g3_py_kernel_methods[] = {
     {"read_bandwidth", py_read_bandwidth, METH_O,
      "read_bandwidth(float32 array) -> (seconds, checksum) of a parallel streaming read"},
@@ -428,5 +495,7 @@ PyMethodDef g3_py_kernel_methods[] = {
     {"sample_probs", (PyCFunction)(void (*)(void))py_sample_probs, METH_VARARGS | METH_KEYWORDS,
      "the filtered distribution and the greedy id"},
     {"rng_seed", py_rng_seed, METH_O, "a seeded xoshiro256** state (uint64[4])"},
+    {"pool_probe", py_pool_probe, METH_VARARGS,
+     "pool_probe(n_threads, n, chunk) -> dict: what the thread pool did (tests)"},
     {NULL, NULL, 0, NULL},
 };
