@@ -9,7 +9,9 @@
  * scratch is G3_ATTN_QB x G3_ATTN_KB floats (192 KiB), L2-resident.
  *
  * Two block forms, same algorithm:
- *   - float32: the block products are single-threaded sgemm calls (OpenBLAS held at one thread);
+ *   - float32: a 12 x 32 FMA micro-kernel (scalar reference + AVX-512) over the head's keys packed
+ *     once per layer (g3_attn_pack_keys_f32: panels of 32 keys, transposed) and the values read
+ *     where they lie;
  *   - bf16: q, k, v and the probabilities rounded to bf16, products by the bf16 kernel
  *     (gemm_bf16.h) with the head's keys and values packed once per layer
  *     (g3_attn_pack_keys / g3_attn_pack_values), float32 softmax and accumulation.
@@ -37,12 +39,17 @@ void g3_attn_pack_keys(const float *K, int64_t ldk, int64_t P, int64_t hd, int64
 /* Packs the values (P, hd) of a head, transposed (hd outputs over P inputs). */
 void g3_attn_pack_values(const float *V, int64_t ldk, int64_t P, int64_t hd, uint32_t *vpan);
 
+/* Floats of a head's float32 packed keys; packs key panel `panel` (32 keys) of K (P, hd). */
+size_t g3_attn_fkey_floats(int64_t P, int64_t hd);
+void g3_attn_pack_keys_f32(const float *K, int64_t ldk, int64_t P, int64_t hd, int64_t panel,
+                           float *kpan);
+
 /* nq <= G3_ATTN_QB query rows (Q at the first, stride ldq) over the P keys of one head (K, V
  * at stride ldk) -> z (nq, hd) at stride ldz. kpan/vpan: the head's packed keys and values for
- * the bf16 form, NULL for float32. ws: g3_attn_fused_ws_floats(hd) floats. Single-threaded. */
+ * the bf16 form, NULL for float32 (then fkpan: the head's float32 packed keys). ws: g3_attn_fused_ws_floats(hd) floats. Single-threaded. */
 void g3_attn_fused_rows(const float *Q, int64_t ldq, const float *K, const float *V, int64_t ldk,
-                        const uint32_t *kpan, const uint32_t *vpan, int64_t P, int64_t hd,
-                        int64_t nq, float scale, float *z, int64_t ldz, float *ws);
+                        const uint32_t *kpan, const uint32_t *vpan, const float *fkpan, int64_t P,
+                        int64_t hd, int64_t nq, float scale, float *z, int64_t ldz, float *ws);
 
 /* One head, all P query rows (tests): packs keys/values itself when bf16 (and the bf16 kernel
  * runs here, else float32). Returns G3_ERR_NOMEM if its scratch cannot be had. */

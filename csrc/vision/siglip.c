@@ -214,6 +214,7 @@ typedef struct {
     size_t aws_stride;
     uint32_t *act;       /* bf16: packed activations of the widest product input */
     uint32_t *kpan, *vpan; /* bf16: (n_head) packed keys / values of the layer */
+    float *fkpan;          /* f32: (n_head) packed keys of the layer */
     g3_matmul_ws mm;
 } vbufs;
 
@@ -230,6 +231,7 @@ static void vbufs_free(vbufs *b)
     free(b->act);
     free(b->kpan);
     free(b->vpan);
+    free(b->fkpan);
     g3_matmul_ws_free(&b->mm);
 }
 
@@ -262,7 +264,8 @@ static g3_status vbufs_alloc(const g3_vision *v, vbufs *b, int nt, g3_err *err)
         b->q = malloc(sizeof(float) * pd);
         b->k = malloc(sizeof(float) * pd);
         b->v = malloc(sizeof(float) * pd);
-        ok = b->q && b->k && b->v;
+        b->fkpan = malloc(sizeof(float) * g3_attn_fkey_floats(P, hd) * (size_t)c->n_head);
+        ok = b->q && b->k && b->v && b->fkpan;
         g3_matmul_ws_need(&b->mm, &v->patch, P, nt);
         g3_matmul_ws_need(&b->mm, &v->mm_proj, c->n_mm_tokens, nt);
         for (int64_t il = 0; il < c->n_layer; il++) {
@@ -311,7 +314,12 @@ static g3_status attention(const g3_vision *v, vbufs *b, const float *q, const f
     const int use16 = v->bf16;
     const size_t kw = g3_attn_kpan_words(P, hd), vw = g3_attn_vpan_words(P, hd);
     const int64_t npk = (P + G3_BF16_NR - 1) / G3_BF16_NR;
-    if (use16) {
+    const size_t fw = g3_attn_fkey_floats(P, hd);
+    if (!use16) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+        for (int64_t t = 0; t < H * npk; t++)
+            g3_attn_pack_keys_f32(k + t / npk * hd, ldk, P, hd, t % npk, b->fkpan + t / npk * fw);
+    } else {
 #pragma omp parallel for num_threads(nt) schedule(static)
         for (int64_t t = 0; t < H * (npk + 1); t++) {
             const int64_t h = t / (npk + 1), j = t % (npk + 1);
@@ -327,7 +335,8 @@ static g3_status attention(const g3_vision *v, vbufs *b, const float *q, const f
         const int64_t h = t / nqb, r0 = t % nqb * G3_ATTN_QB;
         float *ws = b->aws + (size_t)omp_get_thread_num() * b->aws_stride;
         g3_attn_fused_rows(q + r0 * ldq + h * hd, ldq, k + h * hd, vv + h * hd, ldk,
-                  use16 ? b->kpan + h * kw : NULL, use16 ? b->vpan + h * vw : NULL, P, hd,
+                  use16 ? b->kpan + h * kw : NULL, use16 ? b->vpan + h * vw : NULL,
+                  use16 ? NULL : b->fkpan + h * fw, P, hd,
                   P - r0 < G3_ATTN_QB ? P - r0 : G3_ATTN_QB, scale, b->z + r0 * D + h * hd, D, ws);
     }
     return G3_OK;
