@@ -21,7 +21,7 @@
 #define BN_PANELS 8 /* panels of NR columns per C block */
 #define KC 128      /* input pairs per pass over a block */
 
-uint16_t g3_f32_to_bf16(float f)
+static inline uint16_t f2bf(float f)
 {
     uint32_t u;
     memcpy(&u, &f, 4);
@@ -30,6 +30,8 @@ uint16_t g3_f32_to_bf16(float f)
     u += 0x7fffu + ((u >> 16) & 1); /* round to nearest, ties to even */
     return (uint16_t)(u >> 16);
 }
+
+uint16_t g3_f32_to_bf16(float f) { return f2bf(f); }
 
 float g3_bf16_to_f32(uint16_t h)
 {
@@ -41,8 +43,8 @@ float g3_bf16_to_f32(uint16_t h)
 
 static inline uint32_t pair(const float *x, int64_t k, int64_t K)
 {
-    const uint32_t lo = g3_f32_to_bf16(x[k]);
-    const uint32_t hi = k + 1 < K ? g3_f32_to_bf16(x[k + 1]) : 0;
+    const uint32_t lo = f2bf(x[k]);
+    const uint32_t hi = k + 1 < K ? f2bf(x[k + 1]) : 0;
     return lo | hi << 16;
 }
 
@@ -57,24 +59,27 @@ static void pack_row_ref(const float *x, int64_t K, uint32_t *d)
         d[p] = pair(x, 2 * p, K);
 }
 
-/* The same rounding on 16 lanes (bit-identical to g3_f32_to_bf16), then vpmovdw packs the 16
- * halves into 8 pair words in order. */
-__attribute__((target("avx512f,avx512bw,avx512vl"))) static void pack_row_avx512(const float *x,
-                                                                                  int64_t K,
-                                                                                  uint32_t *d)
+#define PACK_TARGET __attribute__((target("avx512f,avx512bw,avx512vl")))
+
+/* f2bf on 16 lanes (bit-identical): each lane's bf16 in its low 16 bits. */
+PACK_TARGET static inline __m512i round16(__m512 f)
 {
-    const __m512i one = _mm512_set1_epi32(1), bias = _mm512_set1_epi32(0x7fff);
-    const __m512i quiet = _mm512_set1_epi32(0x40);
+    const __m512i u = _mm512_castps_si512(f);
+    const __m512i hi = _mm512_srli_epi32(u, 16);
+    const __m512i r = _mm512_srli_epi32(
+        _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)),
+                         _mm512_and_si512(hi, _mm512_set1_epi32(1))),
+        16);
+    const __mmask16 nan = _mm512_cmp_ps_mask(f, f, _CMP_UNORD_Q);
+    return _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(hi, _mm512_set1_epi32(0x40)));
+}
+
+/* The same rounding on 16 lanes, then vpmovdw packs the 16 halves into 8 pair words in order. */
+PACK_TARGET static void pack_row_avx512(const float *x, int64_t K, uint32_t *d)
+{
     for (int64_t k = 0; k < K; k += 16) {
         const __mmask16 m = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1);
-        const __m512 f = _mm512_maskz_loadu_ps(m, x + k);
-        const __m512i u = _mm512_castps_si512(f);
-        const __m512i hi = _mm512_srli_epi32(u, 16);
-        __m512i r = _mm512_srli_epi32(
-            _mm512_add_epi32(_mm512_add_epi32(u, bias), _mm512_and_si512(hi, one)), 16);
-        const __mmask16 nan = _mm512_cmp_ps_mask(f, f, _CMP_UNORD_Q);
-        r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(hi, quiet));
-        const __m256i h = _mm512_cvtepi32_epi16(r);
+        const __m256i h = _mm512_cvtepi32_epi16(round16(_mm512_maskz_loadu_ps(m, x + k)));
         const int64_t words = K - k >= 16 ? 16 : (K - k + 1) / 2 * 2; /* whole pairs */
         _mm256_mask_storeu_epi16((uint16_t *)d + k, (__mmask16)((1u << words) - 1), h);
     }
@@ -108,34 +113,61 @@ void g3_bf16_pack_act(const float *X, int64_t M, int64_t K, int64_t ldx, uint32_
 void g3_bf16_pack_panels(const float *W, int64_t rows, int64_t cols, int64_t ld, uint32_t *dst)
 {
     const int64_t kp = (cols + 1) / 2, np = (rows + NR - 1) / NR;
+    const int simd = g3_isa_selected() >= G3_ISA_AVX512;
+    uint32_t words[64];
     for (int64_t j = 0; j < np; j++)
         for (int64_t c = 0; c < NR; c++) {
             const int64_t r = j * NR + c;
             uint32_t *d = dst + j * kp * NR + c;
-            if (r < rows)
-                for (int64_t p = 0; p < kp; p++)
-                    d[p * NR] = pair(W + r * ld, 2 * p, cols);
-            else
+            if (r >= rows) {
                 for (int64_t p = 0; p < kp; p++)
                     d[p * NR] = 0;
+                continue;
+            }
+            for (int64_t p0 = 0; p0 < kp; p0 += 64) { /* 128 inputs at a time, then scattered */
+                const int64_t n = cols - 2 * p0 < 128 ? cols - 2 * p0 : 128;
+                if (simd)
+                    pack_row_avx512(W + r * ld + 2 * p0, n, words);
+                else
+                    pack_row_ref(W + r * ld + 2 * p0, n, words);
+                for (int64_t i = 0; i < (n + 1) / 2; i++)
+                    d[(p0 + i) * NR] = words[i];
+            }
         }
+}
+
+/* Pair words of 16 columns of two rows: lo = x0[c], hi = x1[c] (x1 NULL: zeros). */
+PACK_TARGET static void pair_cols_avx512(const float *x0, const float *x1, int n, uint32_t *d)
+{
+    const __mmask16 m = n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1);
+    const __m512i lo = round16(_mm512_maskz_loadu_ps(m, x0));
+    const __m512i hi = x1 ? round16(_mm512_maskz_loadu_ps(m, x1)) : _mm512_setzero_si512();
+    _mm512_storeu_si512(d, _mm512_maskz_mov_epi32(m, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16))));
 }
 
 void g3_bf16_pack_panels_t(const float *X, int64_t n, int64_t c, int64_t ld, uint32_t *dst)
 {
     const int64_t kp = (n + 1) / 2, np = (c + NR - 1) / NR;
+    const int simd = g3_isa_selected() >= G3_ISA_AVX512;
     for (int64_t j = 0; j < np; j++)
         for (int64_t p = 0; p < kp; p++) {
-            const float *x0 = X + 2 * p * ld, *x1 = 2 * p + 1 < n ? x0 + ld : NULL;
+            const float *x0 = X + 2 * p * ld + j * NR;
+            const float *x1 = 2 * p + 1 < n ? x0 + ld : NULL;
             uint32_t *d = dst + (j * kp + p) * NR;
+            const int64_t w = c - j * NR < NR ? c - j * NR : NR; /* valid columns */
+            if (simd) {
+                pair_cols_avx512(x0, x1, (int)(w < 16 ? w : 16), d);
+                pair_cols_avx512(x0 + 16, x1 ? x1 + 16 : NULL, (int)(w > 16 ? w - 16 : 0),
+                                 d + 16);
+                continue;
+            }
             for (int64_t cc = 0; cc < NR; cc++) {
-                const int64_t col = j * NR + cc;
-                if (col >= c) {
+                if (cc >= w) {
                     d[cc] = 0;
                     continue;
                 }
-                const uint32_t lo = g3_f32_to_bf16(x0[col]);
-                const uint32_t hi = x1 ? g3_f32_to_bf16(x1[col]) : 0;
+                const uint32_t lo = f2bf(x0[cc]);
+                const uint32_t hi = x1 ? f2bf(x1[cc]) : 0;
                 d[cc] = lo | hi << 16;
             }
         }
@@ -220,6 +252,11 @@ static void kern_ref(int64_t kp, const uint32_t *A, int64_t lda, const uint32_t 
 
 #define BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 
+/* c += pairs of b . the pair at *m broadcast to every lane, the broadcast embedded in the
+ * instruction's memory operand ({1to16}): no separate broadcast uop competes with the dot
+ * products (the result is the intrinsic's: per lane the same two products, in the same order). */
+#define DPBCST(c, b, m) __asm__("vdpbf16ps %2%{1to16%}, %1, %0" : "+v"(c) : "v"(b), "m"(m))
+
 /* NV zmm columns (1: n <= 16, 2: n <= 32); the loops over rows are unrolled so that the
  * accumulators live in registers. */
 #define KERN_BODY(NV)                                                                              \
@@ -242,10 +279,9 @@ static void kern_ref(int64_t kp, const uint32_t *A, int64_t lda, const uint32_t 
         const uint32_t *a = A + p;                                                                 \
         _Pragma("GCC unroll 12") for (int r = 0; r < MR; r++)                                      \
         {                                                                                          \
-            const __m512bh av = (__m512bh)_mm512_set1_epi32((int)a[r * lda]);                      \
-            c0[r] = _mm512_dpbf16_ps(c0[r], av, b0);                                               \
+            DPBCST(c0[r], b0, a[r * lda]);                                                         \
             if (NV == 2)                                                                           \
-                c1[r] = _mm512_dpbf16_ps(c1[r], av, b1);                                           \
+                DPBCST(c1[r], b1, a[r * lda]);                                                     \
         }                                                                                          \
     }                                                                                              \
     _Pragma("GCC unroll 12") for (int r = 0; r < MR; r++)                                          \
