@@ -533,3 +533,19 @@ def test_bf16_falls_back_to_f32(isa):
     out = subprocess.run([sys.executable, "-c", _FALLBACK, str(D)], capture_output=True,
                          text=True, env=env, check=True).stdout.split()
     assert out == ["False", "f32", "True"], out
+
+
+@needs_bf16
+def test_bf16_mode_odd_sizes():
+    """Odd sizes through the bf16 path: 25 patches (an odd last key pair, one query tile with a
+    tail), MLP 37 (fc2's inputs end in half a pair), head size 8, pool 1; against the same tower
+    in the f32 mode, within the bf16 bound."""
+    ns = {}
+    exec(_ODD_TOWER.split("out, hid =")[0], ns)  # the weights, config and pixels only
+    V_, cfg, w, px = ns["V"], ns["cfg"], ns["w"], ns["px"]
+    a = V_.VisionTower(cfg, w, dtype="bf16")
+    b = V_.VisionTower(cfg, w, dtype="f32")
+    assert (a.compute, b.compute) == ("bf16", "f32")
+    for got, ref in zip(a.encode_with_hidden(px), b.encode_with_hidden(px)):
+        _close(got, ref, VISION_BF16_REL * np.abs(ref).max(), "odd tower bf16 vs f32")
+        assert not np.array_equal(got, ref)  # the bf16 path did run
