@@ -21,12 +21,15 @@ from .tokenizer import Tokenizer
 
 def open_checkpoint(path: str | os.PathLike | None, n_threads: int | None,
                     max_seq_len: int | None, dtype: str | None,
-                    mmproj: str | os.PathLike | None, pack: bool | None, prepare=None):
-    """-> (core, config, tokenizer, path, owners, max_seq_len, vision): see gemma3.load.
+                    mmproj: str | os.PathLike | None, pack: bool | None, prepare=None,
+                    vision_dtype: str | None = None):
+    """-> (core, config, tokenizer, path, owners, max_seq_len, vision, footprint): see gemma3.load.
     ``prepare(config, weights)``, if given, may change the weights dict before the C model is
-    built (gemma3.adapters.merge_into)."""
+    built (gemma3.adapters.merge_into). ``vision_dtype``: the tower's compute mode
+    (gemma3.vision.vision_dtype: "bf16", "f32", None = the file's precision class)."""
     from ._default import default_model_path
 
+    _vision.vision_dtype(vision_dtype)  # a bad value fails before anything is read
     if path is None:
         path = default_model_path()
     path = _check.path("path", path)
@@ -47,7 +50,7 @@ def open_checkpoint(path: str | os.PathLike | None, n_threads: int | None,
         tok_path = os.path.join(path, "tokenizer.json")
         tokenizer = Tokenizer.from_hf_json(tok_path) if os.path.exists(tok_path) else None
         where = {name: s for s in owners for name in s.tensors}
-        vision = _vision.load_hf_vision(path, hf, where, cfg.hidden_size, dtype)
+        vision = _vision.load_hf_vision(path, hf, where, cfg.hidden_size, dtype, vision_dtype)
     else:
         cfg, weights, md, owners = load_gguf(path, dtype)
         tokenizer = (Tokenizer.from_gguf_metadata(md) if "tokenizer.ggml.tokens" in md
@@ -56,7 +59,8 @@ def open_checkpoint(path: str | os.PathLike | None, n_threads: int | None,
             mmproj = _check.path("mmproj", mmproj)
             if not os.path.exists(mmproj):
                 raise FileNotFoundError(2, "no such mmproj file", mmproj)
-            vision = _vision.load_mmproj(mmproj, cfg.hidden_size, dtype, tokenizer)
+            vision = _vision.load_mmproj(mmproj, cfg.hidden_size, dtype, tokenizer,
+                                         vision_dtype)
     if max_seq_len is None:
         max_seq_len = min(cfg.context_length, 32768)
     if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 1:

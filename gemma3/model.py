@@ -355,13 +355,13 @@ class Model(ChatMethods):
 def load(path: str | os.PathLike | None = None, *, n_threads: int | None = None,
          max_seq_len: int | None = None, dtype: str | None = None,
          mmproj: str | os.PathLike | None = None, pack: bool | None = None,
-         adapter: Any = None, merge: bool = False) -> Model:
+         adapter: Any = None, merge: bool = False, vision_dtype: str | None = None) -> Model:
     """Loads a Gemma 3 checkpoint: a GGUF file, or a Hugging Face checkpoint directory.
 
     Vision (``model.vision``, None for text-only models): a multimodal HF directory brings its
     SigLIP tower; a text GGUF takes llama.cpp's vision file with ``mmproj="mmproj.gguf"``.
-
-    With no path, the embedded default model (Gemma 3 270M, Q4_K_M) is used.
+    ``vision_dtype``: "bf16" or "f32" tower compute (default: the file's precision class,
+    gemma3.vision.vision_dtype). With no path, the embedded default model (Gemma 3 270M) is used.
     ``n_threads``: threads for compute (default: all cores). ``max_seq_len``: positions the
     KV cache holds (default: the model's context length, at most 32768). ``dtype``: convert
     weights on load ("q8_0", "q4_0", "q4_k", "q6_k", "f16", "bf16", "f32"); by default GGUF
@@ -378,7 +378,7 @@ def load(path: str | os.PathLike | None = None, *, n_threads: int | None = None,
     """
     plan = _adapters.LoadPlan(adapter, merge)
     core, cfg, tok, path, owners, n, vision, footprint = open_checkpoint(
-        path, n_threads, max_seq_len, dtype, mmproj, pack, plan.prepare)
+        path, n_threads, max_seq_len, dtype, mmproj, pack, plan.prepare, vision_dtype)
     model = Model(core, cfg, tok, path, owners, n, footprint)
     model.vision = vision
     return plan.attach(model)

@@ -26,6 +26,14 @@ the loaders below read through ``loader.build_weights``):
   config, or from our mmproj extension keys ``clip.gemma3.{boi,eoi,image}_token_id`` (llama.cpp
   ignores them), else from the tokenizer, else the Gemma 3 defaults 255999 / 256000 / 262144.
 
+Compute modes (``vision_dtype``, :func:`vision_dtype`): ``"bf16"`` converts every matrix to
+bfloat16 once at load and runs the products (attention too) with bf16 operands and float32
+accumulation (AVX-512 BF16 kernels, csrc/kernels/gemm_bf16.c); ``"f32"`` keeps float32
+throughout. Default: the file's precision class — F16 / BF16 (or quantized) mmproj matrices and
+BF16 safetensors compute in bf16, F32 checkpoints in f32. On a CPU (or ``G3_ISA`` level) without
+the bf16 kernel the tower runs the f32 path whatever was asked; ``VisionTower.compute`` says
+which mode runs.
+
 Prompts with images (where the soft tokens go, expansion of ``<start_of_image>``, what a cached
 context may reuse) are gemma3.multimodal.
 """
@@ -45,7 +53,8 @@ from .config import bounded_int, bounded_num
 from .loader import build_weights, gguf_entry, hf_entry, role_of
 
 __all__ = ["VisionConfig", "VisionTower", "load_hf_vision", "load_mmproj", "token_grid",
-           "token_boxes", "HF_VISION_PREFIXES", "HF_PROJECTOR_PREFIXES"]
+           "token_boxes", "vision_dtype", "VISION_DTYPES", "HF_VISION_PREFIXES",
+           "HF_PROJECTOR_PREFIXES"]
 
 # prefixes in HF checkpoints (transformers-gemma3.md §2.9); transformers 5 folds SiglipVisionModel's
 # `vision_model.` away and its save_pretrained writes `vision_tower.embeddings...`
@@ -58,6 +67,19 @@ GEMMA3_VISION_DEFAULTS = dict(hidden_size=1152, intermediate_size=4304, num_hidd
                               num_attention_heads=16, image_size=896, patch_size=14,
                               layer_norm_eps=1e-6)
 BOI_ID, EOI_ID, IMAGE_ID = 255999, 256000, 262144
+VISION_DTYPES = ("bf16", "f32")
+
+
+def vision_dtype(value: Any, stored: str | None = None) -> str:
+    """The tower's compute mode: ``value`` ("bf16", "f32", or None for the default) checked;
+    the default is the precision class of ``stored``, the file's matrix type name ("F32" ->
+    "f32"; "F16", "BF16" and quantized types -> "bf16")."""
+    if value is None:
+        return "f32" if stored in (None, "F32", "F64") else "bf16"
+    if not isinstance(value, str) or value.lower() not in VISION_DTYPES:
+        raise ValueError(f"vision_dtype must be 'bf16', 'f32' or None (the file's precision), "
+                         f"got {value!r}")
+    return value.lower()
 
 @dataclass(frozen=True)
 class VisionConfig:
@@ -99,17 +121,23 @@ class VisionConfig:
 
 class VisionTower:
     """The loaded tower + projector. ``encode`` releases the GIL and runs on the threads set by
-    :func:`gemma3.set_num_threads`."""
+    :func:`gemma3.set_num_threads`. ``dtype``: the mode asked for ("bf16" or "f32");
+    ``compute``: the mode that runs (f32 where the CPU has no bf16 kernel)."""
 
     def __init__(self, config: VisionConfig, weights: dict[str, Any], owners: Any = None,
-                 path: str = ""):
+                 path: str = "", dtype: str = "f32"):
         self.config = config
         self.path = path
         self._owners = owners
-        self._core = _core.VisionTower(config.to_core(), weights)
-        # bytes of the tower's weights (Model.memory)
+        self.dtype = vision_dtype(dtype)
+        self._core = _core.VisionTower(config.to_core(), weights, bf16=self.dtype == "bf16")
+        # bytes of the tower's weights as loaded (Model.memory)
         self.nbytes = sum((e[-1] if isinstance(e, tuple) else e).nbytes for e in weights.values()
                           if isinstance(e, (tuple, np.ndarray)))
+
+    @property
+    def compute(self) -> str:
+        return self._core.compute
 
     def _pixels(self, pixel_values: Any) -> np.ndarray:
         s = self.config.image_size
@@ -160,7 +188,7 @@ class VisionTower:
         c = self.config
         return (f"<gemma3.VisionTower {c.num_layers} layers, width {c.hidden_size}, "
                 f"{c.image_size}px / {c.patch_size}, {c.mm_tokens_per_image} tokens -> "
-                f"{c.text_hidden_size}>")
+                f"{c.text_hidden_size}, {self.compute}>")
 
 
 # -- the grid helper ---------------------------------------------------------------------------
@@ -247,15 +275,20 @@ def _token_ids(hf: dict[str, Any]) -> dict[str, int]:
 
 
 def load_hf_vision(path: str, hf: dict[str, Any], where: dict[str, Any], text_hidden: int,
-                   dtype: str | None = None) -> VisionTower | None:
+                   dtype: str | None = None, vision_dtype_: str | None = None
+                   ) -> VisionTower | None:
     """The tower of a Hugging Face ``Gemma3ForConditionalGeneration`` directory (Hub
     ``vision_tower.vision_model.*`` / ``multi_modal_projector.*``, ``model.``-prefixed, or
     transformers 5's ``vision_tower.*`` names); ``where`` maps tensor names to their open
-    safetensors shard. None when the checkpoint has no vision tower (a text-only model)."""
+    safetensors shard. None when the checkpoint has no vision tower (a text-only model).
+    ``vision_dtype_``: the compute mode (:func:`vision_dtype`; default from the stored type of
+    the patch embedding)."""
     names = set(where)
     vp, pp = _vision_prefixes(names)
     if vp is None:
         return None
+    probe = vp + role_of("vision", "patch_embd").hf.format(v="")
+    mode = vision_dtype(vision_dtype_, where[probe].tensors[probe].dtype)
     if pp is None:
         raise FormatError(f"{path}: a vision tower but no multi_modal_projector."
                           "mm_input_projection_weight")
@@ -284,7 +317,7 @@ def load_hf_vision(path: str, hf: dict[str, Any], where: dict[str, Any], text_hi
     prefixes = {"v": vp, "m": pp}
     w = build_weights("vision", cfg.to_core().dims, cfg.num_layers,
                       lambda role, i, shape: hf_entry(where, path, role, i, shape, prefixes, dtype))
-    return VisionTower(cfg, w, owners=None, path=path)
+    return VisionTower(cfg, w, owners=None, path=path, dtype=mode)
 
 
 def _md_int(md: dict[str, Any], key: str, default: int | None = None, lo: int = 0,
@@ -301,13 +334,16 @@ def _md_size(md: dict[str, Any], field_: str) -> int:
 
 
 def load_mmproj(path: str | os.PathLike, text_hidden: int | None = None,
-                dtype: str | None = None, tokenizer: Any = None) -> VisionTower:
+                dtype: str | None = None, tokenizer: Any = None,
+                vision_dtype_: str | None = None) -> VisionTower:
     """A llama.cpp ``mmproj`` GGUF (``general.architecture = "clip"``, projector ``gemma3``).
     Tensors stay in the file mapping where they can be used as stored (the projection, which
     needs a transpose, is converted). ``text_hidden`` checks the projection width against the
-    text model's."""
+    text model's. ``vision_dtype_``: the compute mode (:func:`vision_dtype`; default from the
+    stored type of the first layer's q matrix)."""
     from .gguf import GGUFFile
 
+    vision_dtype(vision_dtype_)  # a bad argument fails before the file is read
     path = os.fspath(path)
     f = GGUFFile(path)
     md = f.metadata
@@ -359,4 +395,6 @@ def load_mmproj(path: str | os.PathLike, text_hidden: int | None = None,
         mm_tokens_per_image=(side // merge) ** 2, text_hidden_size=n_text, **ids))
     w = build_weights("vision", cfg.to_core().dims, cfg.num_layers,
                       lambda role, i, shape: gguf_entry(f, path, role, i, shape, dtype))
-    return VisionTower(cfg, w, owners=f, path=path)
+    q0 = role_of("vision", "blk.{i}.attn_q").gguf.format(i=0)
+    stored = f.tensors[q0].type if q0 in f.tensors else None
+    return VisionTower(cfg, w, owners=f, path=path, dtype=vision_dtype(vision_dtype_, stored))

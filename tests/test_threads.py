@@ -129,3 +129,47 @@ def test_regions_from_two_python_threads_give_the_serial_bits():
     for t in ts:
         t.join(120)
     assert got == {0: {want[0]}, 1: {want[1]}}
+
+
+def _random_tower(bf16: bool):
+    """A one-layer tower big enough for several blocks of every parallel loop: 28 x 28 = 784
+    patches (5 query blocks, 4 key blocks, 5 x 2 GEMM blocks), two heads of size 72."""
+    from gemma3 import vision as V
+
+    cfg = V.VisionConfig(image_size=392, patch_size=14, hidden_size=144, intermediate_size=300,
+                         num_layers=1, num_heads=2, mm_tokens_per_image=49, text_hidden_size=40)
+    rng = np.random.default_rng(5)
+
+    def m(r, c):
+        a = (rng.standard_normal((r, c)) * c ** -0.5).astype(np.float32)
+        return (0, r, c, a.view(np.uint8).reshape(-1))
+
+    def v(n, s=0.3):
+        return (rng.standard_normal(n) * s).astype(np.float32)
+
+    D, F = 144, 300
+    w = {"patch_embd": m(D, 588), "patch_embd.bias": v(D), "position_embd": v(784 * D, 1.0),
+         "post_ln.weight": v(D) + 1, "post_ln.bias": v(D), "mm.soft_emb_norm": v(D) + 1,
+         "mm.input_projection": m(40, D)}
+    for o in ("attn_q", "attn_k", "attn_v", "attn_out"):
+        w[f"blk.0.{o}"], w[f"blk.0.{o}.bias"] = m(D, D), v(D)
+    w["blk.0.ffn_up"], w["blk.0.ffn_up.bias"] = m(F, D), v(F)
+    w["blk.0.ffn_down"], w["blk.0.ffn_down.bias"] = m(D, F), v(D)
+    for o in ("ln1", "ln2"):
+        w[f"blk.0.{o}.weight"], w[f"blk.0.{o}.bias"] = v(D) + 1, v(D)
+    px = rng.uniform(-1, 1, (1, 3, 392, 392)).astype(np.float32)
+    return V.VisionTower(cfg, w, dtype="bf16" if bf16 else "f32"), px
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_vision_tower_bitwise_identical_across_thread_counts(bf16):
+    """Both compute modes of the vision tower: fused attention tasks, bf16 GEMM blocks, packing
+    and LayerNorm loops partition outputs only."""
+    tower, px = _random_tower(bf16)
+    outs = []
+    for t in (1, 2, 3):
+        gemma3.set_num_threads(t)
+        outs.append(tower.encode_with_hidden(px))
+    gemma3.set_num_threads(0)
+    for o in outs[1:]:
+        assert o[0].tobytes() == outs[0][0].tobytes() and o[1].tobytes() == outs[0][1].tobytes()

@@ -16,6 +16,8 @@ import pytest
 import gemma3
 from gemma3 import multimodal as MM
 from gemma3 import vision as V
+from tolerances import (BF16_GEMM_SUM_U, VISION_ATTN_BF16_REL, VISION_ATTN_F32_REL,
+                        VISION_BF16_REL)
 
 D = Path(__file__).parent / "fixtures" / "tiny_vision"
 TEXT_ONLY = Path(__file__).parent / "fixtures" / "tiny" / "tiny"
@@ -96,7 +98,8 @@ def test_gguf_pair_equals_safetensors(models, case):
 
 
 def test_f16_mmproj_close():
-    m = gemma3.load(D / "text.gguf", mmproj=D / "mmproj-f16.gguf")
+    m = gemma3.load(D / "text.gguf", mmproj=D / "mmproj-f16.gguf", vision_dtype="f32")
+    assert m.vision.compute == "f32"
     lg = m.logits(REF["ids_pas"], images=[REF["pixels_pas"]])
     _close(lg, REF["logits_pas"], F16_MMPROJ_ABS, "f16 mmproj logits")
 
@@ -400,3 +403,149 @@ def test_pictures_end_to_end(models):
            "two pictures")
     e = m.encode_image(wide, pan_and_scan=True)
     _close(e, REF["proj_pas"], TOWER_ABS, "encode_image of a picture with crops")
+
+
+# -- the bf16 mode (issue #15) -----------------------------------------------------------------
+BF16_HERE = gemma3._core.VisionTower.bf16_available()
+needs_bf16 = pytest.mark.skipif(not BF16_HERE, reason="this CPU has no AVX-512 BF16 (the bf16 "
+                                "mode runs the f32 path, tested by test_bf16_falls_back_to_f32)")
+
+
+def _bf16(x):
+    """Round-to-nearest-even float32 -> bfloat16, back in float32 (the kernels' rounding)."""
+    u = np.ascontiguousarray(x, np.float32).view(np.uint32).astype(np.uint64)
+    u = (u + 0x7FFF + ((u >> 16) & 1)) >> 16 << 16
+    return u.astype(np.uint32).view(np.float32)
+
+
+def _gelu(x):
+    return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 1, 1), (13, 33, 37), (200, 300, 301), (385, 70, 1152)])
+def test_bf16_gemm_matches_twin(m, n, k):
+    """The bf16 GEMM vs its NumPy twin (operands rounded to bf16, float64 product); the AVX-512
+    kernel and the scalar reference give the same bits; bias, GELU and accumulation epilogues."""
+    gemm = gemma3._core.VisionTower.bf16_gemm
+    rng = np.random.default_rng(m * n + k)
+    a = rng.standard_normal((m, k)).astype(np.float32)
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    b = rng.standard_normal(n).astype(np.float32)
+    c = rng.standard_normal((m, n)).astype(np.float32)
+    a16, w16 = _bf16(a).astype(np.float64), _bf16(w).astype(np.float64)
+    prod, mag = a16 @ w16.T, np.abs(a16) @ np.abs(w16).T
+    bound = (k + 2) * BF16_GEMM_SUM_U * (mag + np.abs(b) + np.abs(c))
+    for kw, want in ((dict(), prod), (dict(bias=b), prod + b), (dict(bias=b, c=c), prod + b + c)):
+        got = gemm(a, w, **kw)
+        assert (np.abs(got - want) <= bound).all(), (kw.keys(), np.abs(got - want).max())
+        assert np.array_equal(got, gemm(a, w, simd=False, **kw)), "SIMD != scalar reference"
+    got = gemm(a, w, bias=b, gelu=True)
+    # GELU of a value within the bound above, in float32 (act.c's own tolerance is far smaller)
+    assert np.abs(got - _gelu(prod + b)).max() <= bound.max() * 1.2 + 1e-5
+    with pytest.raises(ValueError, match="w"):
+        gemm(a, w[:, :-1] if k > 1 else np.zeros((n, 2), np.float32))
+
+
+@pytest.mark.parametrize("p", [5, 300, 600])
+def test_fused_attention_matches_twin(p):
+    """Online-softmax attention over key blocks (256) and query blocks (192) vs a float64 softmax;
+    head size 72 as SigLIP's."""
+    attn = gemma3._core.VisionTower.attn_head
+    rng = np.random.default_rng(p)
+    q, k, v = (rng.standard_normal((p, 72)).astype(np.float32) * s for s in (2.0, 2.0, 1.0))
+    scale = 72 ** -0.5
+
+    def twin(q, k, v):
+        s = (q.astype(np.float64) @ k.T.astype(np.float64)) * scale
+        e = np.exp(s - s.max(1, keepdims=True))
+        return (e / e.sum(1, keepdims=True)) @ v.astype(np.float64)
+
+    vmax = np.abs(v).max()
+    assert np.abs(attn(q, k, v, scale) - twin(q, k, v)).max() <= VISION_ATTN_F32_REL * vmax
+    if BF16_HERE:
+        z = attn(q, k, v, scale, bf16=True)
+        want = twin(_bf16(q), _bf16(k), _bf16(v))
+        assert np.abs(z - want).max() <= VISION_ATTN_BF16_REL * vmax
+
+
+@needs_bf16
+@pytest.mark.parametrize("src", ["hf", "gguf", "gguf-f16"])
+@pytest.mark.parametrize("case", CASES)
+def test_bf16_mode_matches_transformers(src, case):
+    """The bf16 mode's tower, projection and logits vs float32 transformers (VISION_BF16_REL of
+    the reference's largest magnitude; the reason is in tests/tolerances.py)."""
+    kw = dict(SOURCES.get(src, dict(path=D / "text.gguf", mmproj=D / "mmproj-f16.gguf")))
+    m = _bf16_models(**kw)
+    assert m.vision.compute == "bf16"
+    proj, hidden = m.vision.encode_with_hidden(REF[f"pixels_{case}"])
+    for got, key in ((hidden, "hidden"), (proj, "proj")):
+        ref = REF[f"{key}_{case}"]
+        _close(got, ref, VISION_BF16_REL * np.abs(ref).max(), f"bf16 {src} {key} {case}")
+    lg, ref = m.logits(REF[f"ids_{case}"], images=_pics(case)), REF[f"logits_{case}"]
+    _close(lg, ref, VISION_BF16_REL * np.abs(ref).max(), f"bf16 {src} logits {case}")
+
+
+_BF16_MODELS: dict = {}
+
+
+def _bf16_models(**kw):
+    key = str(sorted(kw.items()))
+    if key not in _BF16_MODELS:
+        _BF16_MODELS[key] = gemma3.load(**kw, vision_dtype="bf16")
+    return _BF16_MODELS[key]
+
+
+def test_vision_dtype_default_and_validation(models):
+    assert models["hf"].vision.dtype == "f32" and models["gguf"].vision.dtype == "f32"
+    f16 = gemma3.load(D / "text.gguf", mmproj=D / "mmproj-f16.gguf")
+    assert f16.vision.dtype == "bf16"
+    assert f16.vision.compute == ("bf16" if BF16_HERE else "f32")
+    assert [V.vision_dtype(None, t) for t in ("F32", "F16", "BF16", "Q8_0")] == \
+        ["f32", "bf16", "bf16", "bf16"]
+    assert V.vision_dtype("BF16") == "bf16"
+    for bad in ("fp8", 16, "float16"):
+        with pytest.raises(ValueError, match="vision_dtype"):
+            gemma3.load(D / "hf", vision_dtype=bad)
+        with pytest.raises(ValueError, match="vision_dtype"):
+            V.load_mmproj(D / "mmproj.gguf", vision_dtype_=bad)
+    assert "f32" in repr(models["hf"].vision)
+
+
+_FALLBACK = """
+import sys, numpy as np, gemma3
+from gemma3 import _core
+D = sys.argv[1]
+a = gemma3.load(D + "/hf", vision_dtype="bf16").vision
+b = gemma3.load(D + "/hf", vision_dtype="f32").vision
+px = np.load(D + "/reference.npz")["pixels_pas"]
+print(_core.VisionTower.bf16_available(), a.compute, np.array_equal(a.encode(px), b.encode(px)))
+"""
+
+
+@pytest.mark.parametrize("isa", ["avx2", "scalar"])
+def test_bf16_falls_back_to_f32(isa):
+    """G3_ISA below avx512: no bf16 kernel, so the bf16 mode is the float32 path, bit for bit."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, G3_ISA=isa)
+    out = subprocess.run([sys.executable, "-c", _FALLBACK, str(D)], capture_output=True,
+                         text=True, env=env, check=True).stdout.split()
+    assert out == ["False", "f32", "True"], out
+
+
+@needs_bf16
+def test_bf16_mode_odd_sizes():
+    """Odd sizes through the bf16 path: 25 patches (an odd last key pair, one query tile with a
+    tail), MLP 37 (fc2's inputs end in half a pair), head size 8, pool 1; against the same tower
+    in the f32 mode, within the bf16 bound."""
+    ns = {}
+    exec(_ODD_TOWER.split("out, hid =")[0], ns)  # the weights, config and pixels only
+    V_, cfg, w, px = ns["V"], ns["cfg"], ns["w"], ns["px"]
+    a = V_.VisionTower(cfg, w, dtype="bf16")
+    b = V_.VisionTower(cfg, w, dtype="f32")
+    assert (a.compute, b.compute) == ("bf16", "f32")
+    for got, ref in zip(a.encode_with_hidden(px), b.encode_with_hidden(px)):
+        _close(got, ref, VISION_BF16_REL * np.abs(ref).max(), "odd tower bf16 vs f32")
+        assert not np.array_equal(got, ref)  # the bf16 path did run

@@ -95,3 +95,27 @@ STATE_RECOMPUTE_REL = PACKED_MODEL_REL
 # 1.2e-6 (tiny), 0.8e-6 .. 0.9e-6 (270M), 3.3e-6 for the 270M SAE splice (its reconstruction is
 # a float32 product of 256 features done by NumPy's BLAS on our side, torch's on the other).
 INTERVENTION_LOGITS_REL = 1e-4
+
+# ==== vision tower, bf16 mode (tests/test_vision.py) =============================================
+# bf16 GEMM (csrc/kernels/gemm_bf16.c) vs its NumPy twin, which rounds both operands to bf16
+# exactly as the kernel does (RNE) and multiplies in float64: every bf16 x bf16 product is exact
+# in float32, so the only error is the float32 sum of 2 terms per input pair, in order. The
+# classic bound for a sum of n terms is (n - 1) u sum |terms| with u = 2^-24; the bound below takes
+# n = K + 2 (the bias and the accumulated C join the sum), applied per element to sum |a_i w_i|.
+BF16_GEMM_SUM_U = 2.0**-24
+# Fused attention (csrc/kernels/attention_vision.c), float32 blocks vs a float64 softmax: float32
+# scores (72-term dots), exp and sums over the keys; ~10 float32 roundings of O(max |v|) values.
+# Measured 4e-7 with max |v| ~4.
+VISION_ATTN_F32_REL = 1e-5
+# bf16 blocks vs the same float64 attention of bf16-rounded q, k, v: the one extra rounding is the
+# probabilities' (relative 2^-8 each before the sum z = sum p_j v_j), so |dz| <= 2^-8 sum p_j |v_j|
+# <= 2^-8 max |v|; the float32 part adds the line above.
+VISION_ATTN_BF16_REL = BF16_REL + VISION_ATTN_F32_REL
+# Whole tower and logits in the bf16 mode vs float32 transformers, relative to the reference's
+# largest magnitude: every product rounds its operands to bf16, a relative error of at most
+# 2^-8 (BF16_REL) each, i.e. at most 2 BF16_REL of sum |a w| for one product; with random signs
+# the errors of the tower's products partly cancel and LayerNorm / RMSNorm rescale them, so one
+# product's worst case (2 BF16_REL of the output's scale) is the stated bound. Measured on the
+# tiny fixture (2 layers): hidden 0.41-0.50, projected 0.62-0.82, logits 1.1-1.2 (x BF16_REL) —
+# the text model's own float32 logits add no bf16 error, the image rows carry it.
+VISION_BF16_REL = 2 * BF16_REL

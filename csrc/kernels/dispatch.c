@@ -8,7 +8,7 @@
 g3_float_kernels g3_fk_selected;
 int g3_fk_ready;
 
-static int isa_cpu = G3_ISA_SCALAR, isa_selected = G3_ISA_SCALAR, has_vnni = 0;
+static int isa_cpu = G3_ISA_SCALAR, isa_selected = G3_ISA_SCALAR, has_vnni = 0, has_bf16 = 0;
 static char isa_env[16]; /* G3_ISA as read (truncated), "" if unset */
 static int isa_env_set = 0;
 static g3_float_kernels tables[G3_ISA_COUNT];
@@ -40,6 +40,7 @@ static void init_once(void)
     else if (env && strcmp(env, "avx2") == 0 && isa_selected > G3_ISA_AVX2)
         isa_selected = G3_ISA_AVX2;
     has_vnni = isa_cpu >= G3_ISA_AVX512 && __builtin_cpu_supports("avx512vnni");
+    has_bf16 = isa_cpu >= G3_ISA_AVX512 && __builtin_cpu_supports("avx512bf16");
     for (int isa = 0; isa <= isa_cpu; isa++) {
         g3_vec_kernels(isa, &tables[isa]);
         g3_act_kernels(isa, &tables[isa]);
@@ -72,6 +73,12 @@ int g3_isa_vnni(void)
 {
     g3_dispatch_init();
     return has_vnni && isa_selected >= G3_ISA_AVX512;
+}
+
+int g3_isa_bf16(void)
+{
+    g3_dispatch_init();
+    return has_bf16 && isa_selected >= G3_ISA_AVX512;
 }
 
 const char *g3_isa_name(int isa)

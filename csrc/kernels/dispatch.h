@@ -23,6 +23,9 @@ const char *g3_isa_name(int isa); /* "scalar", "avx2", "avx512", or "none" */
 /* 1 if the packed AVX-512 VNNI decode kernels may run: level AVX-512 selected and the CPU has
  * avx512vnni. */
 int g3_isa_vnni(void);
+/* 1 if the bf16 GEMM (kernels/gemm_bf16.c) may use VDPBF16PS: level AVX-512 selected and the CPU
+ * has avx512bf16. Otherwise the vision tower's bf16 mode runs its float32 path. */
+int g3_isa_bf16(void);
 
 
 /* The table of one level (NULL if the CPU cannot run it): tests compare levels in one process. */

@@ -1,7 +1,10 @@
 /* py_vision.c — _core.VisionTower: binds the SigLIP tower + projector weights given by
  * gemma3/vision.py and encodes images with the GIL released.
  *
- * VisionTower(config: VisionConfig, weights: dict)
+ * VisionTower(config: VisionConfig, weights: dict, bf16: bool = False)
+ *   bf16: convert the matrices to bf16 once and compute in the bf16 mode (siglip.h,
+ *     g3_vision_use_bf16); the attribute `compute` says which mode runs ("bf16" only where the
+ *     CPU and G3_ISA offer the bf16 kernel, else "f32").
  *   weights: keys and shapes of the vision role table (model/roles.c,
  *     _core.tensor_roles("vision")): matrices as (type_id, rows, cols, ndarray), float32 vectors
  *     as arrays (mm.soft_emb_norm holds the full multiplier 1 + w).
@@ -11,7 +14,11 @@
 #include "py.h"
 #include "np.h"
 
+#include <stdlib.h>
 #include <string.h>
+
+#include "kernels/attention_vision.h"
+#include "kernels/dispatch.h"
 
 #include "model/roles.h"
 #include "vision/siglip.h"
@@ -44,9 +51,10 @@ static int check_signals(void *ctx)
 
 static int vision_init(VisionObject *self, PyObject *args, PyObject *kw)
 {
-    static char *kwlist[] = {"config", "weights", NULL};
+    static char *kwlist[] = {"config", "weights", "bf16", NULL};
     PyObject *co, *w;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO!", kwlist, &co, &PyDict_Type, &w))
+    int bf16 = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO!|p", kwlist, &co, &PyDict_Type, &w, &bf16))
         return -1;
     if (self->v) {
         PyErr_SetString(PyExc_RuntimeError, "VisionTower already initialised");
@@ -72,6 +80,15 @@ static int vision_init(VisionObject *self, PyObject *args, PyObject *kw)
     if ((st = g3_vision_check(v, &err))) {
         g3_py_raise(ms, st, &err, NULL);
         goto fail;
+    }
+    if (bf16) {
+        Py_BEGIN_ALLOW_THREADS
+        st = g3_vision_use_bf16(v, 1, &err);
+        Py_END_ALLOW_THREADS
+        if (st) {
+            g3_py_raise(ms, st, &err, NULL);
+            goto fail;
+        }
     }
     return 0;
 fail:
@@ -197,12 +214,147 @@ static PyObject *vision_get(VisionObject *self, void *which)
         return PyLong_FromLongLong(v->n_patches);
     case 1:
         return PyLong_FromLongLong(v->cfg.n_mm_tokens);
+    case 3:
+        return PyUnicode_FromString(v->bf16 ? "bf16" : "f32");
     default:
         return PyLong_FromLongLong(v->pool);
     }
 }
 
+/* Float32 C-contiguous 2-D array (a copy or a view). */
+static PyArrayObject *mat2(PyObject *o, const char *what)
+{
+    PyArrayObject *a = (PyArrayObject *)PyArray_FROMANY(o, NPY_FLOAT32, 2, 2, NPY_ARRAY_IN_ARRAY);
+    if (!a)
+        PyErr_Format(PyExc_ValueError, "%s must be a 2-D float32 array", what);
+    return a;
+}
+
+/* bf16_gemm(a (M, K), w (N, K), bias=None, gelu=False, c=None, simd=True) -> (M, N) float32:
+ * the bf16 kernel of the tower's bf16 mode (c given: accumulated into a copy of c); simd=False
+ * runs the scalar reference. For the NumPy twin in tests/test_vision.py. */
+static PyObject *vision_bf16_gemm(PyObject *cls, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"a", "w", "bias", "gelu", "c", "simd", NULL};
+    PyObject *ao, *wo, *bo = Py_None, *co = Py_None;
+    int gelu = 0, simd = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|OpOp", kwlist, &ao, &wo, &bo, &gelu, &co,
+                                     &simd))
+        return NULL;
+    PyArrayObject *a = mat2(ao, "a"), *w = a ? mat2(wo, "w") : NULL, *b = NULL, *out = NULL;
+    uint32_t *act = NULL;
+    g3_bf16_mat m = {0};
+    PyObject *ret = NULL;
+    if (!w)
+        goto done;
+    const npy_intp M = PyArray_DIM(a, 0), K = PyArray_DIM(a, 1), N = PyArray_DIM(w, 0);
+    if (PyArray_DIM(w, 1) != K || M < 1 || N < 1 || K < 1) {
+        PyErr_SetString(PyExc_ValueError, "bf16_gemm: a (M, K) and w (N, K), all sizes >= 1");
+        goto done;
+    }
+    if (bo != Py_None) {
+        b = (PyArrayObject *)PyArray_FROMANY(bo, NPY_FLOAT32, 1, 1, NPY_ARRAY_IN_ARRAY);
+        if (!b || PyArray_DIM(b, 0) != N) {
+            PyErr_SetString(PyExc_ValueError, "bf16_gemm: bias must have N values");
+            goto done;
+        }
+    } else if (gelu) {
+        PyErr_SetString(PyExc_ValueError, "bf16_gemm: gelu needs a bias");
+        goto done;
+    }
+    if (co != Py_None) {
+        out = (PyArrayObject *)PyArray_FROMANY(co, NPY_FLOAT32, 2, 2,
+                                               NPY_ARRAY_CARRAY | NPY_ARRAY_ENSURECOPY);
+        if (!out || PyArray_DIM(out, 0) != M || PyArray_DIM(out, 1) != N) {
+            PyErr_SetString(PyExc_ValueError, "bf16_gemm: c must be (M, N)");
+            goto done;
+        }
+    } else {
+        npy_intp dims[2] = {M, N};
+        out = (PyArrayObject *)PyArray_SimpleNew(2, dims, NPY_FLOAT32);
+        if (!out)
+            goto done;
+    }
+    g3_weight W = {.type = 0, .rows = N, .cols = K, .row_bytes = (size_t)K * 4,
+                   .data = PyArray_DATA(w)};
+    g3_err err = {{0}, 0};
+    act = malloc(sizeof(uint32_t) * g3_bf16_act_words(M, K));
+    if (!act || g3_bf16_mat_from_weight(&W, &m, &err)) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    const g3_bf16_epi epi = {b ? PyArray_DATA(b) : NULL, gelu, co != Py_None};
+    Py_BEGIN_ALLOW_THREADS
+    const int nt = g3_get_threads();
+    g3_bf16_pack_act(PyArray_DATA(a), M, K, K, act, nt);
+    g3_bf16_gemm_isa(act, M, &m, PyArray_DATA(out), N, &epi, nt, simd);
+    Py_END_ALLOW_THREADS
+    ret = (PyObject *)out;
+    out = NULL;
+done:
+    free(act);
+    g3_bf16_mat_free(&m);
+    Py_XDECREF(a);
+    Py_XDECREF(w);
+    Py_XDECREF(b);
+    Py_XDECREF(out);
+    return ret;
+}
+
+/* attn_head(q (P, hd), k (P, hd), v (P, hd), scale, bf16=False) -> z (P, hd): the tower's fused
+ * attention for one head (online softmax over key blocks). */
+static PyObject *vision_attn_head(PyObject *cls, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"q", "k", "v", "scale", "bf16", NULL};
+    PyObject *qo, *ko, *vo;
+    float scale;
+    int bf16 = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOf|p", kwlist, &qo, &ko, &vo, &scale, &bf16))
+        return NULL;
+    PyArrayObject *q = mat2(qo, "q"), *k = q ? mat2(ko, "k") : NULL, *v = k ? mat2(vo, "v") : NULL;
+    PyArrayObject *z = NULL;
+    if (!v)
+        goto done;
+    const npy_intp P = PyArray_DIM(q, 0), hd = PyArray_DIM(q, 1);
+    if (P < 1 || hd < 1 || PyArray_DIM(k, 0) != P || PyArray_DIM(v, 0) != P ||
+        PyArray_DIM(k, 1) != hd || PyArray_DIM(v, 1) != hd) {
+        PyErr_SetString(PyExc_ValueError, "attn_head: q, k, v must all be (P, hd)");
+        goto done;
+    }
+    npy_intp dims[2] = {P, hd};
+    z = (PyArrayObject *)PyArray_ZEROS(2, dims, NPY_FLOAT32, 0);
+    if (!z)
+        goto done;
+    g3_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = g3_attn_fused_head(PyArray_DATA(q), PyArray_DATA(k), PyArray_DATA(v), P, hd, scale,
+                            PyArray_DATA(z), bf16);
+    Py_END_ALLOW_THREADS
+    if (st) {
+        Py_CLEAR(z);
+        PyErr_NoMemory();
+    }
+done:
+    Py_XDECREF(q);
+    Py_XDECREF(k);
+    Py_XDECREF(v);
+    return (PyObject *)z;
+}
+
+static PyObject *vision_bf16_available(PyObject *cls, PyObject *unused)
+{
+    return PyBool_FromLong(g3_isa_bf16());
+}
+
 static PyMethodDef vision_methods[] = {
+    {"bf16_gemm", (PyCFunction)(void (*)(void))vision_bf16_gemm,
+     METH_VARARGS | METH_KEYWORDS | METH_STATIC,
+     "bf16_gemm(a, w, bias=None, gelu=False, c=None, simd=True) -> (M, N) float32"},
+    {"attn_head", (PyCFunction)(void (*)(void))vision_attn_head,
+     METH_VARARGS | METH_KEYWORDS | METH_STATIC,
+     "attn_head(q, k, v, scale, bf16=False) -> (P, hd) float32"},
+    {"bf16_available", vision_bf16_available, METH_NOARGS | METH_STATIC,
+     "whether the bf16 kernel runs here (CPU avx512bf16 and G3_ISA at avx512)"},
     {"encode", (PyCFunction)(void (*)(void))vision_encode, METH_VARARGS | METH_KEYWORDS,
      "encode(pixels (n, 3, S, S), hidden=None, attn_layer=-1, attn=None) -> (n, M, n_embd_text)"},
     {NULL, NULL, 0, NULL},
@@ -213,6 +365,8 @@ static PyGetSetDef vision_getset[] = {
     {"n_mm_tokens", (getter)vision_get, NULL, "projected tokens per image", (void *)1},
     {"pool", (getter)vision_get, NULL, "average-pooling kernel (patches per token side)",
      (void *)2},
+    {"compute", (getter)vision_get, NULL, "'bf16' or 'f32': the mode the products run in",
+     (void *)3},
     {NULL, NULL, NULL, NULL, NULL},
 };
 

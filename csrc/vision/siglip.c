@@ -1,20 +1,33 @@
 /* siglip.c — SigLIP vision tower and Gemma 3 projector forward pass (see siglip.h for the math).
  *
- * One image at a time: P = 4096 rows for the real model, so every matrix product is a BLAS-sized
- * one (g3_matmul). Attention runs head by head as one P x P tile of g3_attn_tile_f32: S = Q_h K_h^T
- * (sgemm), row softmax in an OpenMP region, Z_h = S V_h (sgemm). The P x P score matrix of one head
- * (64 MiB at P = 4096) is the largest buffer; when a layer is captured the softmax is written
- * straight into the caller's (n_head, P, P) buffer instead. BLAS is only called outside OpenMP
- * regions. The row kernels (LayerNorm, softmax, bias + GELU) are the shared ones in kernels/, so
- * G3_ISA selects the tower's SIMD level like the text model's.
+ * One image at a time: P = 4096 rows for the real model, so every matrix product is a large one.
+ * Two modes:
+ *   - f32: g3_matmul (blocks of C on our threads, single-threaded OpenBLAS in each);
+ *   - bf16 (g3_vision_use_bf16): matrices converted once to packed bf16 panels, activations
+ *     rounded to bf16 per product (LayerNorm writes the packed rows directly), q/k/v one product,
+ *     bias / GELU / residual applied on each block of C while it is in cache (gemm_bf16.h).
+ * Attention, both modes: fused per (head, block of query rows) task (kernels/attention_vision.h),
+ * keys taken a block at a time with an online softmax (running max and sum per row, the partial output rescaled), so no P x P
+ * score matrix exists (the old path wrote and read 64 MiB per head, twice). f32 blocks are
+ * single-threaded sgemm calls inside the parallel region; bf16 blocks the bf16 kernel with keys and
+ * values packed once per layer. A captured layer (attention probabilities requested) goes through
+ * g3_attn_tile_f32, which writes the softmax straight into the caller's (n_head, P, P) buffer.
+ * Tasks partition outputs only, so an image gets the same bits at any thread count. The row
+ * kernels (LayerNorm, softmax, bias + GELU) are the shared ones in kernels/, so G3_ISA selects the
+ * tower's SIMD level like the text model's.
  */
 #include "vision/siglip.h"
 
+#include <cblas.h>
 #include <math.h>
+#include <omp.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "kernels/attention.h"
+#include "kernels/attention_vision.h"
+#include "kernels/dispatch.h"
+#include "kernels/gemm.h"
 #include "kernels/ops.h"
 #include "model/roles.h"
 
@@ -65,12 +78,83 @@ g3_status g3_vision_create(const g3_vision_config *cfg, g3_vision **out, g3_err 
     return G3_OK;
 }
 
+static void drop_bf16(g3_vision *v)
+{
+    if (v->l16)
+        for (int64_t il = 0; il < v->cfg.n_layer; il++) {
+            g3_vision_bf16_layer *L = &v->l16[il];
+            g3_bf16_mat_free(&L->qkv);
+            g3_bf16_mat_free(&L->o);
+            g3_bf16_mat_free(&L->fc1);
+            g3_bf16_mat_free(&L->fc2);
+            free(L->qkv_b);
+        }
+    free(v->l16);
+    v->l16 = NULL;
+    g3_bf16_mat_free(&v->patch16);
+    g3_bf16_mat_free(&v->proj16);
+    v->bf16 = 0;
+}
+
 void g3_vision_free(g3_vision *v)
 {
     if (!v)
         return;
+    drop_bf16(v);
     free(v->layers);
     free(v);
+}
+
+/* 2 + 4 n_layer conversions, shared out over the threads (each one single-threaded). */
+g3_status g3_vision_use_bf16(g3_vision *v, int on, g3_err *err)
+{
+    drop_bf16(v);
+    if (!on || !g3_isa_bf16())
+        return G3_OK;
+    const int64_t nl = v->cfg.n_layer, D = v->cfg.n_embd;
+    v->l16 = calloc((size_t)(nl ? nl : 1), sizeof *v->l16);
+    if (!v->l16)
+        return g3_fail(err, G3_ERR_NOMEM, "out of memory for the bf16 vision tower");
+    const int64_t njobs = 2 + 4 * nl;
+    int failed = 0;
+#pragma omp parallel for num_threads(g3_get_threads()) schedule(dynamic, 1) reduction(|:failed)
+    for (int64_t j = 0; j < njobs; j++) {
+        g3_err e = {{0}, 0};
+        g3_status st = G3_OK;
+        if (j == 0)
+            st = g3_bf16_mat_from_weight(&v->patch, &v->patch16, &e);
+        else if (j == 1)
+            st = g3_bf16_mat_from_weight(&v->mm_proj, &v->proj16, &e);
+        else {
+            const int64_t il = (j - 2) / 4;
+            const g3_vision_layer *L = &v->layers[il];
+            g3_vision_bf16_layer *B = &v->l16[il];
+            switch ((j - 2) % 4) {
+            case 0: {
+                const g3_weight *qkv[3] = {&L->q, &L->k, &L->v};
+                st = g3_bf16_mat_from_weights(3, qkv, &B->qkv, &e);
+                if (!st && !(B->qkv_b = malloc(sizeof(float) * 3 * (size_t)D)))
+                    st = G3_ERR_NOMEM;
+                if (!st) {
+                    memcpy(B->qkv_b, L->q_b, sizeof(float) * (size_t)D);
+                    memcpy(B->qkv_b + D, L->k_b, sizeof(float) * (size_t)D);
+                    memcpy(B->qkv_b + 2 * D, L->v_b, sizeof(float) * (size_t)D);
+                }
+                break;
+            }
+            case 1: st = g3_bf16_mat_from_weight(&L->o, &B->o, &e); break;
+            case 2: st = g3_bf16_mat_from_weight(&L->fc1, &B->fc1, &e); break;
+            default: st = g3_bf16_mat_from_weight(&L->fc2, &B->fc2, &e); break;
+            }
+        }
+        failed |= st != G3_OK;
+    }
+    if (failed) {
+        drop_bf16(v);
+        return g3_fail(err, G3_ERR_NOMEM, "out of memory converting the vision tower to bf16");
+    }
+    v->bf16 = 1;
+    return G3_OK;
 }
 
 /* Every role of the table (model/roles.c) bound, with its expected shape. */
@@ -122,9 +206,15 @@ static void im2col(const g3_vision *v, const float *pixels, float *cols, int nt)
     }
 }
 
+/* ---- per-encode buffers -------------------------------------------------------------------- */
+
 typedef struct {
-    float *x, *h, *q, *k, *v, *z, *f, *scores;
-    int64_t *lo, *hi; /* (P) visible keys of every query row: all of them */
+    float *x, *h, *q, *k, *v, *z, *f;
+    float *aws;          /* (threads, attn ws) */
+    size_t aws_stride;
+    uint32_t *act;       /* bf16: packed activations of the widest product input */
+    uint32_t *kpan, *vpan; /* bf16: (n_head) packed keys / values of the layer */
+    float *fkpan;          /* f32: (n_head) packed keys of the layer */
     g3_matmul_ws mm;
 } vbufs;
 
@@ -137,82 +227,152 @@ static void vbufs_free(vbufs *b)
     free(b->v);
     free(b->z);
     free(b->f);
-    free(b->scores);
-    free(b->lo);
-    free(b->hi);
+    free(b->aws);
+    free(b->act);
+    free(b->kpan);
+    free(b->vpan);
+    free(b->fkpan);
     g3_matmul_ws_free(&b->mm);
 }
 
 /* One image per call: the buffers live for this encode (the text model's run state is for
- * per-token work); the matmuls take their scratch from it, as in the forward pass. */
+ * per-token work); the matmuls take their scratch from it, as in the forward pass.
+ * bf16: q holds q|k|v as (P, 3D), k and v are unused. */
 static g3_status vbufs_alloc(const g3_vision *v, vbufs *b, int nt, g3_err *err)
 {
     const g3_vision_config *c = &v->cfg;
-    const int64_t P = v->n_patches, D = c->n_embd, F = c->n_ff;
+    const int64_t P = v->n_patches, D = c->n_embd, F = c->n_ff, hd = D / c->n_head;
     const int64_t pp3 = 3 * c->patch_size * c->patch_size;
     const size_t pd = (size_t)P * D;
+    int ok = 1;
     b->x = malloc(sizeof(float) * pd);
     b->h = malloc(sizeof(float) * (pd > (size_t)P * pp3 ? pd : (size_t)P * pp3));
-    b->q = malloc(sizeof(float) * pd);
-    b->k = malloc(sizeof(float) * pd);
-    b->v = malloc(sizeof(float) * pd);
     b->z = malloc(sizeof(float) * pd);
     b->f = malloc(sizeof(float) * (size_t)P * F);
-    b->scores = malloc(sizeof(float) * (size_t)P * P);
-    b->lo = calloc((size_t)P, sizeof(int64_t)); /* every query sees every patch */
-    b->hi = malloc(sizeof(int64_t) * (size_t)P);
-    g3_matmul_ws_need(&b->mm, &v->patch, P, nt);
-    g3_matmul_ws_need(&b->mm, &v->mm_proj, c->n_mm_tokens, nt);
-    for (int64_t il = 0; il < c->n_layer; il++) {
-        const g3_vision_layer *L = &v->layers[il];
-        const g3_weight *ws[] = {&L->q, &L->k, &L->v, &L->o, &L->fc1, &L->fc2};
-        for (size_t j = 0; j < sizeof ws / sizeof ws[0]; j++)
-            g3_matmul_ws_need(&b->mm, ws[j], P, nt);
+    b->aws_stride = g3_attn_fused_ws_floats(hd) + 16;
+    b->aws = malloc(sizeof(float) * b->aws_stride * (size_t)nt);
+    if (v->bf16) {
+        b->q = malloc(sizeof(float) * 3 * pd);
+        int64_t kmax = D > F ? D : F;
+        kmax = kmax > pp3 ? kmax : pp3;
+        const int64_t mmax = P > c->n_mm_tokens ? P : c->n_mm_tokens;
+        b->act = malloc(sizeof(uint32_t) * g3_bf16_act_words(mmax, kmax));
+        b->kpan = malloc(sizeof(uint32_t) * g3_attn_kpan_words(P, hd) * (size_t)c->n_head);
+        b->vpan = malloc(sizeof(uint32_t) * g3_attn_vpan_words(P, hd) * (size_t)c->n_head);
+        ok = b->q && b->act && b->kpan && b->vpan;
+    } else {
+        b->q = malloc(sizeof(float) * pd);
+        b->k = malloc(sizeof(float) * pd);
+        b->v = malloc(sizeof(float) * pd);
+        b->fkpan = malloc(sizeof(float) * g3_attn_fkey_floats(P, hd) * (size_t)c->n_head);
+        ok = b->q && b->k && b->v && b->fkpan;
+        g3_matmul_ws_need(&b->mm, &v->patch, P, nt);
+        g3_matmul_ws_need(&b->mm, &v->mm_proj, c->n_mm_tokens, nt);
+        for (int64_t il = 0; il < c->n_layer; il++) {
+            const g3_vision_layer *L = &v->layers[il];
+            const g3_weight *ws[] = {&L->q, &L->k, &L->v, &L->o, &L->fc1, &L->fc2};
+            for (size_t j = 0; j < sizeof ws / sizeof ws[0]; j++)
+                g3_matmul_ws_need(&b->mm, ws[j], P, nt);
+        }
     }
     g3_status st = g3_matmul_ws_alloc(&b->mm, err);
-    if (!st && (!b->x || !b->h || !b->q || !b->k || !b->v || !b->z || !b->f || !b->scores ||
-                !b->lo || !b->hi))
+    if (!st && (!ok || !b->x || !b->h || !b->z || !b->f || !b->aws))
         st = g3_fail(err, G3_ERR_NOMEM, "out of memory encoding an image (%lld patches)",
                      (long long)P);
     if (st) {
         vbufs_free(b);
         return st;
     }
-    for (int64_t r = 0; r < P; r++)
-        b->hi[r] = P - 1;
     return G3_OK;
 }
 
-/* Bidirectional multi-head attention over the P rows of q/k/v (P, D) -> z (P, D), one head at a
- * time as a single (P x P) tile. */
-static void attention(const g3_vision *v, vbufs *b, float *capture, int nt)
+/* Bidirectional multi-head attention over the P rows of q/k/v (row strides ldq, ldk) -> z (P, D).
+ * capture: the layer's probabilities are wanted, so each head is one P x P tile written there. */
+static g3_status attention(const g3_vision *v, vbufs *b, const float *q, const float *k,
+                           const float *vv, int64_t ldq, int64_t ldk, float *capture, int nt,
+                           g3_err *err)
 {
     const g3_vision_config *c = &v->cfg;
-    const int64_t P = v->n_patches, D = c->n_embd, hd = D / c->n_head;
+    const int64_t P = v->n_patches, D = c->n_embd, H = c->n_head, hd = D / H;
     const float scale = 1.0f / sqrtf((float)hd);
-    for (int64_t h = 0; h < c->n_head; h++) {
-        float *S = capture ? capture + (size_t)h * P * P : b->scores;
-        g3_attn_tile_f32(b->q + h * hd, D, b->k + h * hd, b->v + h * hd, D, P, P, hd, scale,
-                         b->lo, b->hi, S, P, b->z + h * hd, D, nt, NULL);
+    if (capture) {
+        int64_t *lo = calloc((size_t)P, sizeof *lo), *hi = malloc(sizeof *hi * (size_t)P);
+        if (!lo || !hi) {
+            free(lo);
+            free(hi);
+            return g3_fail(err, G3_ERR_NOMEM, "out of memory capturing vision attention");
+        }
+        for (int64_t r = 0; r < P; r++)
+            hi[r] = P - 1;
+        for (int64_t h = 0; h < H; h++)
+            g3_attn_tile_f32(q + h * hd, ldq, k + h * hd, vv + h * hd, ldk, P, P, hd, scale, lo,
+                             hi, capture + (size_t)h * P * P, P, b->z + h * hd, D, nt, NULL);
+        free(lo);
+        free(hi);
+        return G3_OK;
+    }
+    const int use16 = v->bf16;
+    const size_t kw = g3_attn_kpan_words(P, hd), vw = g3_attn_vpan_words(P, hd);
+    const int64_t npk = (P + G3_BF16_NR - 1) / G3_BF16_NR;
+    const size_t fw = g3_attn_fkey_floats(P, hd);
+    if (!use16) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+        for (int64_t t = 0; t < H * npk; t++)
+            g3_attn_pack_keys_f32(k + t / npk * hd, ldk, P, hd, t % npk, b->fkpan + t / npk * fw);
+    } else {
+#pragma omp parallel for num_threads(nt) schedule(static)
+        for (int64_t t = 0; t < H * (npk + 1); t++) {
+            const int64_t h = t / (npk + 1), j = t % (npk + 1);
+            if (j == npk) /* the head's values, transposed */
+                g3_attn_pack_values(vv + h * hd, ldk, P, hd, b->vpan + h * vw);
+            else
+                g3_attn_pack_keys(k + h * hd, ldk, P, hd, j, b->kpan + h * kw);
+        }
+    }
+    const int64_t nqb = (P + G3_ATTN_QB - 1) / G3_ATTN_QB;
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+    for (int64_t t = 0; t < H * nqb; t++) {
+        const int64_t h = t / nqb, r0 = t % nqb * G3_ATTN_QB;
+        float *ws = b->aws + (size_t)omp_get_thread_num() * b->aws_stride;
+        g3_attn_fused_rows(q + r0 * ldq + h * hd, ldq, k + h * hd, vv + h * hd, ldk,
+                  use16 ? b->kpan + h * kw : NULL, use16 ? b->vpan + h * vw : NULL,
+                  use16 ? NULL : b->fkpan + h * fw, P, hd,
+                  P - r0 < G3_ATTN_QB ? P - r0 : G3_ATTN_QB, scale, b->z + r0 * D + h * hd, D, ws);
+    }
+    return G3_OK;
+}
+
+/* LayerNorm of every row of x straight into packed bf16 activations (one tile per task). */
+static void layernorm_pack(const float *x, const float *w, const float *bias, uint32_t *act,
+                           float *tmp, int64_t T, int64_t n, float eps, int nt)
+{
+    const int64_t MR = G3_BF16_MR, ntile = (T + MR - 1) / MR;
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t t = 0; t < ntile; t++) {
+        const int64_t r0 = t * MR, r1 = r0 + MR < T ? r0 + MR : T;
+        for (int64_t r = r0; r < r1; r++)
+            g3_layernorm_f32(x + r * n, w, bias, tmp + r * n, n, eps);
+        g3_bf16_pack_rows(tmp, n, n, r0, r1, T, act, (n + 1) / 2);
     }
 }
 
-static g3_status layer_forward(const g3_vision *v, int64_t il, vbufs *b, float *capture, int nt,
-                               g3_err *err)
+static g3_status layer_forward_f32(const g3_vision *v, int64_t il, vbufs *b, float *capture,
+                                   int nt, g3_err *err)
 {
     const g3_vision_config *c = &v->cfg;
     const g3_vision_layer *L = &v->layers[il];
     const int64_t P = v->n_patches, D = c->n_embd, F = c->n_ff;
     g3_status st;
     layernorm_rows(b->x, L->ln1_w, L->ln1_b, b->h, P, D, c->eps, nt);
-    if ((st = g3_matmul(&L->q, b->h, P, b->q, &b->mm, err)) ||
-        (st = g3_matmul(&L->k, b->h, P, b->k, &b->mm, err)) ||
-        (st = g3_matmul(&L->v, b->h, P, b->v, &b->mm, err)))
+    const g3_weight *qkv[3] = {&L->q, &L->k, &L->v};
+    float *const out[3] = {b->q, b->k, b->v};
+    if ((st = g3_matmul_multi(3, qkv, b->h, P, out, &b->mm, err)))
         return st;
     add_bias_rows(b->q, L->q_b, P, D, nt);
     add_bias_rows(b->k, L->k_b, P, D, nt);
     add_bias_rows(b->v, L->v_b, P, D, nt);
-    attention(v, b, capture, nt);
+    if ((st = attention(v, b, b->q, b->k, b->v, D, D, capture, nt, err)))
+        return st;
     if ((st = g3_matmul(&L->o, b->z, P, b->h, &b->mm, err)))
         return st;
     add_resid_rows(b->x, b->h, L->o_b, P, D, nt);
@@ -228,6 +388,28 @@ static g3_status layer_forward(const g3_vision *v, int64_t il, vbufs *b, float *
     return G3_OK;
 }
 
+static g3_status layer_forward_bf16(const g3_vision *v, int64_t il, vbufs *b, float *capture,
+                                    int nt, g3_err *err)
+{
+    const g3_vision_config *c = &v->cfg;
+    const g3_vision_layer *L = &v->layers[il];
+    const g3_vision_bf16_layer *B = &v->l16[il];
+    const int64_t P = v->n_patches, D = c->n_embd, F = c->n_ff;
+    g3_status st;
+    layernorm_pack(b->x, L->ln1_w, L->ln1_b, b->act, b->h, P, D, c->eps, nt);
+    const g3_bf16_epi qkv = {B->qkv_b, 0, 0}, resid_o = {L->o_b, 0, 1},
+                      up = {L->fc1_b, 1, 0}, resid_2 = {L->fc2_b, 0, 1};
+    g3_bf16_gemm(b->act, P, &B->qkv, b->q, 3 * D, &qkv, nt);
+    if ((st = attention(v, b, b->q, b->q + D, b->q + 2 * D, 3 * D, 3 * D, capture, nt, err)))
+        return st;
+    g3_bf16_pack_act(b->z, P, D, D, b->act, nt);
+    g3_bf16_gemm(b->act, P, &B->o, b->x, D, &resid_o, nt); /* x += z Wo^T + bo */
+    layernorm_pack(b->x, L->ln2_w, L->ln2_b, b->act, b->h, P, D, c->eps, nt);
+    g3_bf16_gemm(b->act, P, &B->fc1, b->f, F, &up, nt); /* gelu(h W1^T + b1) */
+    g3_bf16_pack_act(b->f, P, F, F, b->act, nt);
+    g3_bf16_gemm(b->act, P, &B->fc2, b->x, D, &resid_2, nt); /* x += f W2^T + b2 */
+    return G3_OK;
+}
 /* avg-pool k x k blocks of the side x side grid (P, D) -> (M, D), then the projector RMSNorm. */
 static void pool_norm(const g3_vision *v, const float *x, float *t, int nt)
 {
@@ -262,7 +444,11 @@ g3_status g3_vision_encode(const g3_vision *v, const float *pixels, float *out,
     if (st)
         return st;
     im2col(v, pixels, b.h, nt);
-    if ((st = g3_matmul(&v->patch, b.h, P, b.x, &b.mm, err)))
+    const int64_t pp3 = 3 * c->patch_size * c->patch_size;
+    if (v->bf16) {
+        g3_bf16_pack_act(b.h, P, pp3, pp3, b.act, nt);
+        g3_bf16_gemm(b.act, P, &v->patch16, b.x, D, NULL, nt);
+    } else if ((st = g3_matmul(&v->patch, b.h, P, b.x, &b.mm, err)))
         goto done;
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (int64_t t = 0; t < P; t++)
@@ -275,14 +461,19 @@ g3_status g3_vision_encode(const g3_vision *v, const float *pixels, float *out,
             goto done;
         }
         float *ca = cap && cap->attn && cap->attn_layer == il ? cap->attn : NULL;
-        if ((st = layer_forward(v, il, &b, ca, nt, err)))
+        if ((st = v->bf16 ? layer_forward_bf16(v, il, &b, ca, nt, err)
+                          : layer_forward_f32(v, il, &b, ca, nt, err)))
             goto done;
     }
     layernorm_rows(b.x, v->post_w, v->post_b, b.x, P, D, c->eps, nt);
     if (cap && cap->hidden)
         memcpy(cap->hidden, b.x, sizeof(float) * pd);
     pool_norm(v, b.x, b.h, nt);
-    st = g3_matmul(&v->mm_proj, b.h, c->n_mm_tokens, out, &b.mm, err);
+    if (v->bf16) {
+        g3_bf16_pack_act(b.h, c->n_mm_tokens, D, D, b.act, nt);
+        g3_bf16_gemm(b.act, c->n_mm_tokens, &v->proj16, out, c->n_embd_text, NULL, nt);
+    } else
+        st = g3_matmul(&v->mm_proj, b.h, c->n_mm_tokens, out, &b.mm, err);
 done:
     vbufs_free(&b);
     return st;

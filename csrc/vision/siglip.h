@@ -20,6 +20,7 @@
 #ifndef G3_SIGLIP_H
 #define G3_SIGLIP_H
 
+#include "kernels/gemm_bf16.h"
 #include "kernels/matmul.h"
 
 /* Filled only from gemma3/vision.py through _core.VisionConfig (csrc/python/py_roles.c). */
@@ -41,6 +42,12 @@ typedef struct {
     const float *fc2_b;                         /* (n_embd) */
 } g3_vision_layer;
 
+/* A layer's matrices in the bf16 mode: q/k/v stacked into one (3 n_embd, n_embd) product. */
+typedef struct {
+    g3_bf16_mat qkv, o, fc1, fc2;
+    float *qkv_b; /* (3 n_embd): q_b | k_b | v_b */
+} g3_vision_bf16_layer;
+
 typedef struct {
     g3_vision_config cfg;
     int64_t side, n_patches, pool;  /* patches per side, side^2, pooling kernel */
@@ -51,12 +58,22 @@ typedef struct {
     const float *post_w, *post_b;   /* (n_embd) */
     const float *mm_norm;           /* (n_embd) full multiplier 1 + w */
     g3_weight mm_proj;              /* (n_embd_text, n_embd) */
+    /* bf16 mode (g3_vision_use_bf16): the matrices converted once, owned; NULL in f32 mode */
+    int bf16;
+    g3_bf16_mat patch16, proj16;
+    g3_vision_bf16_layer *l16;      /* (n_layer) */
 } g3_vision;
 
 /* Validates cfg and allocates a tower whose weights the caller binds, then g3_vision_check(). */
 g3_status g3_vision_create(const g3_vision_config *cfg, g3_vision **out, g3_err *err);
 g3_status g3_vision_check(const g3_vision *v, g3_err *err);
 void g3_vision_free(g3_vision *v);
+/* Compute mode, after g3_vision_check. on = 1: every matrix converted to bf16 once (packed panels,
+ * gemm_bf16.h); products round activations to bf16 and accumulate in float32, attention too. The
+ * mode is taken only where kernels/dispatch.c offers the bf16 kernel (g3_isa_bf16()); elsewhere
+ * (a CPU without avx512bf16, G3_ISA below avx512) the tower keeps its float32 path and v->bf16
+ * stays 0. on = 0 drops the converted matrices. */
+g3_status g3_vision_use_bf16(g3_vision *v, int on, g3_err *err);
 
 /* Optional outputs of g3_vision_encode (NULL = not wanted). */
 typedef struct {
