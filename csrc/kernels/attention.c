@@ -391,29 +391,15 @@ void g3_attn_flash(const float *Q, int64_t ldq, int64_t nq, int64_t rep, int64_t
         }
         cur = cur0;
         row = row0;
-        if (dot_form) {
-            for (int64_t j = 0; j < nb; j++, row++) {
-                while (row >= cur->n) {
-                    row -= cur->n;
-                    cur++;
-                }
-                const float *v = kv_floats(cur, 1, row, hd, tmp);
-                for (int64_t r = 0; r < rows; r++) {
-                    const float p = s[r * G3_FA_BK + j];
-                    if (p != 0.0f)
-                        fk->axpy(p, v, o + r * hd, hd);
-                }
+        /* V rows into the block (the output rows then stay in registers over its keys) */
+        for (int64_t j = 0; j < nb; j++, row++) {
+            while (row >= cur->n) {
+                row -= cur->n;
+                cur++;
             }
-        } else {
-            for (int64_t j = 0; j < nb; j++, row++) {
-                while (row >= cur->n) {
-                    row -= cur->n;
-                    cur++;
-                }
-                g3_kv_row(cur, 1, row, hd, vb + j * hd);
-            }
-            bk->pv(s, rows, nb, vb, hd, o);
+            g3_kv_row(cur, 1, row, hd, vb + j * hd);
         }
+        bk->pv(s, rows, nb, vb, hd, o);
     }
 }
 
