@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from . import _check, _core
+from . import state as _state
 from .engine import LOGITS_CHUNK
 
 ATTN_NAMES = ("hook_q", "hook_k", "hook_v", "hook_z", "hook_pattern", "hook_attn_scores")
@@ -162,8 +163,10 @@ class LayerKV:
     """One layer's cached keys and values in position order.
 
     ``k``/``v``: ``(n_kv_heads, n_pos, head_dim)`` float32; keys are stored after k-norm and RoPE,
-    values raw. For global layers these are read-only views of the live cache (they change if the
-    model is reset and reused: copy them to keep them); local rings are unrolled into copies.
+    values raw. For a float32 cache's global layers these are read-only views of the live cache
+    (they change if the model is reset and reused: copy them to keep them); local rings, and
+    every layer of a bf16/f16/q8_0 cache, are float32 copies converted on access (exactly the
+    values attention reads). ``dtype_stored``: the cache's type ("f32", "bf16", "f16", "q8_0").
     """
 
     layer: int
@@ -172,10 +175,27 @@ class LayerKV:
     positions: np.ndarray  # (n_pos,) int64 absolute positions
     k: np.ndarray
     v: np.ndarray
+    dtype_stored: str = "f32"
 
     @property
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
+
+
+def kv_to_float(a: np.ndarray, kv_type: int, head_dim: int) -> np.ndarray:
+    """Rows of a cache buffer in its stored type (``_core.Model.kv_buffers``: float32, float16,
+    uint16 bf16 bits, or uint8 q8_0 blocks) as float32 (..., head_dim), converted like the C
+    kernels: exact widening for f16/bf16, fp16 scale x int8 (one float32 product) for q8_0."""
+    if kv_type == 0:
+        return a
+    if kv_type == 1:
+        return a.astype(np.float32)
+    if kv_type == 30:
+        return (a.astype(np.uint32) << 16).view(np.float32)
+    blocks = np.ascontiguousarray(a).reshape(*a.shape[:-1], head_dim // 32, 34)
+    d = blocks[..., :2].copy().view(np.float16).astype(np.float32)
+    q = blocks[..., 2:].view(np.int8).astype(np.float32)
+    return (d * q).reshape(*a.shape[:-1], head_dim)
 
 
 class KVCache:
@@ -190,6 +210,11 @@ class KVCache:
     def __len__(self) -> int:
         return self._engine.config.num_layers
 
+    @property
+    def dtype_stored(self) -> str:
+        """The type the cache stores: "f32", "bf16", "f16" or "q8_0" (load(kv_dtype=))."""
+        return _state.KV_TYPE_NAMES[self._core.kv_type]
+
     def __getitem__(self, layer: int) -> LayerKV:
         cfg = self._engine.config
         layer = _check.integer("layer", layer)
@@ -197,22 +222,24 @@ class KVCache:
             raise IndexError(f"layer {layer} out of range ({len(self)} layers)")
         layer %= len(self)
         k, v, is_global = self._core.kv_buffers(layer)
-        n = self.n_past
+        n, kt = self.n_past, self._core.kv_type
+        name = _state.KV_TYPE_NAMES[kt]
         if is_global:
             pos = np.arange(n, dtype=np.int64)
-            kk = k[:n].transpose(1, 0, 2)
-            vv = v[:n].transpose(1, 0, 2)
-            return LayerKV(layer, "global", None, pos, kk, vv)
+            kk = kv_to_float(k[:n], kt, cfg.head_dim).transpose(1, 0, 2)
+            vv = kv_to_float(v[:n], kt, cfg.head_dim).transpose(1, 0, 2)
+            kk.flags.writeable = vv.flags.writeable = False
+            return LayerKV(layer, "global", None, pos, kk, vv, name)
         slots = k.shape[0]
         # the positions the next query reads (the ring keeps a rollback margin beyond them)
         first = max(0, n - min(slots, cfg.sliding_window))
         pos = np.arange(first, n, dtype=np.int64)
         idx = pos % slots
-        kk = np.ascontiguousarray(k[idx].transpose(1, 0, 2))
-        vv = np.ascontiguousarray(v[idx].transpose(1, 0, 2))
+        kk = np.ascontiguousarray(kv_to_float(k[idx], kt, cfg.head_dim).transpose(1, 0, 2))
+        vv = np.ascontiguousarray(kv_to_float(v[idx], kt, cfg.head_dim).transpose(1, 0, 2))
         kk.flags.writeable = False
         vv.flags.writeable = False
-        return LayerKV(layer, "local", cfg.sliding_window, pos, kk, vv)
+        return LayerKV(layer, "local", cfg.sliding_window, pos, kk, vv, name)
 
     def __iter__(self):
         return (self[i] for i in range(len(self)))
@@ -237,11 +264,12 @@ class KVCache:
         for kind, b in res:
             by[kind][0] += 1
             by[kind][1] += b
-        per_pos = 2 * 4 * cfg.num_kv_heads * cfg.head_dim
+        slots = sum(self._core.kv_buffers(i)[0].shape[0] for i in range(len(self)))
+        per_pos = sum(b for _, b in res) // max(slots, 1)
         all_global = cfg.num_layers * self._engine.max_seq_len * per_pos
         total = by["global"][1] + by["local"][1]
         lines = [f"KV cache: {self.n_past} positions cached, max_seq_len "
-                 f"{self._engine.max_seq_len}, float32 K and V",
+                 f"{self._engine.max_seq_len}, {self.dtype_stored} K and V",
                  f"  global layers: {by['global'][0]:3d}  {by['global'][1] / 2**20:10.1f} MiB",
                  f"  local layers:  {by['local'][0]:3d}  {by['local'][1] / 2**20:10.1f} MiB "
                  f"(ring of {cfg.sliding_window} + {_core.KV_RING_MARGIN} slots each)",

@@ -317,9 +317,9 @@ def load_hf_dir(path: str, dtype: str | None = None):
 
 
 def build_core(cfg: Gemma3Config, weights: dict[str, Any], max_seq: int,
-               pack: bool = True) -> _core.Model:
+               pack: bool = True, kv_type: int = 0) -> _core.Model:
     is_global = bytes(1 if t == "full_attention" else 0 for t in cfg.layer_types)
-    return _core.Model(cfg.to_core(max_seq), is_global, weights, pack=pack)
+    return _core.Model(cfg.to_core(max_seq), is_global, weights, pack=pack, kv_type=kv_type)
 
 
 def is_hf_dir(path: str | os.PathLike) -> bool:

@@ -19,10 +19,31 @@ from .loader import build_core, is_hf_dir, load_gguf, load_hf_dir
 from .tokenizer import Tokenizer
 
 
+#: the types a KV cache can store (load(kv_dtype=)): ggml type id, bytes of a head row of d
+#: elements. q8_0 is ggml's block_q8_0 (32 int8 and one fp16 scale), so head_dim % 32 == 0.
+KV_DTYPES = {"f32": (0, lambda d: 4 * d), "f16": (1, lambda d: 2 * d),
+             "bf16": (30, lambda d: 2 * d), "q8_0": (8, lambda d: d // 32 * 34)}
+
+
+def check_kv_dtype(kv_dtype: str, head_dim: int | None = None) -> str:
+    """The checked name of a KV cache type; ValueError naming what is wrong."""
+    if not isinstance(kv_dtype, str) or kv_dtype not in KV_DTYPES:
+        raise ValueError(f"kv_dtype must be one of {', '.join(map(repr, KV_DTYPES))}, "
+                         f"got {kv_dtype!r}")
+    if kv_dtype == "q8_0" and head_dim is not None and head_dim % 32:
+        raise ValueError(f"kv_dtype='q8_0' stores blocks of 32 values per head, but this model's "
+                         f"head_dim is {head_dim}; use 'f16' or 'bf16'")
+    return kv_dtype
+
+
+def kv_dtype_name(type_id: int) -> str:
+    return next(k for k, (t, _) in KV_DTYPES.items() if t == type_id)
+
+
 def open_checkpoint(path: str | os.PathLike | None, n_threads: int | None,
                     max_seq_len: int | None, dtype: str | None,
                     mmproj: str | os.PathLike | None, pack: bool | None, prepare=None,
-                    vision_dtype: str | None = None):
+                    vision_dtype: str | None = None, kv_dtype: str = "f32"):
     """-> (core, config, tokenizer, path, owners, max_seq_len, vision, footprint): see gemma3.load.
     ``prepare(config, weights)``, if given, may change the weights dict before the C model is
     built (gemma3.adapters.merge_into). ``vision_dtype``: the tower's compute mode
@@ -30,6 +51,7 @@ def open_checkpoint(path: str | os.PathLike | None, n_threads: int | None,
     from ._default import default_model_path
 
     _vision.vision_dtype(vision_dtype)  # a bad value fails before anything is read
+    check_kv_dtype(kv_dtype)
     if path is None:
         path = default_model_path()
     path = _check.path("path", path)
@@ -65,14 +87,15 @@ def open_checkpoint(path: str | os.PathLike | None, n_threads: int | None,
         max_seq_len = min(cfg.context_length, 32768)
     if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 1:
         raise ValueError(f"max_seq_len must be a positive integer, got {max_seq_len!r}")
-    check_cache_fits(cfg, max_seq_len)
+    check_kv_dtype(kv_dtype, cfg.head_dim)
+    check_cache_fits(cfg, max_seq_len, kv_dtype=kv_dtype)
     if prepare is not None:
         prepare(cfg, weights)
     if pack is None:
         pack = _pack_fits(weights)
     elif not isinstance(pack, bool):
         raise TypeError(f"pack must be True, False or None, got {pack!r}")
-    core = build_core(cfg, weights, max_seq_len, pack=pack)
+    core = build_core(cfg, weights, max_seq_len, pack=pack, kv_type=KV_DTYPES[kv_dtype][0])
     footprint = weight_footprint(weights, owners)
     if core.packed_bytes and isinstance(owners, GGUFFile):
         footprint.released = release_packed(owners)
@@ -174,26 +197,29 @@ def _pack_fits(weights: dict[str, Any]) -> bool:
     return need <= avail // 2
 
 
-def kv_cache_bytes(cfg: Gemma3Config, max_seq_len: int) -> int:
-    """Bytes one sequence's KV cache reserves: float32 K and V; global layers hold every
+def kv_cache_bytes(cfg: Gemma3Config, max_seq_len: int, kv_dtype: str = "f32") -> int:
+    """Bytes one sequence's KV cache reserves: K and V of ``kv_dtype``; global layers hold every
     position, local layers a ring of min(window + KV_RING_MARGIN, max_seq_len) slots (the margin:
-    history kept for rollback, see csrc/model/state.h)."""
-    per_pos = 2 * 4 * cfg.num_kv_heads * cfg.head_dim
+    history kept for rollback, see csrc/model/state.h). Computed, never allocated."""
+    per_pos = 2 * KV_DTYPES[check_kv_dtype(kv_dtype, cfg.head_dim)][1](cfg.head_dim)
+    per_pos *= cfg.num_kv_heads
     n_global = len(cfg.global_layers)
     local = (min(cfg.sliding_window + _core.KV_RING_MARGIN, max_seq_len) if cfg.sliding_window
              else max_seq_len)
     return per_pos * (n_global * max_seq_len + (cfg.num_layers - n_global) * local)
 
 
-def check_cache_fits(cfg: Gemma3Config, max_seq_len: int, n_seq: int = 1) -> None:
+def check_cache_fits(cfg: Gemma3Config, max_seq_len: int, n_seq: int = 1,
+                     kv_dtype: str = "f32") -> None:
     """MemoryError before allocating when the KV cache could never fit in this machine's RAM."""
-    need = n_seq * kv_cache_bytes(cfg, max_seq_len)
+    need = n_seq * kv_cache_bytes(cfg, max_seq_len, kv_dtype)
     try:
         ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return
     if need > ram:
-        raise MemoryError(f"a KV cache for max_seq_len={max_seq_len} needs {need / 2**30:.1f} GiB "
+        raise MemoryError(f"a {kv_dtype} KV cache for max_seq_len={max_seq_len} needs "
+                          f"{need / 2**30:.1f} GiB "
                           f"but this machine has {ram / 2**30:.1f} GiB of RAM; lower max_seq_len")
 
 

@@ -26,8 +26,7 @@ from .config import Gemma3Config
 from .conversation import ChatMethods
 from .engine import PREFILL_CHUNK, Engine  # noqa: F401  (PREFILL_CHUNK: re-exported)
 from .generation import Generation, GenerationConfig  # noqa: F401  (re-exported)
-from .loading import check_cache_fits, kv_cache_bytes  # noqa: F401  (re-exported)
-from .loading import open_checkpoint
+from .loading import check_cache_fits, kv_cache_bytes, open_checkpoint  # noqa: F401
 from .loading import set_num_threads  # noqa: F401  (re-exported: gemma3.set_num_threads)
 from .tokenizer import Tokenizer
 
@@ -355,7 +354,8 @@ class Model(ChatMethods):
 def load(path: str | os.PathLike | None = None, *, n_threads: int | None = None,
          max_seq_len: int | None = None, dtype: str | None = None,
          mmproj: str | os.PathLike | None = None, pack: bool | None = None,
-         adapter: Any = None, merge: bool = False, vision_dtype: str | None = None) -> Model:
+         adapter: Any = None, merge: bool = False, vision_dtype: str | None = None,
+         kv_dtype: str = "f32") -> Model:
     """Loads a Gemma 3 checkpoint: a GGUF file, or a Hugging Face checkpoint directory.
 
     Vision (``model.vision``, None for text-only models): a multimodal HF directory brings its
@@ -371,6 +371,7 @@ def load(path: str | os.PathLike | None = None, *, n_threads: int | None = None,
     16-row groups for the integer decode kernels (24-bit activations: logits as the float
     kernels' to ~1e-7; ~2x faster decoding), at the cost of a second copy
     (``model.packed_bytes``); default: pack when that takes at most half the available memory.
+    ``kv_dtype``: the KV cache's type, "f32", "bf16", "f16" or "q8_0" (README: memory, fidelity).
 
     ``adapter``: LoRA adapter path(s) (PEFT directory or llama.cpp LoRA GGUF; a list, or
     ``{path: scale}``), applied unmerged (:meth:`Model.load_adapter`), or with ``merge=True``
@@ -378,7 +379,7 @@ def load(path: str | os.PathLike | None = None, *, n_threads: int | None = None,
     """
     plan = _adapters.LoadPlan(adapter, merge)
     core, cfg, tok, path, owners, n, vision, footprint = open_checkpoint(
-        path, n_threads, max_seq_len, dtype, mmproj, pack, plan.prepare, vision_dtype)
+        path, n_threads, max_seq_len, dtype, mmproj, pack, plan.prepare, vision_dtype, kv_dtype)
     model = Model(core, cfg, tok, path, owners, n, footprint)
     model.vision = vision
     return plan.attach(model)

@@ -46,7 +46,10 @@ from . import multimodal as _mm
 from ._core import FormatError
 
 MAGIC = b"G3STATE\0"
-VERSION = 1
+VERSION = 2  # 2 records the KV cache type (kv_dtype); a version 1 file is a float32 cache
+_VERSIONS = (1, 2)
+#: ggml type ids of the KV cache types (gemma3.loading.KV_DTYPES) by name
+KV_TYPE_NAMES = {0: "f32", 1: "f16", 8: "q8_0", 30: "bf16"}
 _HEAD = struct.Struct("<8sII")
 _DIGEST = 32
 MAX_HEADER = 1 << 24  # a header describes ids, images and checkpoints: 16 MiB is far past that
@@ -63,6 +66,11 @@ class State:
     data: np.ndarray
     fingerprint: int
     checkpoints: dict[int, np.ndarray] = field(default_factory=dict)
+    kv_type: int = 0  # the cache's type (``_core.Model.kv_type``): the bytes are in that type
+
+    @property
+    def kv_dtype(self) -> str:
+        return KV_TYPE_NAMES.get(self.kv_type, str(self.kv_type))
 
     @property
     def n_past(self) -> int:
@@ -84,7 +92,8 @@ class State:
         ck = sorted(self.checkpoints.items())
         header = {"fingerprint": f"{self.fingerprint:016x}", "n_past": self.n_past,
                   "kv_bytes": int(self.data.nbytes), "images": [list(x) for x in self.images],
-                  "checkpoints": [[p, int(a.nbytes)] for p, a in ck], "model": model_info or {}}
+                  "checkpoints": [[p, int(a.nbytes)] for p, a in ck], "model": model_info or {},
+                  "kv_dtype": self.kv_dtype}
         hb = json.dumps(header, sort_keys=True).encode()
         h = hashlib.sha256()
         tmp = os.fspath(path) + ".tmp"
@@ -118,7 +127,7 @@ def capture(engine) -> State:
     core = engine.core
     return engine.remember(State(tuple(engine.ids), tuple(engine.images),
                                  _readonly(core.state_save(0)), core.fingerprint,
-                                 dict(engine.checkpoints.at)))
+                                 dict(engine.checkpoints.at), core.kv_type))
 
 
 def read(path: str | os.PathLike, core, config) -> State:
@@ -135,8 +144,9 @@ def read(path: str | os.PathLike, core, config) -> State:
     magic, version, hlen = _HEAD.unpack_from(raw)
     if magic != MAGIC:
         raise bad("not a gemma3 state file (bad magic)")
-    if version != VERSION:
-        raise bad(f"format version {version} is not supported (this gemma3 reads {VERSION})")
+    if version not in _VERSIONS:
+        raise bad(f"format version {version} is not supported (this gemma3 reads "
+                  f"{', '.join(map(str, _VERSIONS))})")
     if hlen > MAX_HEADER or _HEAD.size + hlen + _DIGEST > len(raw):
         raise bad(f"truncated or corrupt: header of {hlen} bytes in a file of {len(raw)}")
     try:
@@ -156,6 +166,14 @@ def read(path: str | os.PathLike, core, config) -> State:
         raise bad(f"saved from a different model ({_describe(info)}, fingerprint {fp:016x}); "
                   f"this model is {_describe(model_info(config))}, fingerprint "
                   f"{core.fingerprint:016x}")
+    kvd = head.get("kv_dtype", "f32") if version >= 2 else "f32"
+    mine = KV_TYPE_NAMES.get(core.kv_type)
+    if kvd not in KV_TYPE_NAMES.values():
+        raise bad(f"header field 'kv_dtype' must be one of {sorted(KV_TYPE_NAMES.values())}, "
+                  f"got {kvd!r}")
+    if kvd != mine:
+        raise bad(f"its KV cache is {kvd} but this model caches {mine}: load the model with "
+                  f"kv_dtype={kvd!r} to use it")
     buf = np.frombuffer(raw, np.uint8)
     ids = np.frombuffer(raw, "<i4", n, body)
     if n and (ids.min() < 0 or ids.max() >= config.vocab_size):
@@ -172,7 +190,7 @@ def read(path: str | os.PathLike, core, config) -> State:
                       f"says {s}")
         checkpoints[p] = _readonly(buf[at:at + s].copy())
         at += s
-    return State(tuple(ids.tolist()), images, data, fp, checkpoints)
+    return State(tuple(ids.tolist()), images, data, fp, checkpoints, core.kv_type)
 
 
 def _fields(head, bad):
@@ -219,6 +237,10 @@ def coerce(state, engine) -> State:
     elif state.fingerprint != core.fingerprint:
         raise ValueError("this State was saved from a different model (fingerprints "
                          f"{state.fingerprint:016x} and {core.fingerprint:016x})")
+    elif state.kv_type != core.kv_type:
+        raise ValueError(f"this State's KV cache is {state.kv_dtype} but this model caches "
+                         f"{KV_TYPE_NAMES.get(core.kv_type)}: load the model with "
+                         f"kv_dtype={state.kv_dtype!r} to use it")
     if state.n_past > engine.max_seq_len:
         raise ValueError(f"this State holds {state.n_past} positions; the cache holds "
                          f"{engine.max_seq_len} (max_seq_len)")
@@ -324,7 +346,8 @@ def rewind(engine, ids: list[int], mm: list, limit: int) -> int:
     best = (*plan(engine.ids, engine.images, engine.checkpoints.at), None)
     cached = best[1]  # the longest prefix cached anywhere
     for st in engine.states:
-        if st.fingerprint == core.fingerprint and st.n_past <= engine.max_seq_len:
+        if (st.fingerprint == core.fingerprint and st.kv_type == core.kv_type
+                and st.n_past <= engine.max_seq_len):
             cand = plan(st.ids, st.images, st.checkpoints)
             cached = max(cached, cand[1])
             if cand[0] > best[0]:

@@ -55,9 +55,10 @@ def _logits_at(model, ids, threads):
         gemma3.set_num_threads(0)
 
 
-@pytest.mark.parametrize("n", [200, 600])  # one chunk; two chunks with keys in the cache
-def test_prefill_bitwise_identical_across_thread_counts_270m(n):
-    model = gemma3.load(max_seq_len=1024)
+@pytest.mark.parametrize("n,kv", [(200, "f32"), (600, "f32"), (600, "q8_0")])
+def test_prefill_bitwise_identical_across_thread_counts_270m(n, kv):
+    """One chunk; two chunks with keys in the cache (flash blocks over the stored type)."""
+    model = gemma3.load(max_seq_len=1024, kv_dtype=kv)
     ids = [2] + np.random.default_rng(n).integers(1000, 200000, n - 1).tolist()
     rows = [0, n // 2, n - 1]
     got = {t: _logits_at(model, ids, t)[rows] for t in (1, 2, 3)}
@@ -65,8 +66,10 @@ def test_prefill_bitwise_identical_across_thread_counts_270m(n):
     assert got[1].tobytes() == got[3].tobytes()
 
 
-def test_tiny_bitwise_identical_across_thread_counts():
-    model = gemma3.load(TINY)
+@pytest.mark.parametrize("kv", ["f32", "bf16", "f16"])
+def test_tiny_bitwise_identical_across_thread_counts(kv):
+    """Prefill (flash blocks), decode (one-position items, keys cut in fixed chunks past 256)."""
+    model = gemma3.load(TINY, kv_dtype=kv)
     ids = [2, *np.random.default_rng(3).integers(3, 512, 299).tolist()]
     a, b, c = (_logits_at(model, ids, t) for t in (1, 2, 3))
     assert a.tobytes() == b.tobytes() == c.tobytes()

@@ -42,13 +42,18 @@ const char *const g3_prof_names[G3_PROF_N] = {
             m->prof.seconds[cat] += omp_get_wtime() - t0_;                                         \
     } while (0)
 
-/* The keys/values of kv-head offset goff that a query at positions [lo, hi] reads, as spans in
- * position order: the cached part (global layers: slot = position, one span; local layers: a ring,
- * split where it wraps) then this call's fresh rows of the sequence (see the file comment). */
-static int kv_spans(const g3_layer *L, const float *ck, const float *cv, const float *fk,
-                    const float *fv, int64_t n_past, int64_t lo, int64_t hi, int64_t goff,
-                    int64_t kvw, g3_kv_span sp[4])
+/* The keys/values of kv head g that a query at positions [lo, hi] reads, as spans in position
+ * order: the cached part in the cache's type (global layers: slot = position, one span; local
+ * layers: a ring, split where it wraps) then this call's fresh float32 rows of the sequence (see
+ * the file comment). With g < 0, whole rows (every head) from head 0. */
+static int kv_spans(const g3_model *m, const g3_layer *L, const g3_seq *sq, int64_t il,
+                    const float *fk, const float *fv, int64_t lo, int64_t hi, int64_t g,
+                    g3_kv_span sp[4])
 {
+    const int64_t hd = m->cfg.head_dim, kvw = m->cfg.n_head_kv * hd, n_past = sq->n_past;
+    const size_t row = (size_t)m->cfg.n_head_kv * m->kv_head_bytes;
+    const size_t hoff = g > 0 ? (size_t)g * m->kv_head_bytes : 0;
+    const int64_t foff = g > 0 ? g * hd : 0;
     int n = 0;
     const int64_t c_hi = hi < n_past - 1 ? hi : n_past - 1;
     for (int64_t j = lo; j <= c_hi && n < 3;) {
@@ -56,13 +61,14 @@ static int kv_spans(const g3_layer *L, const float *ck, const float *cv, const f
         int64_t len = c_hi - j + 1;
         if (!L->is_global && slot + len > L->n_slots)
             len = L->n_slots - slot;
-        sp[n++] = (g3_kv_span){ck + slot * kvw + goff, cv + slot * kvw + goff, len};
+        sp[n++] = (g3_kv_span){sq->k[il] + (size_t)slot * row + hoff,
+                               sq->v[il] + (size_t)slot * row + hoff, len, m->kv_type, row};
         j += len;
     }
     const int64_t f0 = lo > n_past ? lo : n_past;
     if (f0 <= hi)
-        sp[n++] = (g3_kv_span){fk + (f0 - n_past) * kvw + goff, fv + (f0 - n_past) * kvw + goff,
-                               hi - f0 + 1};
+        sp[n++] = (g3_kv_span){fk + (f0 - n_past) * kvw + foff, fv + (f0 - n_past) * kvw + foff,
+                               hi - f0 + 1, G3_TYPE_F32, sizeof(float) * (size_t)kvw};
     return n;
 }
 
@@ -91,9 +97,17 @@ static int wants_pattern(const g3_layer_capture *cap)
     return cap && (cap->pattern || cap->scores) && cap->n_heads_sel > 0;
 }
 
-/* Attention query row by query row (decode, batches of several sequences, short chunks). */
-static void attention_rows(const g3_model *m, int64_t il, g3_run *s, int64_t T, int nt,
-                           const g3_layer_capture *cap)
+/* First key position a query at position p sees in layer L. */
+static int64_t first_key(const g3_model *m, const g3_layer *L, int64_t p)
+{
+    const int64_t lo = p - m->cfg.window + 1;
+    return !L->is_global && lo > 0 ? lo : 0;
+}
+
+/* Attention query row by query row, scores then mix (the observed form: a capture records every
+ * row's probabilities). */
+static void attention_rows_observed(const g3_model *m, int64_t il, g3_run *s, int64_t T, int nt,
+                                    const g3_layer_capture *cap)
 {
     const g3_config *c = &m->cfg;
     const g3_layer *L = &m->layers[il];
@@ -105,16 +119,14 @@ static void attention_rows(const g3_model *m, int64_t il, g3_run *s, int64_t T, 
         for (int64_t h = 0; h < c->n_head; h++) {
             /* each thread's slice holds the scores, then (when capturing) a raw copy */
             float *sc = s->scores + (size_t)omp_get_thread_num() * keys * 2;
+            float *tmp = s->fa_work + (size_t)omp_get_thread_num() * s->fa_stride;
             const g3_seq *sq = &m->seqs[s->seq[t]];
-            const int64_t p = s->pos[t], n_past = sq->n_past;
+            const int64_t n_past = sq->n_past;
             const float *fk = s->k + s->first[t] * kvw, *fv = s->v + s->first[t] * kvw;
-            int64_t lo = 0, hi = s->key_hi[t];
-            if (!L->is_global && p - c->window + 1 > 0)
-                lo = p - c->window + 1;
+            const int64_t lo = first_key(m, L, s->pos[t]), hi = s->key_hi[t];
             g3_kv_span sp[4];
-            const int nsp = kv_spans(L, sq->k[il], sq->v[il], fk, fv, n_past, lo, hi,
-                                     (h / rep) * hd, kvw, sp);
-            g3_attn_scores_f32(s->q + t * qw + h * hd, hd, sp, nsp, kvw, c->attn_scale, sc);
+            const int nsp = kv_spans(m, L, sq, il, fk, fv, lo, hi, h / rep, sp);
+            g3_attn_scores(s->q + t * qw + h * hd, hd, sp, nsp, c->attn_scale, sc, tmp);
             float *raw = NULL;
             if (want) {
                 raw = sc + keys;
@@ -123,7 +135,76 @@ static void attention_rows(const g3_model *m, int64_t il, g3_run *s, int64_t T, 
             g3_softmax_f32(sc, hi - lo + 1);
             if (want)
                 capture_row(cap, h, t, n_past + T, lo, hi, raw, sc);
-            g3_attn_mix_f32(sc, sp, nsp, kvw, hd, s->z + t * qw + h * hd);
+            g3_attn_mix(sc, sp, nsp, hd, s->z + t * qw + h * hd, tmp);
+        }
+}
+
+/* Key chunk of the row form. Calls of fewer than G3_FA_SPLIT (token, KV head) items cut each
+ * query's keys into chunks of at least G3_FA_CHUNK keys, at most G3_FA_PARTS of them; larger
+ * calls have items enough and keep one chunk. A function of the shapes only, so the bits never
+ * depend on the thread count. */
+static int64_t row_parts(int64_t T, int64_t nkv)
+{
+    return T * nkv < G3_FA_SPLIT ? G3_FA_PARTS : 1;
+}
+
+static int64_t row_chunk(int64_t nvis, int64_t parts)
+{
+    if (parts == 1)
+        return nvis;
+    int64_t ch = (nvis + parts - 1) / parts;
+    ch = (ch + G3_FA_BK - 1) / G3_FA_BK * G3_FA_BK;
+    return ch > G3_FA_CHUNK ? ch : G3_FA_CHUNK;
+}
+
+/* Attention of each query row (decode, speculative verify, batches of several sequences) in the
+ * flash form: one pass over a KV head's rows serves all the query heads that share it, and a long
+ * context is cut into fixed key chunks (items of their own, merged in order) so that one decoded
+ * token still uses every thread. */
+static void attention_rows(const g3_model *m, int64_t il, g3_run *s, int64_t T, int nt)
+{
+    const g3_config *c = &m->cfg;
+    const g3_layer *L = &m->layers[il];
+    const int64_t hd = c->head_dim, kvw = c->n_head_kv * hd, qw = c->n_head * hd;
+    const int64_t rep = c->n_head / c->n_head_kv, nkv = c->n_head_kv;
+    const int64_t part = rep * (hd + 2); /* o, m, l of one chunk of one (token, kv head) */
+    const int64_t P = row_parts(T, nkv);
+#pragma omp parallel for collapse(3) num_threads(nt) schedule(dynamic, 1)
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t g = 0; g < nkv; g++)
+            for (int64_t ci = 0; ci < P; ci++) {
+                const int64_t lo = first_key(m, L, s->pos[t]), hi = s->key_hi[t];
+                const int64_t nvis = hi - lo + 1, ch = row_chunk(nvis, P);
+                if (ci * ch >= nvis)
+                    continue;
+                const g3_seq *sq = &m->seqs[s->seq[t]];
+                const float *fk = s->k + s->first[t] * kvw, *fv = s->v + s->first[t] * kvw;
+                g3_kv_span sp[4];
+                const int nsp = kv_spans(m, L, sq, il, fk, fv, lo, hi, g, sp);
+                float *o = s->fa_part + ((size_t)(t * nkv + g) * P + ci) * part;
+                const int64_t rl = 0, rh = nvis - 1;
+                const int64_t j1 = (ci + 1) * ch < nvis ? (ci + 1) * ch : nvis;
+                g3_attn_flash(s->q + t * qw + g * rep * hd, qw, 1, rep, hd, c->attn_scale, sp,
+                              nsp, ci * ch, j1, &rl, &rh, o, o + rep * hd, o + rep * hd + rep,
+                              s->fa_work + (size_t)omp_get_thread_num() * s->fa_stride);
+            }
+    /* merge: chunk c's o, m, l are strided by `part`; gather them for the merge in order */
+#pragma omp parallel for collapse(2) num_threads(nt) schedule(static)
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t g = 0; g < nkv; g++) {
+            const int64_t lo = first_key(m, L, s->pos[t]), hi = s->key_hi[t];
+            const int64_t nvis = hi - lo + 1, ch = row_chunk(nvis, P);
+            const int nc = (int)((nvis + ch - 1) / ch);
+            const float *base = s->fa_part + (size_t)(t * nkv + g) * P * part;
+            float *w = s->fa_work + (size_t)omp_get_thread_num() * s->fa_stride;
+            float *o = w, *mm = o + (size_t)nc * rep * hd, *ll = mm + nc * rep;
+            for (int ci = 0; ci < nc; ci++) {
+                const float *p = base + ci * part;
+                memcpy(o + (size_t)ci * rep * hd, p, sizeof(float) * (size_t)(rep * hd));
+                memcpy(mm + ci * rep, p + rep * hd, sizeof(float) * (size_t)rep);
+                memcpy(ll + ci * rep, p + rep * hd + rep, sizeof(float) * (size_t)rep);
+            }
+            g3_attn_flash_merge(nc, o, mm, ll, 1, rep, hd, s->z + t * qw + g * rep * hd, qw);
         }
 }
 
@@ -139,30 +220,33 @@ static void tile_capture_row(void *ctx, int64_t r, int64_t lo, int64_t hi, const
     capture_row(tc->cap, tc->h, tc->t0 + r, tc->n_keys, tc->k0 + lo, tc->k0 + hi, raw, prob);
 }
 
-/* Attention of a single-sequence chunk through sgemm: the keys/values the chunk can see are
- * gathered into contiguous (n_keys, kvw) buffers (cache part unrolled in position order, then the
- * fresh rows), then per head and query tile g3_attn_tile_f32. Same math as attention_rows(). */
-static void attention_tiles(const g3_model *m, int64_t il, g3_run *s, int64_t T, int nt,
-                            const g3_layer_capture *cap)
+/* Attention of a single-sequence chunk through sgemm (the observed form of the chunk path): the
+ * keys/values the chunk can see are gathered into contiguous float32 (n_keys, kvw) buffers (cache
+ * part unrolled in position order and converted from the cache's type, then the fresh rows), then
+ * per head and query tile g3_attn_tile_f32. Same math as attention_rows_observed(). */
+static void attention_tiles_observed(const g3_model *m, int64_t il, g3_run *s, int64_t T, int nt,
+                                     const g3_layer_capture *cap)
 {
     const g3_config *c = &m->cfg;
     const g3_layer *L = &m->layers[il];
     const g3_seq *sq = &m->seqs[s->seq[0]];
     const int64_t hd = c->head_dim, kvw = c->n_head_kv * hd, qw = c->n_head * hd;
-    const int64_t rep = c->n_head / c->n_head_kv, n_past = sq->n_past, p0 = s->pos[0];
+    const int64_t rep = c->n_head / c->n_head_kv, n_past = sq->n_past;
     /* first key any query of the chunk can see */
-    int64_t k0 = 0;
-    if (!L->is_global && p0 - c->window + 1 > 0)
-        k0 = p0 - c->window + 1;
+    const int64_t k0 = first_key(m, L, s->pos[0]);
     const int64_t nk = n_past + T - k0;
     const int64_t qt = T < G3_ATTN_QTILE ? T : G3_ATTN_QTILE;
     float *K = s->kv, *V = s->kv + s->gather_keys * kvw;
     g3_kv_span sp[4];
-    const int nsp = kv_spans(L, sq->k[il], sq->v[il], s->k, s->v, n_past, k0, n_past + T - 1, 0,
-                             kvw, sp);
+    const int nsp = kv_spans(m, L, sq, il, s->k, s->v, k0, n_past + T - 1, -1, sp);
     for (int i = 0, row = 0; i < nsp; row += (int)sp[i].n, i++) {
-        memcpy(K + row * kvw, sp[i].k, sizeof(float) * (size_t)(sp[i].n * kvw));
-        memcpy(V + row * kvw, sp[i].v, sizeof(float) * (size_t)(sp[i].n * kvw));
+        /* whole rows: every head (q8_0 blocks lie back to back across heads) */
+        const g3_kv_span whole = sp[i];
+#pragma omp parallel for num_threads(nt) schedule(static)
+        for (int64_t j = 0; j < whole.n; j++) {
+            g3_kv_row(&whole, 0, j, kvw, K + (row + j) * kvw);
+            g3_kv_row(&whole, 1, j, kvw, V + (row + j) * kvw);
+        }
     }
     tile_capture tc = {cap, 0, 0, k0, n_past + T};
     const g3_attn_observer obs = {tile_capture_row, &tc, s->scores, 2 * s->keys};
@@ -173,10 +257,7 @@ static void attention_tiles(const g3_model *m, int64_t il, g3_run *s, int64_t T,
             int64_t ncol = 0; /* keys past the tile's last visible one are never computed */
             for (int64_t r = 0; r < nq; r++) {
                 const int64_t t = t0 + r, p = s->pos[t];
-                int64_t lo = 0;
-                if (!L->is_global && p - c->window + 1 > 0)
-                    lo = p - c->window + 1;
-                s->tile_lo[r] = lo - k0;
+                s->tile_lo[r] = first_key(m, L, p) - k0;
                 s->tile_hi[r] = s->key_hi[t] - k0;
                 ncol = s->tile_hi[r] + 1 > ncol ? s->tile_hi[r] + 1 : ncol;
             }
@@ -189,19 +270,61 @@ static void attention_tiles(const g3_model *m, int64_t il, g3_run *s, int64_t T,
     }
 }
 
-static void store_kv(const g3_model *m, int64_t il, const g3_run *s, int64_t T)
+/* Attention of a single-sequence chunk in the flash form (g3_attn_flash): items of (KV head,
+ * block of G3_FA_ROWS / rep query positions), each reading the K/V rows it can see once, in the
+ * cache's type, for all the query heads of its KV head; no score row longer than one key block. */
+static void attention_tiles(const g3_model *m, int64_t il, g3_run *s, int64_t T, int nt)
+{
+    const g3_config *c = &m->cfg;
+    const g3_layer *L = &m->layers[il];
+    const g3_seq *sq = &m->seqs[s->seq[0]];
+    const int64_t hd = c->head_dim, qw = c->n_head * hd, nkv = c->n_head_kv;
+    const int64_t rep = c->n_head / nkv, n_past = sq->n_past;
+    const int64_t k0 = first_key(m, L, s->pos[0]);
+    const int64_t qb = G3_FA_ROWS / rep, nblk = (T + qb - 1) / qb;
+    for (int64_t t = 0; t < T; t++) {
+        s->fa_lo[t] = first_key(m, L, s->pos[t]) - k0;
+        s->fa_hi[t] = s->key_hi[t] - k0;
+    }
+#pragma omp parallel for collapse(2) num_threads(nt) schedule(dynamic, 1)
+    for (int64_t g = 0; g < nkv; g++)
+        for (int64_t b = 0; b < nblk; b++) {
+            const int64_t t0 = b * qb, nq = t0 + qb < T ? qb : T - t0;
+            g3_kv_span sp[4];
+            const int nsp = kv_spans(m, L, sq, il, s->k, s->v, k0, n_past + T - 1, g, sp);
+            float *w = s->fa_work + (size_t)omp_get_thread_num() * s->fa_stride;
+            float *o = w + g3_attn_flash_work(hd), *mm = o + G3_FA_ROWS * hd;
+            float *ll = mm + G3_FA_ROWS;
+            g3_attn_flash(s->q + t0 * qw + g * rep * hd, qw, nq, rep, hd, c->attn_scale, sp, nsp,
+                          0, n_past + T - k0, s->fa_lo + t0, s->fa_hi + t0, o, mm, ll, w);
+            g3_attn_flash_merge(1, o, mm, ll, nq, rep, hd, s->z + t0 * qw + g * rep * hd, qw);
+        }
+}
+
+/* The call's K/V rows into the cache, converted once to its type (per position: n_head_kv heads;
+ * q8_0 blocks of 32 never straddle two heads since head_dim % 32 == 0). */
+static void store_kv(const g3_model *m, int64_t il, const g3_run *s, int64_t T, int nt)
 {
     const g3_config *c = &m->cfg;
     const g3_layer *L = &m->layers[il];
     const int64_t kvw = c->n_head_kv * c->head_dim;
+    const size_t row = (size_t)c->n_head_kv * m->kv_head_bytes;
+    const g3_from_float_fn conv = g3_type_get(m->kv_type)->from_float;
+#pragma omp parallel for num_threads(nt) if(T > 1) schedule(static)
     for (int64_t t = 0; t < T; t++) {
         const g3_seq *sq = &m->seqs[s->seq[t]];
         const int64_t pos = s->pos[t];
         if (!L->is_global && s->gend[t] - pos >= L->n_slots)
             continue; /* overwritten later in this same call: in a ring only the last survive */
-        int64_t slot = L->is_global ? pos : pos % L->n_slots;
-        memcpy(sq->k[il] + slot * kvw, s->k + t * kvw, sizeof(float) * kvw);
-        memcpy(sq->v[il] + slot * kvw, s->v + t * kvw, sizeof(float) * kvw);
+        const int64_t slot = L->is_global ? pos : pos % L->n_slots;
+        uint8_t *dk = sq->k[il] + (size_t)slot * row, *dv = sq->v[il] + (size_t)slot * row;
+        if (m->kv_type == G3_TYPE_F32) {
+            memcpy(dk, s->k + t * kvw, sizeof(float) * kvw);
+            memcpy(dv, s->v + t * kvw, sizeof(float) * kvw);
+        } else {
+            conv(s->k + t * kvw, dk, kvw);
+            conv(s->v + t * kvw, dv, kvw);
+        }
     }
 }
 
@@ -316,11 +439,15 @@ static g3_status layer_forward(g3_model *m, int64_t il, g3_run *s, int64_t T, in
     HOOK(G3_HOOK_Q, s->q);
     HOOK(G3_HOOK_K, s->k);
     HOOK(G3_HOOK_V, s->v);
+    /* an observer (a capture of attention maps) takes the two-pass forms, which see whole rows */
+    const int observed = wants_pattern(cap) || c->n_head / c->n_head_kv > G3_FA_ROWS;
     if (single && T >= G3_ATTN_BLAS_MIN)
-        PROF(G3_PROF_ATTN, attention_tiles(m, il, s, T, nt, cap));
+        PROF(G3_PROF_ATTN, observed ? attention_tiles_observed(m, il, s, T, nt, cap)
+                                    : attention_tiles(m, il, s, T, nt));
     else
-        PROF(G3_PROF_ATTN, attention_rows(m, il, s, T, nt, cap));
-    PROF(G3_PROF_ATTN, store_kv(m, il, s, T));
+        PROF(G3_PROF_ATTN, observed ? attention_rows_observed(m, il, s, T, nt, cap)
+                                    : attention_rows(m, il, s, T, nt));
+    PROF(G3_PROF_ATTN, store_kv(m, il, s, T, nt));
     if (cap) {
         save(cap->q, s->q, nq);
         save(cap->k, s->k, nkv);

@@ -4,6 +4,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "kernels/attention.h"
 #include "kernels/ops.h"
 #include "model/roles.h"
 #include "model/run.h"
@@ -51,6 +52,8 @@ g3_status g3_model_create(const g3_config *cfg, const uint8_t *is_global, g3_mod
     }
     for (int64_t i = 0; i < cfg->n_layer; i++)
         m->layers[i].is_global = cfg->window == 0 || is_global[i];
+    m->kv_type = G3_TYPE_F32;
+    m->kv_head_bytes = sizeof(float) * (size_t)cfg->head_dim;
     g3_rope_inv_freq(m->inv_freq_global, cfg->head_dim, cfg->rope_base_global,
                      cfg->rope_scale_global);
     g3_rope_inv_freq(m->inv_freq_local, cfg->head_dim, cfg->rope_base_local,
@@ -84,7 +87,7 @@ static void seq_free(const g3_model *m, g3_seq *q)
 static g3_status seq_alloc(const g3_model *m, g3_seq *q, g3_err *err)
 {
     const g3_config *c = &m->cfg;
-    const size_t row = (size_t)(c->n_head_kv * c->head_dim);
+    const size_t row = (size_t)c->n_head_kv * m->kv_head_bytes;
     memset(q, 0, sizeof *q);
     q->k = calloc((size_t)c->n_layer, sizeof *q->k);
     q->v = calloc((size_t)c->n_layer, sizeof *q->v);
@@ -92,8 +95,8 @@ static g3_status seq_alloc(const g3_model *m, g3_seq *q, g3_err *err)
         goto nomem;
     for (int64_t i = 0; i < c->n_layer; i++) {
         /* calloc: pages are touched only as positions are written */
-        q->k[i] = calloc((size_t)m->layers[i].n_slots * row, sizeof(float));
-        q->v[i] = calloc((size_t)m->layers[i].n_slots * row, sizeof(float));
+        q->k[i] = calloc((size_t)m->layers[i].n_slots, row);
+        q->v[i] = calloc((size_t)m->layers[i].n_slots, row);
         if (!q->k[i] || !q->v[i])
             goto nomem;
     }
@@ -139,6 +142,20 @@ int64_t g3_model_ring_slots(const g3_config *c)
     return n < c->max_seq ? n : c->max_seq;
 }
 
+size_t g3_kv_cache_bytes(const g3_config *c, const uint8_t *is_global, int type)
+{
+    if (!g3_kv_type_ok(type, c->head_dim))
+        return 0;
+    const size_t head = g3_row_size(type, c->head_dim);
+    size_t total = 0;
+    for (int64_t i = 0; i < c->n_layer; i++) {
+        const int glob = c->window == 0 || is_global[i];
+        int64_t slots = glob ? c->max_seq : g3_model_ring_slots(c);
+        total += 2 * head * (size_t)slots * (size_t)c->n_head_kv;
+    }
+    return total;
+}
+
 size_t g3_model_cache_bytes(const g3_model *m)
 {
     const g3_config *c = &m->cfg;
@@ -146,9 +163,27 @@ size_t g3_model_cache_bytes(const g3_model *m)
     for (int64_t i = 0; i < c->n_layer; i++) {
         const g3_layer *L = &m->layers[i];
         int64_t slots = L->is_global ? c->max_seq : g3_model_ring_slots(c);
-        total += 2 * sizeof(float) * (size_t)slots * (size_t)(c->n_head_kv * c->head_dim);
+        total += 2 * m->kv_head_bytes * (size_t)slots * (size_t)c->n_head_kv;
     }
     return total;
+}
+
+g3_status g3_model_set_kv_type(g3_model *m, int type, g3_err *err)
+{
+    if (!g3_kv_type_ok(type, m->cfg.head_dim))
+        return g3_fail(err, G3_ERR_ARG,
+                       "a KV cache cannot be stored as type %d with head_dim %lld (f32, f16 and "
+                       "bf16 always; q8_0 needs head_dim divisible by 32)",
+                       type, (long long)m->cfg.head_dim);
+    if (type == m->kv_type)
+        return G3_OK;
+    const int n = m->n_seq;
+    for (int s = 0; s < m->n_seq; s++)
+        seq_free(m, &m->seqs[s]);
+    m->n_seq = 0;
+    m->kv_type = type;
+    m->kv_head_bytes = g3_row_size(type, m->cfg.head_dim);
+    return n ? g3_model_set_n_seq(m, n, err) : G3_OK;
 }
 
 g3_status g3_model_copy_seq(g3_model *m, int src, int dst, g3_err *err)
@@ -160,7 +195,7 @@ g3_status g3_model_copy_seq(g3_model *m, int src, int dst, g3_err *err)
         return G3_OK;
     const g3_seq *a = &m->seqs[src];
     g3_seq *b = &m->seqs[dst];
-    const size_t row = (size_t)(m->cfg.n_head_kv * m->cfg.head_dim) * sizeof(float);
+    const size_t row = (size_t)m->cfg.n_head_kv * m->kv_head_bytes;
     for (int64_t i = 0; i < m->cfg.n_layer; i++) {
         int64_t used = a->n_past < m->layers[i].n_slots ? a->n_past : m->layers[i].n_slots;
         memcpy(b->k[i], a->k[i], (size_t)used * row);

@@ -41,12 +41,15 @@ typedef struct {
 } g3_layer;
 
 /* The KV cache of one sequence. Per layer, k[i] and v[i] are (n_slots, n_head_kv, head_dim)
- * float32; keys are stored after k-norm and RoPE, values raw. Global layers: slot = position;
- * local layers: slot = position % n_slots, so a ring holds positions n_past - n_slots ..
- * n_past - 1. */
+ * elements of the model's kv_type (G3_TYPE_F32, F16, BF16 or Q8_0: a slot is n_head_kv rows of
+ * g3_row_size(kv_type, head_dim) bytes, q8_0 blocks never straddle heads); keys are stored after
+ * k-norm and RoPE, values raw, converted once when stored (round-to-nearest-even for f16/bf16,
+ * ggml's block_q8_0 rule for q8_0) and read in that type by the attention kernels. Global layers:
+ * slot = position; local layers: slot = position % n_slots, so a ring holds positions
+ * n_past - n_slots .. n_past - 1. */
 typedef struct {
-    int64_t n_past; /* positions cached */
-    float **k, **v; /* (n_layer) */
+    int64_t n_past;     /* positions cached */
+    uint8_t **k, **v;   /* (n_layer) */
 } g3_seq;
 
 /* Optional per-op timing of a model's forward passes (seconds accumulated while enabled). */
@@ -71,6 +74,8 @@ typedef struct g3_model {
     g3_layer *layers;   /* (n_layer) */
     g3_seq *seqs;       /* (n_seq) independent caches; sequence 0 is the default */
     int n_seq;
+    int kv_type;        /* ggml type id of the cached K/V (G3_TYPE_F32 unless set) */
+    size_t kv_head_bytes; /* bytes of one head's row: g3_row_size(kv_type, head_dim) */
     float *inv_freq_global, *inv_freq_local; /* (head_dim / 2) */
     struct g3_packed_s **packs; /* what g3_model_pack made, freed with the model */
     int n_packs;
@@ -94,6 +99,12 @@ g3_status g3_model_pack(g3_model *m, size_t *bytes, g3_err *err);
  * sequences keep their contents. */
 g3_status g3_model_set_n_seq(g3_model *m, int n, g3_err *err);
 void g3_model_free(g3_model *m);
+/* Sets the type the KV cache stores (G3_TYPE_F32, F16, BF16, or Q8_0 when head_dim % 32 == 0)
+ * before the first g3_model_set_n_seq; later, every sequence is reallocated empty. */
+g3_status g3_model_set_kv_type(g3_model *m, int type, g3_err *err);
+/* Bytes one sequence's cache takes for a configuration and K/V type (0 if the type cannot hold
+ * heads of head_dim): every layer's slots x n_head_kv x the type's head row, K and V. */
+size_t g3_kv_cache_bytes(const g3_config *c, const uint8_t *is_global, int type);
 void g3_model_reset(g3_model *m, int seq); /* seq < 0: every sequence */
 /* Drops cached positions >= n of a sequence when its local rings still hold what position n
  * will read (positions >= n - window + 1): n >= n_past - 1 - G3_KV_RING_MARGIN, or nothing

@@ -4,13 +4,15 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "kernels/attention.h"
+
 
 void g3_run_free(g3_run *r)
 {
     if (!r)
         return;
     float *fl[] = {r->x, r->h, r->q, r->z, r->k, r->v, r->g, r->u, r->rope_local, r->rope_global,
-                   r->scores, r->kv, r->S};
+                   r->scores, r->kv, r->S, r->fa_work, r->fa_part};
     for (size_t i = 0; i < sizeof fl / sizeof fl[0]; i++)
         free(fl[i]);
     free(r->pos);
@@ -20,8 +22,25 @@ void g3_run_free(g3_run *r)
     free(r->seq);
     free(r->tile_lo);
     free(r->tile_hi);
+    free(r->fa_lo);
+    free(r->fa_hi);
     g3_matmul_ws_free(&r->mm);
     free(r);
+}
+
+static int64_t fa_stride(const g3_config *c)
+{
+    const int64_t hd = c->head_dim, rep = c->n_head / c->n_head_kv;
+    const int64_t item = g3_attn_flash_work(hd) + G3_FA_ROWS * (hd + 2);
+    const int64_t merge = G3_FA_PARTS * rep * (hd + 2);
+    return item > merge ? item : merge;
+}
+
+static size_t fa_part_floats(const g3_config *c, int64_t tokens)
+{
+    const int64_t rep = c->n_head / c->n_head_kv;
+    const int64_t a = tokens * c->n_head, b = (int64_t)G3_FA_SPLIT * G3_FA_PARTS * rep;
+    return (size_t)(a > b ? a : b) * (size_t)(c->head_dim + 2);
 }
 
 static size_t run_bytes(const g3_run *r, const g3_config *c)
@@ -32,7 +51,8 @@ static size_t run_bytes(const g3_run *r, const g3_config *c)
                     2 * c->head_dim);
     f += (size_t)r->threads * 2 * r->keys + 2 * (size_t)r->gather_keys * kvw +
          qt * (size_t)r->gather_keys + r->mm.tile_floats + r->mm.rows_floats;
-    return sizeof(float) * f + t * (4 * sizeof(int64_t) + sizeof(int32_t)) +
+    f += (size_t)r->threads * (size_t)r->fa_stride + fa_part_floats(c, r->tokens);
+    return sizeof(float) * f + t * (6 * sizeof(int64_t) + sizeof(int32_t)) +
            2 * G3_ATTN_QTILE * sizeof(int64_t) + r->mm.xq_bytes;
 }
 
@@ -80,6 +100,11 @@ g3_status g3_run_reserve(g3_model *m, int64_t tokens, int64_t keys, int threads,
     r->tile_lo = malloc(sizeof(int64_t) * G3_ATTN_QTILE);
     r->tile_hi = malloc(sizeof(int64_t) * G3_ATTN_QTILE);
     r->scores = malloc(sizeof(float) * (size_t)threads * 2 * (size_t)keys);
+    r->fa_stride = fa_stride(c);
+    r->fa_work = malloc(sizeof(float) * (size_t)threads * (size_t)r->fa_stride);
+    r->fa_part = malloc(sizeof(float) * fa_part_floats(c, tokens));
+    r->fa_lo = malloc(sizeof(int64_t) * t);
+    r->fa_hi = malloc(sizeof(int64_t) * t);
     if (r->gather_keys) {
         r->kv = malloc(sizeof(float) * 2 * (size_t)r->gather_keys * kvw);
         r->S = malloc(sizeof(float) * qt * (size_t)r->gather_keys);
@@ -95,6 +120,7 @@ g3_status g3_run_reserve(g3_model *m, int64_t tokens, int64_t keys, int threads,
     if (!st && (!r->x || !r->h || !r->q || !r->z || !r->k || !r->v || !r->g || !r->u ||
                 !r->rope_local || !r->rope_global || !r->pos || !r->first || !r->gend ||
                 !r->key_hi || !r->seq || !r->tile_lo || !r->tile_hi || !r->scores ||
+                !r->fa_work || !r->fa_part || !r->fa_lo || !r->fa_hi ||
                 (r->gather_keys && (!r->kv || !r->S))))
         st = g3_fail(err, G3_ERR_NOMEM,
                      "out of memory for the run state of %lld tokens over %lld keys (%zu bytes)",

@@ -17,6 +17,12 @@
 #define G3_RUN_KEYS 4096        /* keys reserved at load; longer contexts grow on first use */
 #define G3_ATTN_BLAS_MIN 32     /* queries of one sequence from which attention uses sgemm */
 #define G3_ATTN_QTILE 128       /* query rows per sgemm tile (bounds the score tile) */
+/* the row form of flash attention (forward.c attention_rows): calls of fewer than G3_FA_SPLIT
+ * (token, KV head) items cut each query's keys into at most G3_FA_PARTS chunks of at least
+ * G3_FA_CHUNK keys, merged in order */
+#define G3_FA_SPLIT 8
+#define G3_FA_PARTS 32
+#define G3_FA_CHUNK 256
 
 typedef struct g3_run_s {
     int64_t tokens, keys, gather_keys; /* capacities (gather_keys: 0 when tokens < 32) */
@@ -36,6 +42,12 @@ typedef struct g3_run_s {
     float *kv;           /* (2, gather_keys, n_head_kv * head_dim): K then V gathered in
                           * position order for the sgemm path */
     float *S;            /* (min(tokens, G3_ATTN_QTILE), gather_keys): one head's score tile */
+    float *fa_work;      /* (threads, fa_stride): flash work area + one item's o, m, l (or the
+                          * merge's gathered parts); a row of converted K/V for the row forms */
+    int64_t fa_stride;
+    float *fa_part;      /* the row form's partial o, m, l: max(tokens * n_head,
+                          * G3_FA_SPLIT * G3_FA_PARTS * rep) x (head_dim + 2) */
+    int64_t *fa_lo, *fa_hi; /* (tokens) visible keys of each query, relative to the chunk's first */
     g3_matmul_ws mm;     /* matmul scratch for up to `tokens` rows */
 } g3_run;
 

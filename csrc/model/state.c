@@ -13,7 +13,7 @@ static int64_t kept(const g3_model *m, const g3_layer *L, int64_t n)
 
 size_t g3_state_bytes(const g3_model *m, int64_t n, int rings_only)
 {
-    const size_t row = sizeof(float) * (size_t)(m->cfg.n_head_kv * m->cfg.head_dim);
+    const size_t row = m->kv_head_bytes * (size_t)m->cfg.n_head_kv;
     size_t total = 0;
     for (int64_t i = 0; i < m->cfg.n_layer; i++) {
         const g3_layer *L = &m->layers[i];
@@ -25,16 +25,16 @@ size_t g3_state_bytes(const g3_model *m, int64_t n, int rings_only)
 
 /* Copies positions [p0, p1) of one layer's cache buffer to (save) or from (load) a contiguous
  * run of rows, splitting where a ring wraps. */
-static void copy_rows(const g3_layer *L, float *cache, float *rows, int64_t p0, int64_t p1,
-                      int64_t kvw, int save)
+static void copy_rows(const g3_layer *L, uint8_t *cache, uint8_t *rows, int64_t p0, int64_t p1,
+                      size_t kvw, int save)
 {
     for (int64_t p = p0; p < p1;) {
         const int64_t slot = L->is_global ? p : p % L->n_slots;
         int64_t len = p1 - p;
         if (!L->is_global && slot + len > L->n_slots)
             len = L->n_slots - slot;
-        float *c = cache + slot * kvw, *r = rows + (p - p0) * kvw;
-        memcpy(save ? r : c, save ? c : r, sizeof(float) * (size_t)(len * kvw));
+        uint8_t *c = cache + (size_t)slot * kvw, *r = rows + (size_t)(p - p0) * kvw;
+        memcpy(save ? r : c, save ? c : r, (size_t)len * kvw);
         p += len;
     }
 }
@@ -47,19 +47,19 @@ static g3_status check_seq(const g3_model *m, int seq, g3_err *err)
 }
 
 /* Walks the layers copying between the cache of sequence seq and buf (save: cache -> buf). */
-static void transfer(const g3_model *m, const g3_seq *q, int64_t n, int rings_only, float *buf,
+static void transfer(const g3_model *m, const g3_seq *q, int64_t n, int rings_only, uint8_t *buf,
                      int save)
 {
-    const int64_t kvw = m->cfg.n_head_kv * m->cfg.head_dim;
+    const size_t kvw = m->kv_head_bytes * (size_t)m->cfg.n_head_kv;
     for (int64_t i = 0; i < m->cfg.n_layer; i++) {
         const g3_layer *L = &m->layers[i];
         if (rings_only && L->is_global)
             continue;
         const int64_t r = kept(m, L, n);
         copy_rows(L, q->k[i], buf, n - r, n, kvw, save);
-        buf += r * kvw;
+        buf += (size_t)r * kvw;
         copy_rows(L, q->v[i], buf, n - r, n, kvw, save);
-        buf += r * kvw;
+        buf += (size_t)r * kvw;
     }
 }
 
@@ -99,7 +99,7 @@ g3_status g3_state_load(g3_model *m, int seq, int64_t n, int rings_only, const v
         return g3_fail(err, G3_ERR_ARG, "a state of %lld positions is %zu bytes, got %zu",
                        (long long)n, need, size);
     /* cast: the walk is shared with save, which writes the other way */
-    transfer(m, q, n, rings_only, (float *)(uintptr_t)src, 0);
+    transfer(m, q, n, rings_only, (uint8_t *)(uintptr_t)src, 0);
     q->n_past = n;
     return G3_OK;
 }

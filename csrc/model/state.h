@@ -11,8 +11,9 @@
  *     again: the recompute is n - c tokens, never the whole prefix. The engine takes one every
  *     `checkpoint_interval` positions (gemma3/state.py), each the size of one sequence's rings.
  *
- * Byte layout of a state holding n positions (float32, native byte order), layer by layer:
- * K rows then V rows, each row (n_head_kv, head_dim), in position order:
+ * Byte layout of a state holding n positions (the model's kv_type as cached: float32, f16,
+ * bf16 or q8_0 blocks, native byte order), layer by layer: K rows then V rows, each row
+ * (n_head_kv, head_dim), in position order:
  *   global layers: positions 0 .. n - 1 (omitted in a rings-only state);
  *   local layers:  positions n - r .. n - 1, r = min(n, window + G3_KV_RING_MARGIN).
  * Position order (not slot order) keeps the bytes independent of max_seq.

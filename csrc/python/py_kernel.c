@@ -2,6 +2,7 @@
 #include "py.h"
 #include "np.h"
 
+#include "kernels/attention.h"
 #include "kernels/dispatch.h"
 #include "kernels/ops.h"
 #include "kernels/sample.h"
@@ -476,6 +477,99 @@ static PyObject *py_pool_probe(PyObject *self, PyObject *args)
                          nested);
 }
 
+/* attn_flash(q (nq, rep, hd), k (n, hd), v (n, hd), lo (nq), hi (nq), scale, kv_type=0,
+ * chunk=0, split=0) -> z (nq, rep, hd): K/V stored as kv_type (ggml id), held in two spans cut at
+ * `split`, g3_attn_flash over key chunks of `chunk` (0: one) merged by g3_attn_flash_merge. The
+ * test entry of the flash kernel (tests/test_kernels.py has its NumPy twin). */
+static PyObject *py_attn_flash(PyObject *mod, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"q", "k", "v", "lo", "hi", "scale", "kv_type", "chunk", "split",
+                             NULL};
+    PyObject *qo, *ko, *vo, *loo, *hio;
+    float scale;
+    int kv_type = G3_TYPE_F32;
+    long long chunk = 0, split = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOOf|iLL", kwlist, &qo, &ko, &vo, &loo, &hio,
+                                     &scale, &kv_type, &chunk, &split))
+        return NULL;
+    PyArrayObject *q = f32(qo, 3, 3), *k = q ? f32(ko, 2, 2) : NULL, *v = k ? f32(vo, 2, 2) : NULL;
+    PyArrayObject *lo = v ? (PyArrayObject *)PyArray_FROMANY(loo, NPY_INT64, 1, 1,
+                                                             NPY_ARRAY_IN_ARRAY) : NULL;
+    PyArrayObject *hi = lo ? (PyArrayObject *)PyArray_FROMANY(hio, NPY_INT64, 1, 1,
+                                                              NPY_ARRAY_IN_ARRAY) : NULL;
+    PyObject *ret = NULL;
+    uint8_t *ks = NULL, *vs = NULL;
+    float *o = NULL, *mm = NULL, *ll = NULL, *work = NULL;
+    if (!hi)
+        goto done;
+    const int64_t nq = PyArray_DIM(q, 0), rep = PyArray_DIM(q, 1), hd = PyArray_DIM(q, 2);
+    const int64_t n = PyArray_DIM(k, 0);
+    if (PyArray_DIM(k, 1) != hd || PyArray_DIM(v, 0) != n || PyArray_DIM(v, 1) != hd ||
+        PyArray_DIM(lo, 0) != nq || PyArray_DIM(hi, 0) != nq || n < 1 || nq < 1 ||
+        nq * rep > G3_FA_ROWS || split < 0 || split >= n || chunk < 0) {
+        PyErr_SetString(PyExc_ValueError, "attn_flash: inconsistent shapes or arguments");
+        goto done;
+    }
+    if (!g3_kv_type_ok(kv_type, hd)) {
+        PyErr_Format(PyExc_ValueError, "attn_flash: kv_type %d cannot hold head_dim %lld",
+                     kv_type, (long long)hd);
+        goto done;
+    }
+    const int64_t *lop = PyArray_DATA(lo), *hip = PyArray_DATA(hi);
+    for (int64_t t = 0; t < nq; t++)
+        if (lop[t] < 0 || hip[t] >= n || lop[t] > hip[t]) {
+            PyErr_SetString(PyExc_ValueError, "attn_flash: need 0 <= lo <= hi < n");
+            goto done;
+        }
+    const size_t rb = g3_row_size(kv_type, hd);
+    const int64_t ch = chunk ? chunk : n, nc = (n + ch - 1) / ch, rows = nq * rep;
+    ks = PyMem_Malloc(rb * (size_t)n);
+    vs = PyMem_Malloc(rb * (size_t)n);
+    o = PyMem_Malloc(sizeof(float) * (size_t)(nc * rows * hd));
+    mm = PyMem_Malloc(sizeof(float) * (size_t)(nc * rows));
+    ll = PyMem_Malloc(sizeof(float) * (size_t)(nc * rows));
+    work = PyMem_Malloc(sizeof(float) * (size_t)g3_attn_flash_work(hd));
+    npy_intp dims[3] = {nq, rep, hd};
+    ret = PyArray_ZEROS(3, dims, NPY_FLOAT32, 0);
+    if (!ks || !vs || !o || !mm || !ll || !work || !ret) {
+        Py_CLEAR(ret);
+        PyErr_NoMemory();
+        goto done;
+    }
+    const g3_type_traits *tt = g3_type_get(kv_type);
+    const float *kd = PyArray_DATA(k), *vd = PyArray_DATA(v);
+    for (int64_t j = 0; j < n; j++) {
+        tt->from_float(kd + j * hd, ks + (size_t)j * rb, hd);
+        tt->from_float(vd + j * hd, vs + (size_t)j * rb, hd);
+    }
+    g3_kv_span sp[2];
+    int nsp = 0;
+    if (split > 0)
+        sp[nsp++] = (g3_kv_span){ks, vs, split, kv_type, rb};
+    sp[nsp++] = (g3_kv_span){ks + (size_t)split * rb, vs + (size_t)split * rb, n - split,
+                             kv_type, rb};
+    for (int64_t c = 0; c < nc; c++) {
+        const int64_t j1 = (c + 1) * ch < n ? (c + 1) * ch : n;
+        g3_attn_flash(PyArray_DATA(q), rep * hd, nq, rep, hd, scale, sp, nsp, c * ch, j1, lop,
+                      hip, o + c * rows * hd, mm + c * rows, ll + c * rows, work);
+    }
+    g3_attn_flash_merge((int)nc, o, mm, ll, nq, rep, hd, PyArray_DATA((PyArrayObject *)ret),
+                        rep * hd);
+done:
+    PyMem_Free(ks);
+    PyMem_Free(vs);
+    PyMem_Free(o);
+    PyMem_Free(mm);
+    PyMem_Free(ll);
+    PyMem_Free(work);
+    Py_XDECREF(q);
+    Py_XDECREF(k);
+    Py_XDECREF(v);
+    Py_XDECREF(lo);
+    Py_XDECREF(hi);
+    return ret;
+}
+
 PyMethodDef g3_py_kernel_methods[] = {
     {"read_bandwidth", py_read_bandwidth, METH_O,
      "read_bandwidth(float32 array) -> (seconds, checksum) of a parallel streaming read"},
@@ -497,5 +591,7 @@ PyMethodDef g3_py_kernel_methods[] = {
     {"rng_seed", py_rng_seed, METH_O, "a seeded xoshiro256** state (uint64[4])"},
     {"pool_probe", py_pool_probe, METH_VARARGS,
      "pool_probe(n_threads, n, chunk) -> dict: what the thread pool did (tests)"},
+    {"attn_flash", (PyCFunction)(void (*)(void))py_attn_flash, METH_VARARGS | METH_KEYWORDS,
+     "attn_flash(q, k, v, lo, hi, scale, kv_type=0, chunk=0, split=0) -> z (nq, rep, hd)"},
     {NULL, NULL, 0, NULL},
 };

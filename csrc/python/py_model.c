@@ -34,12 +34,12 @@ static g3_module_state *mstate(PyObject *self) { return g3_py_state_from_type(Py
 
 static int model_init(ModelObject *self, PyObject *args, PyObject *kw)
 {
-    static char *kwlist[] = {"config", "is_global", "weights", "pack", NULL};
+    static char *kwlist[] = {"config", "is_global", "weights", "pack", "kv_type", NULL};
     PyObject *cfgo, *weights;
     Py_buffer glob;
-    int pack = 1;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "Oy*O!|p", kwlist, &cfgo, &glob, &PyDict_Type,
-                                     &weights, &pack))
+    int pack = 1, kv_type = G3_TYPE_F32;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "Oy*O!|pi", kwlist, &cfgo, &glob, &PyDict_Type,
+                                     &weights, &pack, &kv_type))
         return -1;
     g3_module_state *ms = mstate((PyObject *)self);
     g3_config cfg;
@@ -70,7 +70,9 @@ static int model_init(ModelObject *self, PyObject *args, PyObject *kw)
     if (!self->keep || g3_py_bind_roles(ms, self->keep, weights, &g3_text_roles, dims, self->m,
                                         self->m->layers, sizeof *self->m->layers, cfg.n_layer) < 0)
         goto done;
-    if ((st = g3_model_check(self->m, &err)) || (st = g3_model_set_n_seq(self->m, 1, &err)) ||
+    if ((st = g3_model_check(self->m, &err)) ||
+        (st = g3_model_set_kv_type(self->m, kv_type, &err)) ||
+        (st = g3_model_set_n_seq(self->m, 1, &err)) ||
         (st = g3_run_reserve_default(self->m, &err))) {
         g3_py_raise(ms, st, &err, NULL);
         goto done;
@@ -590,12 +592,24 @@ done:
     return ret;
 }
 
-/* Read-only view of a cache buffer (n_slots, n_head_kv, head_dim) keeping the model alive. */
-static PyObject *cache_view(ModelObject *self, float *buf, int64_t n_slots)
+/* View of a cache buffer keeping the model alive, in the stored type: (n_slots, n_head_kv,
+ * head_dim) float32 / float16 / uint16 (bf16 bits), or (n_slots, n_head_kv, head bytes) uint8
+ * (q8_0 blocks); gemma3/inspect.py converts to float32. */
+static PyObject *cache_view(ModelObject *self, uint8_t *buf, int64_t n_slots)
 {
-    const g3_config *c = &self->m->cfg;
+    const g3_model *m = self->m;
+    const g3_config *c = &m->cfg;
     npy_intp dims[3] = {n_slots, c->n_head_kv, c->head_dim};
-    PyObject *a = PyArray_New(&PyArray_Type, 3, dims, NPY_FLOAT32, NULL, buf, 0,
+    int npt = NPY_FLOAT32;
+    if (m->kv_type == G3_TYPE_F16)
+        npt = NPY_FLOAT16;
+    else if (m->kv_type == G3_TYPE_BF16)
+        npt = NPY_UINT16;
+    else if (m->kv_type != G3_TYPE_F32) {
+        npt = NPY_UINT8;
+        dims[2] = (npy_intp)m->kv_head_bytes;
+    }
+    PyObject *a = PyArray_New(&PyArray_Type, 3, dims, npt, NULL, buf, 0,
                               NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED, NULL);
     if (!a)
         return NULL;
@@ -637,6 +651,11 @@ static PyObject *model_get_n_past(ModelObject *self, void *c)
 static PyObject *model_get_n_seq(ModelObject *self, void *c)
 {
     return PyLong_FromLong(self->m ? self->m->n_seq : 0);
+}
+
+static PyObject *model_get_kv_type(ModelObject *self, void *c)
+{
+    return PyLong_FromLong(self->m ? self->m->kv_type : G3_TYPE_F32);
 }
 
 static PyObject *model_get_cache_bytes(ModelObject *self, void *c)
@@ -783,6 +802,8 @@ static PyGetSetDef model_getset[] = {
     {"packed_bytes", (getter)model_get_packed_bytes, NULL,
      "bytes of weights repacked for the integer decode kernels (0: float decode kernels)", NULL},
     {"n_past", (getter)model_get_n_past, NULL, "positions in the KV cache", NULL},
+    {"kv_type", (getter)model_get_kv_type, NULL,
+     "ggml type id of the cached K/V (0 f32, 1 f16, 8 q8_0, 30 bf16)", NULL},
     {"cache_bytes", (getter)model_get_cache_bytes, NULL,
      "bytes reserved by one sequence's KV cache", NULL},
     {"n_seq", (getter)model_get_n_seq, NULL, "sequences with a KV cache", NULL},
