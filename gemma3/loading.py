@@ -15,9 +15,16 @@ from .loader import build_core, is_hf_dir, load_gguf, load_hf_dir
 from .tokenizer import Tokenizer
 
 
+# Activations of the packed prefill GEMM (csrc/quant/packed.h): "exact" 24 bits per 32-block
+# (logits as the float kernels' within tests/tolerances.py), "int8" 8 bits (opt-in: faster prompt
+# processing, logits off by benchmarks/results/prefill.md's figures).
+PREFILL_PRECISIONS = ("exact", "int8")
+
+
 def open_checkpoint(path: str | os.PathLike | None, n_threads: int | None,
                     max_seq_len: int | None, dtype: str | None,
-                    mmproj: str | os.PathLike | None, pack: bool | None, prepare=None):
+                    mmproj: str | os.PathLike | None, pack: bool | None, prepare=None,
+                    prefill_precision: str = "exact"):
     """-> (core, config, tokenizer, path, owners, max_seq_len, vision): see gemma3.load.
     ``prepare(config, weights)``, if given, may change the weights dict before the C model is
     built (gemma3.adapters.merge_into)."""
@@ -64,7 +71,11 @@ def open_checkpoint(path: str | os.PathLike | None, n_threads: int | None,
         pack = _pack_fits(weights)
     elif not isinstance(pack, bool):
         raise TypeError(f"pack must be True, False or None, got {pack!r}")
-    core = build_core(cfg, weights, max_seq_len, pack=pack)
+    if prefill_precision not in PREFILL_PRECISIONS:
+        raise ValueError(f"prefill_precision must be one of {PREFILL_PRECISIONS}, got "
+                         f"{prefill_precision!r}")
+    core = build_core(cfg, weights, max_seq_len, pack=pack,
+                      prefill_int8=prefill_precision == "int8")
     return core, cfg, tokenizer, path, owners, max_seq_len, vision
 
 

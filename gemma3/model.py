@@ -369,7 +369,7 @@ class Model:
 def load(path: str | os.PathLike | None = None, *, n_threads: int | None = None,
          max_seq_len: int | None = None, dtype: str | None = None,
          mmproj: str | os.PathLike | None = None, pack: bool | None = None,
-         adapter: Any = None, merge: bool = False) -> Model:
+         adapter: Any = None, merge: bool = False, prefill_precision: str = "exact") -> Model:
     """Loads a Gemma 3 checkpoint: a GGUF file, or a Hugging Face checkpoint directory.
 
     Vision (``model.vision``, None for text-only models): a multimodal HF directory brings its
@@ -382,17 +382,17 @@ def load(path: str | os.PathLike | None = None, *, n_threads: int | None = None,
     weights are used as stored and HF weights as float32.
 
     ``pack``: with AVX-512 VNNI, repack Q8_0, Q4_0, Q5_0, Q4_K, Q5_K and Q6_K matrices into
-    16-row groups for the integer decode kernels (24-bit activations: logits as the float
-    kernels' to ~1e-7; ~2x faster decoding), at the cost of a second copy
-    (``model.packed_bytes``); default: pack when that takes at most half the available memory.
+    16-row groups for the integer kernels (24-bit activations: logits as the float kernels' to
+    ~1e-6; faster decoding and prompts), as a second copy (``model.packed_bytes``); default: when
+    it takes <= half the free memory. ``prefill_precision="int8"``: 8-bit prompt activations.
 
     ``adapter``: LoRA adapter path(s) (PEFT directory or llama.cpp LoRA GGUF; a list, or
     ``{path: scale}``), applied unmerged (:meth:`Model.load_adapter`), or with ``merge=True``
     folded into the weights, requantized (the error is in ``model.adapters.merged``).
     """
     plan = _adapters.LoadPlan(adapter, merge)
-    core, cfg, tok, path, owners, n, vision = open_checkpoint(path, n_threads, max_seq_len,
-                                                              dtype, mmproj, pack, plan.prepare)
+    core, cfg, tok, path, owners, n, vision = open_checkpoint(
+        path, n_threads, max_seq_len, dtype, mmproj, pack, plan.prepare, prefill_precision)
     model = Model(core, cfg, tok, path, owners, n)
     model.vision = vision
     return plan.attach(model)

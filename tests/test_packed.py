@@ -243,3 +243,27 @@ def test_model_decode_packed_vs_float(models):
     prompt = "def fibonacci(n):"
     assert (packed.generate(prompt, max_new_tokens=40, temperature=0)
             == flt.generate(prompt, max_new_tokens=40, temperature=0))
+
+
+def test_prefill_precision_argument():
+    with pytest.raises(ValueError, match="prefill_precision must be one of"):
+        gemma3.load(prefill_precision="int4")
+
+
+@needs_vnni
+def test_model_prefill_int8_opt_in(models):
+    """prefill_precision="int8" changes prompt chunks (>= 32 tokens: the 8-bit GEMM) and nothing
+    else: a short feed goes through the decode kernels with the same bits as the default model."""
+    exact = models[0]
+    int8 = gemma3.load(n_threads=2, prefill_precision="int8")
+    try:
+        ids = [2] + np.random.default_rng(5).integers(1000, 200000, 47).tolist()
+        a, b = exact.logits(ids), int8.logits(ids)
+        assert np.isfinite(b).all() and not np.array_equal(a, b)
+        # 8-bit activations: off by more than the 24-bit path's float roundings, yet the same
+        # distribution in the large (the README's agreement figures come from bench_prefill.py)
+        assert np.abs(a - b).max() > 1e-3 and np.abs(a - b).max() < 0.2 * np.abs(a).max()
+        short = ids[:8]
+        assert np.array_equal(exact.logits(short), int8.logits(short))
+    finally:
+        int8.close()

@@ -34,12 +34,12 @@ static g3_module_state *mstate(PyObject *self) { return g3_py_state_from_type(Py
 
 static int model_init(ModelObject *self, PyObject *args, PyObject *kw)
 {
-    static char *kwlist[] = {"config", "is_global", "weights", "pack", NULL};
+    static char *kwlist[] = {"config", "is_global", "weights", "pack", "prefill_int8", NULL};
     PyObject *cfgo, *weights;
     Py_buffer glob;
-    int pack = 1;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "Oy*O!|p", kwlist, &cfgo, &glob, &PyDict_Type,
-                                     &weights, &pack))
+    int pack = 1, int8 = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "Oy*O!|pp", kwlist, &cfgo, &glob, &PyDict_Type,
+                                     &weights, &pack, &int8))
         return -1;
     g3_module_state *ms = mstate((PyObject *)self);
     g3_config cfg;
@@ -85,6 +85,7 @@ static int model_init(ModelObject *self, PyObject *args, PyObject *kw)
         }
         self->packed_bytes = bytes;
     }
+    g3_model_set_prefill_8bit(self->m, int8);
     rc = 0;
 done:
     PyBuffer_Release(&glob);

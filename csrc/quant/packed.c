@@ -562,7 +562,9 @@ TGT void g3_packed_matmat(const g3_packed *P, const g3_xq *xq, int T, int64_t g0
  * kernels' three and two. With 8-bit activations (one digit) the sum is A0 - offset * X0. A
  * token's result depends on its own activations only, never on the other tokens of its tile. */
 
+#ifndef G3_GEMM_NT
 #define G3_GEMM_NT 8
+#endif
 
 TGT void g3_xq_prepare_prefill(g3_xq *xq, const float *x, int mode)
 {
