@@ -118,7 +118,7 @@ LIM8 = 127  # one signed digit: the opt-in 8-bit activations
 
 
 def k4_mins(name, w, rows, cols):
-    """(rows, cols / 32) dmin * m of each Q4_K / Q5_K sub-block (the weights' offsets), else None."""
+    """(rows, cols / 32) dmin * m per Q4_K / Q5_K sub-block (the weights' offsets), else None."""
     if name not in ("Q4_K", "Q5_K"):
         return None
     size = 144 if name == "Q4_K" else 176

@@ -238,7 +238,7 @@ static int any_lora(int n, const g3_weight *const *W)
     return 0;
 }
 
-static int same_digits(int n, const g3_weight *const *W)
+static int same_precision(int n, const g3_weight *const *W)
 {
     for (int i = 0; i < n; i++)
         if (W[i]->prefill_8bit != W[0]->prefill_8bit)
@@ -276,7 +276,7 @@ static g3_status matmul_multi_base(int n, const g3_weight *const *W, const float
     int fused = T < G3_BLAS_MIN_TOKENS;
     if (fused && all_packed(n, W))
         return matmul_packed(n, W, x, T, y, 0, ws, err);
-    if (!fused && all_packed(n, W) && same_digits(n, W))
+    if (!fused && all_packed(n, W) && same_precision(n, W))
         return matmul_prefill(n, W, x, T, y, ws, err);
     int64_t total = 0;
     for (int i = 0; i < n; i++) {
@@ -313,7 +313,8 @@ static g3_status matmul_base(const g3_weight *W, const float *x, int64_t T, floa
                              g3_matmul_ws *ws, g3_err *err)
 {
     if (T >= G3_BLAS_MIN_TOKENS)
-        return W->packed ? matmul_prefill(1, &W, x, T, &y, ws, err) : matmul_blas(W, x, T, y, ws, err);
+        return W->packed ? matmul_prefill(1, &W, x, T, &y, ws, err)
+                         : matmul_blas(W, x, T, y, ws, err);
     if (W->packed)
         return matmul_packed(1, &W, x, T, &y, 0, ws, err);
     return matmul_small(W, x, T, y, ws, err);

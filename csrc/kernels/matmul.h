@@ -1,6 +1,6 @@
 /* matmul.h — y (T, rows) = x (T, cols) @ W^T for weights of any dequantizable ggml type.
  *
- * Three paths, chosen by T and the weight (same choice for a row at any batch size below the BLAS
+ * Four paths, chosen by T and the weight (same choice for a row at any batch size below the BLAS
  * threshold, so a token gets the same bits whether decoded alone or with a few others):
  *   - T >= G3_BLAS_MIN_TOKENS, packed weight: the integer prefill GEMM (g3_packed_gemm), x
  *     quantized once per call to 24 bits per 32-block (8 bits if the model opted in);
