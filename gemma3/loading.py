@@ -39,11 +39,17 @@ def check_kv_dtype(kv_dtype: str, head_dim: int | None = None) -> str:
 def kv_dtype_name(type_id: int) -> str:
     return next(k for k, (t, _) in KV_DTYPES.items() if t == type_id)
 
+# Activations of the packed prefill GEMM (csrc/quant/packed.h): "exact" 24 bits per 32-block
+# (logits as the float kernels' within tests/tolerances.py), "int8" 8 bits (opt-in: faster prompt
+# processing, logits off by benchmarks/results/prefill.md's figures).
+PREFILL_PRECISIONS = ("exact", "int8")
+
 
 def open_checkpoint(path: str | os.PathLike | None, n_threads: int | None,
                     max_seq_len: int | None, dtype: str | None,
                     mmproj: str | os.PathLike | None, pack: bool | None, prepare=None,
-                    vision_dtype: str | None = None, kv_dtype: str = "f32"):
+                    vision_dtype: str | None = None, kv_dtype: str = "f32",
+                    prefill_precision: str = "exact"):
     """-> (core, config, tokenizer, path, owners, max_seq_len, vision, footprint): see gemma3.load.
     ``prepare(config, weights)``, if given, may change the weights dict before the C model is
     built (gemma3.adapters.merge_into). ``vision_dtype``: the tower's compute mode
@@ -95,7 +101,11 @@ def open_checkpoint(path: str | os.PathLike | None, n_threads: int | None,
         pack = _pack_fits(weights)
     elif not isinstance(pack, bool):
         raise TypeError(f"pack must be True, False or None, got {pack!r}")
-    core = build_core(cfg, weights, max_seq_len, pack=pack, kv_type=KV_DTYPES[kv_dtype][0])
+    if prefill_precision not in PREFILL_PRECISIONS:
+        raise ValueError(f"prefill_precision must be one of {PREFILL_PRECISIONS}, got "
+                         f"{prefill_precision!r}")
+    core = build_core(cfg, weights, max_seq_len, pack=pack, kv_type=KV_DTYPES[kv_dtype][0],
+                      prefill_int8=prefill_precision == "int8")
     footprint = weight_footprint(weights, owners)
     if core.packed_bytes and isinstance(owners, GGUFFile):
         footprint.released = release_packed(owners)

@@ -355,7 +355,7 @@ def load(path: str | os.PathLike | None = None, *, n_threads: int | None = None,
          max_seq_len: int | None = None, dtype: str | None = None,
          mmproj: str | os.PathLike | None = None, pack: bool | None = None,
          adapter: Any = None, merge: bool = False, vision_dtype: str | None = None,
-         kv_dtype: str = "f32") -> Model:
+         kv_dtype: str = "f32", prefill_precision: str = "exact") -> Model:
     """Loads a Gemma 3 checkpoint: a GGUF file, or a Hugging Face checkpoint directory.
 
     Vision (``model.vision``, None for text-only models): a multimodal HF directory brings its
@@ -368,9 +368,9 @@ def load(path: str | os.PathLike | None = None, *, n_threads: int | None = None,
     weights are used as stored and HF weights as float32.
 
     ``pack``: with AVX-512 VNNI, repack Q8_0, Q4_0, Q5_0, Q4_K, Q5_K and Q6_K matrices into
-    16-row groups for the integer decode kernels (24-bit activations: logits as the float
-    kernels' to ~1e-7; ~2x faster decoding), at the cost of a second copy
-    (``model.packed_bytes``); default: pack when that takes at most half the available memory.
+    16-row groups for the integer kernels (24-bit activations: logits as the float kernels' to
+    ~1e-6; faster decoding and prompts), as a second copy (``model.packed_bytes``); default: when
+    it takes <= half the free memory. ``prefill_precision="int8"``: 8-bit prompt activations.
     ``kv_dtype``: the KV cache's type, "f32", "bf16", "f16" or "q8_0" (README: memory, fidelity).
 
     ``adapter``: LoRA adapter path(s) (PEFT directory or llama.cpp LoRA GGUF; a list, or
@@ -379,7 +379,8 @@ def load(path: str | os.PathLike | None = None, *, n_threads: int | None = None,
     """
     plan = _adapters.LoadPlan(adapter, merge)
     core, cfg, tok, path, owners, n, vision, footprint = open_checkpoint(
-        path, n_threads, max_seq_len, dtype, mmproj, pack, plan.prepare, vision_dtype, kv_dtype)
+        path, n_threads, max_seq_len, dtype, mmproj, pack, plan.prepare, vision_dtype, kv_dtype,
+        prefill_precision)
     model = Model(core, cfg, tok, path, owners, n, footprint)
     model.vision = vision
     return plan.attach(model)

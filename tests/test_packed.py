@@ -112,6 +112,107 @@ def test_packed_matvec_bad_arguments():
     assert not _core.packed_supported(TYPE_ID["IQ4_NL"]) and not _core.packed_supported(-1)
 
 
+# ---- the prefill GEMM (g3_packed_gemm, _core.packed_gemm) ---------------------------------------
+
+LIM8 = 127  # one signed digit: the opt-in 8-bit activations
+
+
+def k4_mins(name, w, rows, cols):
+    """(rows, cols / 32) dmin * m per Q4_K / Q5_K sub-block (the weights' offsets), else None."""
+    if name not in ("Q4_K", "Q5_K"):
+        return None
+    size = 144 if name == "Q4_K" else 176
+    blk = np.frombuffer(np.asarray(w, np.uint8).tobytes(), np.uint8)[:rows * cols // 256 * size]
+    blk = blk.reshape(-1, size)
+    dmin = blk[:, 2:4].copy().view(np.float16)[:, 0].astype(np.float64)
+    q = blk[:, 4:16].astype(np.int64)
+    m = np.empty((len(blk), 8))
+    for j in range(8):
+        m[:, j] = q[:, j + 4] & 63 if j < 4 else (q[:, j + 4] >> 4) | ((q[:, j] >> 6) << 4)
+    return (dmin[:, None] * m).reshape(rows, cols // 32)
+
+
+def twin_gemm(Wd, X, lim, mins=None):
+    """(T, rows) in float64: each token quantized per 32-block with |X| <= lim, as C does. The
+    Q4_K / Q5_K offsets (mins) multiply the float sum of x per block, not of its quantization."""
+    out = np.empty((X.shape[0], Wd.shape[0]))
+    for t, x in enumerate(X):
+        xb = x.reshape(-1, 32).astype(np.float32)
+        amax = np.abs(xb).max(1)
+        with np.errstate(divide="ignore"):
+            inv = np.where(amax > 0, np.float32(lim) / amax, np.float32(0)).astype(np.float32)
+        s = (amax / np.float32(lim)).astype(np.float32)
+        q = np.clip(np.rint((xb * inv[:, None]).astype(np.float32)), -lim, lim)
+        xq = s[:, None].astype(np.float64) * q
+        out[t] = Wd @ xq.reshape(-1)
+        if mins is not None:
+            out[t] += mins @ (xq.sum(1) - xb.astype(np.float64).sum(1))
+    return out
+
+
+@needs_vnni
+@pytest.mark.parametrize("mode,lim", [(3, LIM), (1, LIM8)])
+@pytest.mark.parametrize("name", PACKED_TYPES)
+def test_packed_gemm_matches_twin(name, mode, lim):
+    """Every packed type, odd row counts (masked tail group), token counts around the 8-token
+    tile; each token's row is bit-identical to the same token computed alone."""
+    rng = np.random.default_rng(TYPE_ID[name] + 100 * mode)
+    for rows, cols in [(17, 256), (40, 512), (15, 2560)] if name.endswith("_K") else \
+            [(17, 96), (40, 640), (15, 2048)]:
+        w, Wd, _ = case(name, rows, cols, rng)
+        for T in (1, 7, 9, 33):
+            X = (rng.standard_normal((T, cols)) *
+                 np.where(rng.random((T, cols)) < 0.03, 60.0, 1.0)).astype(np.float32)
+            Y = _core.packed_gemm(TYPE_ID[name], w, rows, cols, X, mode=mode)
+            assert Y.shape == (T, rows) and Y.dtype == np.float32
+            mag = np.abs(X.astype(np.float64)) @ np.abs(Wd).T
+            err = np.abs(Y - twin_gemm(Wd, X, lim, k4_mins(name, w, rows, cols)))
+            assert np.all(err <= tol.PACKED_REL * mag + 1e-30), (name, rows, cols, T,
+                                                                 (err / mag).max())
+            one = _core.packed_gemm(TYPE_ID[name], w, rows, cols, X[T // 2:T // 2 + 1].copy(),
+                                    mode=mode)
+            assert np.array_equal(one[0], Y[T // 2])
+        if mode == 3:  # 24-bit activations: the decode kernel's quantization, to float32 roundings
+            y1 = _core.packed_matvec(TYPE_ID[name], w, rows, cols, X[0].copy())
+            assert np.all(np.abs(Y[0] - y1) <= 2 * tol.PACKED_REL * mag[0] + 1e-30)
+
+
+@needs_vnni
+@pytest.mark.parametrize("name", PACKED_TYPES)
+def test_packed_gemm_edge_activations(name):
+    rng = np.random.default_rng(8)
+    cols = 512
+    w, Wd, _ = case(name, 19, cols, rng)
+    X = rng.standard_normal((10, cols)).astype(np.float32)
+    X[:, :64] = 0  # all-zero blocks: exact zero contribution
+    X[3, 100] = 3e4  # one huge value in one token only
+    Y = _core.packed_gemm(TYPE_ID[name], w, 19, cols, X)
+    mag = np.abs(X.astype(np.float64)) @ np.abs(Wd).T
+    assert np.all(np.abs(Y - twin_gemm(Wd, X, LIM)) <= tol.PACKED_REL * mag)
+    X[5, 200] = np.nan  # non-finite activations propagate to their token only
+    Y = _core.packed_gemm(TYPE_ID[name], w, 19, cols, X)
+    assert np.isnan(Y[5]).all() and np.isfinite(np.delete(Y, 5, 0)).all()
+
+
+@needs_vnni
+def test_packed_gemm_bad_arguments():
+    w = random_blocks("Q8_0", 4, np.random.default_rng(0))
+    q8 = TYPE_ID["Q8_0"]
+    with pytest.raises(ValueError, match="cols=64"):
+        _core.packed_gemm(q8, w, 2, 64, np.zeros((3, 96), np.float32))
+    with pytest.raises(ValueError, match="rows"):
+        _core.packed_gemm(q8, w, 0, 64, np.zeros((3, 64), np.float32))
+    with pytest.raises(ValueError, match="mode"):
+        _core.packed_gemm(q8, w, 2, 64, np.zeros((3, 64), np.float32), mode=2)
+    with pytest.raises(ValueError, match="w too small"):
+        _core.packed_gemm(q8, w, 5, 64, np.zeros((3, 64), np.float32))
+    with pytest.raises(TypeError, match="float32"):
+        _core.packed_gemm(q8, w, 2, 64, np.zeros((3, 64)))
+    with pytest.raises(gemma3.UnsupportedError, match="packed kernel"):
+        _core.packed_gemm(TYPE_ID["F16"], np.zeros(256, np.uint8), 2, 64,
+                          np.zeros((3, 64), np.float32))
+
+
 @pytest.fixture(scope="module")
 def models():
     a = gemma3.load(n_threads=2)
@@ -142,3 +243,27 @@ def test_model_decode_packed_vs_float(models):
     prompt = "def fibonacci(n):"
     assert (packed.generate(prompt, max_new_tokens=40, temperature=0)
             == flt.generate(prompt, max_new_tokens=40, temperature=0))
+
+
+def test_prefill_precision_argument():
+    with pytest.raises(ValueError, match="prefill_precision must be one of"):
+        gemma3.load(prefill_precision="int4")
+
+
+@needs_vnni
+def test_model_prefill_int8_opt_in(models):
+    """prefill_precision="int8" changes prompt chunks (>= 32 tokens: the 8-bit GEMM) and nothing
+    else: a short feed goes through the decode kernels with the same bits as the default model."""
+    exact = models[0]
+    int8 = gemma3.load(n_threads=2, prefill_precision="int8")
+    try:
+        ids = [2] + np.random.default_rng(5).integers(1000, 200000, 47).tolist()
+        a, b = exact.logits(ids), int8.logits(ids)
+        assert np.isfinite(b).all() and not np.array_equal(a, b)
+        # 8-bit activations: off by more than the 24-bit path's float roundings, yet the same
+        # distribution in the large (the README's agreement figures come from bench_prefill.py)
+        assert np.abs(a - b).max() > 1e-3 and np.abs(a - b).max() < 0.2 * np.abs(a).max()
+        short = ids[:8]
+        assert np.array_equal(exact.logits(short), int8.logits(short))
+    finally:
+        int8.close()

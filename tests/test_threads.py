@@ -5,7 +5,8 @@
   variables that only work when read in time.
 * Results are bitwise identical at any thread count, prefill included: every product that goes
   through BLAS is cut into blocks whose shape depends on the matrix only (csrc/kernels/gemm.c),
-  and every other parallel loop partitions outputs, never reductions. Checked on logits bytes at
+  the packed prefill GEMM shares out blocks of output rows (csrc/kernels/matmul.c), and every
+  other parallel loop partitions outputs, never reductions. Checked on logits bytes at
   1, 2 and 3 threads, on the real 270M (dims large enough for many blocks) and on the tiny model.
 """
 
@@ -55,10 +56,13 @@ def _logits_at(model, ids, threads):
         gemma3.set_num_threads(0)
 
 
-@pytest.mark.parametrize("n,kv", [(200, "f32"), (600, "f32"), (600, "q8_0")])
-def test_prefill_bitwise_identical_across_thread_counts_270m(n, kv):
-    """One chunk; two chunks with keys in the cache (flash blocks over the stored type)."""
-    model = gemma3.load(max_seq_len=1024, kv_dtype=kv)
+@pytest.mark.parametrize("n,kv,precision", [(200, "f32", "exact"), (600, "f32", "exact"),
+                                             (600, "q8_0", "exact"), (200, "f32", "int8")])
+def test_prefill_bitwise_identical_across_thread_counts_270m(n, kv, precision):
+    """One chunk; two chunks with keys in the cache (flash blocks over the stored type); the
+    opt-in 8-bit prefill GEMM. With VNNI every matrix goes through the packed prefill GEMM
+    (output blocks of 128 rows shared out), otherwise through the BLAS blocks."""
+    model = gemma3.load(max_seq_len=1024, kv_dtype=kv, prefill_precision=precision)
     ids = [2] + np.random.default_rng(n).integers(1000, 200000, n - 1).tolist()
     rows = [0, n // 2, n - 1]
     got = {t: _logits_at(model, ids, t)[rows] for t in (1, 2, 3)}

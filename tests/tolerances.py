@@ -59,6 +59,13 @@ GGUF_VS_SAFETENSORS_ABS = 1e-6
 # 720 positions): measured max |Δ| 6e-5 over the top-16 logits of every position of every
 # fixture prompt. 1e-3 is ~15x that and still far below the smallest top1-top2 margins the
 # greedy fixtures rely on (0.048).
+# Prompts of >= 32 tokens go through the packed prefill GEMM with 24-bit activations per 32-block
+# (csrc/quant/packed.c, the default where VNNI packs): measured 7.8e-5 (long_en), the same as the
+# float path. Fewer activation bits were measured and rejected for the default: 16 bits per
+# 32-block (two digits, 2/3 of the integer work) gives 4.7e-3 (code) and 3.9e-3 (long_en), over
+# this bound; 16 bits with the third digit kept on every block within 16x of the token's largest
+# gives 6.8e-4 but needs it on 75% of the blocks (no gain); 8 bits (the opt-in
+# prefill_precision="int8") gives 2.8 and 96.6% top-1 agreement (benchmarks/bench_prefill.py).
 REF_270M_LOGITS_ABS = 1e-3
 REF_270M_LOGSUMEXP_ABS = 1e-3
 # KL(ref || ours) of the softmax restricted to the reference's top-16 ids, per position.
@@ -76,6 +83,9 @@ DOT_F32_REL = 2.0**-16
 # the digit sums are exact integers; the float32 steps are 3 conversions + 2 FMAs per digit
 # combine, one scale product and one FMA per block, i.e. a handful of 2^-24 roundings per block
 # plus the accumulation over <= 80 blocks. 2^-18 leaves ~10x headroom over measured ~2e-7.
+# The prefill GEMM (g3_packed_gemm) is held to the same bound against its twin (test_packed.py,
+# both activation precisions, the twin quantizing as C does): its combine is exact in int32 for
+# the top two digits, then 2 conversions, 1 FMA and the same scale products, i.e. fewer roundings.
 PACKED_REL = 2.0**-18
 # Whole 270M model, packed vs float decode kernels, max |d logit| / max |logit| per step: the
 # 24-bit activation rounding (~6e-8 of each block's max) through 18 layers; measured 1.3e-6.

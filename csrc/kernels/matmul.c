@@ -31,9 +31,8 @@ void g3_matmul_ws_need(g3_matmul_ws *ws, const g3_weight *W, int64_t T, int nt)
 {
     if (T >= G3_BLAS_MIN_TOKENS && W->type != G3_TYPE_F32)
         ws->tile_floats = max_size(ws->tile_floats, (size_t)(tile_rows(W) * W->cols));
-    const int64_t small = T < G3_BLAS_MIN_TOKENS ? T : G3_BLAS_MIN_TOKENS - 1;
     if (W->packed || g3_pack_supported(W->type)) /* also if packed after the reservation */
-        ws->xq_bytes = max_size(ws->xq_bytes, (g3_xq_bytes(W->cols) + sizeof(g3_xq)) * small);
+        ws->xq_bytes = max_size(ws->xq_bytes, (g3_xq_bytes(W->cols) + sizeof(g3_xq)) * (size_t)T);
     else if (!g3_type_get(W->type)->dot_f32)
         ws->rows_floats =
             max_size(ws->rows_floats, (size_t)W->cols * G3_ROW_BLOCK * (size_t)(nt < 1 ? 1 : nt));
@@ -183,6 +182,46 @@ static g3_status matmul_packed(int n, const g3_weight *const *W, const float *x,
     return G3_OK;
 }
 
+/* The prefill path: n packed matrices sharing the input, T >= G3_BLAS_MIN_TOKENS tokens. x is
+ * quantized once per call (24-bit per 32-block, or 8-bit where the model opted in); the groups of
+ * all matrices are cut into output blocks of G3_PREFILL_GROUPS groups (never across a matrix),
+ * shared out over the threads: a block's weights stay in L2 while every token streams past
+ * them 8 at a time, and an output's arithmetic never depends on which thread computes it. */
+#define G3_PREFILL_GROUPS 8
+
+static g3_status matmul_prefill(int n, const g3_weight *const *W, const float *x, int64_t T,
+                                float *const *y, g3_matmul_ws *ws, g3_err *err)
+{
+    const int64_t cols = W[0]->cols;
+    const size_t xb = g3_xq_bytes(cols);
+    if ((xb + sizeof(g3_xq)) * (size_t)T > ws->xq_bytes)
+        return too_small(err, "quantized activations");
+    const int mode = W[0]->prefill_8bit ? G3_PREFILL_8BIT : G3_PREFILL_EXACT;
+    uint8_t *buf = ws->xq;
+    g3_xq *xq = (g3_xq *)buf;
+    const int nt = g3_get_threads();
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t t = 0; t < T; t++) {
+        g3_xq_init(&xq[t], cols, buf + sizeof(g3_xq) * (size_t)T + xb * (size_t)t);
+        g3_xq_prepare_prefill(&xq[t], x + t * cols, mode);
+    }
+    int64_t units = 0;
+    for (int i = 0; i < n; i++)
+        units += (W[i]->packed->groups + G3_PREFILL_GROUPS - 1) / G3_PREFILL_GROUPS;
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+    for (int64_t u = 0; u < units; u++) {
+        int i = 0;
+        int64_t k = u, per;
+        while (k >= (per = (W[i]->packed->groups + G3_PREFILL_GROUPS - 1) / G3_PREFILL_GROUPS))
+            k -= per, i++;
+        const g3_packed *P = W[i]->packed;
+        const int64_t g0 = k * G3_PREFILL_GROUPS;
+        const int64_t g1 = g0 + G3_PREFILL_GROUPS < P->groups ? g0 + G3_PREFILL_GROUPS : P->groups;
+        g3_packed_gemm(P, xq, (int)T, g0, g1, y[i], mode);
+    }
+    return G3_OK;
+}
+
 static int all_packed(int n, const g3_weight *const *W)
 {
     for (int i = 0; i < n; i++)
@@ -197,6 +236,14 @@ static int any_lora(int n, const g3_weight *const *W)
         if (W[i]->lora)
             return 1;
     return 0;
+}
+
+static int same_precision(int n, const g3_weight *const *W)
+{
+    for (int i = 0; i < n; i++)
+        if (W[i]->prefill_8bit != W[0]->prefill_8bit)
+            return 0;
+    return 1;
 }
 
 static g3_status matmul_multi_base(int n, const g3_weight *const *W, const float *x, int64_t T,
@@ -229,6 +276,8 @@ static g3_status matmul_multi_base(int n, const g3_weight *const *W, const float
     int fused = T < G3_BLAS_MIN_TOKENS;
     if (fused && all_packed(n, W))
         return matmul_packed(n, W, x, T, y, 0, ws, err);
+    if (!fused && all_packed(n, W) && same_precision(n, W))
+        return matmul_prefill(n, W, x, T, y, ws, err);
     int64_t total = 0;
     for (int i = 0; i < n; i++) {
         fused = fused && g3_type_get(W[i]->type)->dot_f32 && W[i]->cols == W[0]->cols;
@@ -264,7 +313,8 @@ static g3_status matmul_base(const g3_weight *W, const float *x, int64_t T, floa
                              g3_matmul_ws *ws, g3_err *err)
 {
     if (T >= G3_BLAS_MIN_TOKENS)
-        return matmul_blas(W, x, T, y, ws, err);
+        return W->packed ? matmul_prefill(1, &W, x, T, &y, ws, err)
+                         : matmul_blas(W, x, T, y, ws, err);
     if (W->packed)
         return matmul_packed(1, &W, x, T, &y, 0, ws, err);
     return matmul_small(W, x, T, y, ws, err);

@@ -1,9 +1,11 @@
 /* matmul.h — y (T, rows) = x (T, cols) @ W^T for weights of any dequantizable ggml type.
  *
- * Three paths, chosen by T and the weight (same choice for a row at any batch size below the BLAS
+ * Four paths, chosen by T and the weight (same choice for a row at any batch size below the BLAS
  * threshold, so a token gets the same bits whether decoded alone or with a few others):
- *   - T >= G3_BLAS_MIN_TOKENS: dequantize a tile of weight rows in parallel, then g3_sgemm the
- *     float tile (gemm.h: blocks of C on our threads, OpenBLAS single-threaded in each);
+ *   - T >= G3_BLAS_MIN_TOKENS, packed weight: the integer prefill GEMM (g3_packed_gemm), x
+ *     quantized once per call to 24 bits per 32-block (8 bits if the model opted in);
+ *   - T >= G3_BLAS_MIN_TOKENS otherwise: dequantize a tile of weight rows in parallel, then
+ *     g3_sgemm the float tile (gemm.h: blocks of C on our threads, OpenBLAS single-threaded);
  *   - packed (quant/packed.h): AVX-512 VNNI integer matvec over 16-row groups, x quantized once
  *     per token;
  *   - otherwise per row: the type's fused dequantize-and-dot, or dequantize 16 rows and g3_dot_f32.
@@ -45,6 +47,9 @@ typedef struct g3_weight_s {
     const struct g3_packed_s *packed;
     /* active low-rank deltas added to every product with this weight, or NULL */
     g3_lora *lora;
+    /* the packed prefill path quantizes activations to 8 bits per 32-block instead of 24
+     * (opt-in: load(prefill_precision="int8")) */
+    int prefill_8bit;
 } g3_weight;
 
 #define G3_BLAS_MIN_TOKENS 32 /* below: the per-row kernels */

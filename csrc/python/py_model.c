@@ -34,12 +34,13 @@ static g3_module_state *mstate(PyObject *self) { return g3_py_state_from_type(Py
 
 static int model_init(ModelObject *self, PyObject *args, PyObject *kw)
 {
-    static char *kwlist[] = {"config", "is_global", "weights", "pack", "kv_type", NULL};
+    static char *kwlist[] = {"config", "is_global", "weights", "pack", "kv_type", "prefill_int8",
+                             NULL};
     PyObject *cfgo, *weights;
     Py_buffer glob;
-    int pack = 1, kv_type = G3_TYPE_F32;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "Oy*O!|pi", kwlist, &cfgo, &glob, &PyDict_Type,
-                                     &weights, &pack, &kv_type))
+    int pack = 1, kv_type = G3_TYPE_F32, int8 = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "Oy*O!|pip", kwlist, &cfgo, &glob, &PyDict_Type,
+                                     &weights, &pack, &kv_type, &int8))
         return -1;
     g3_module_state *ms = mstate((PyObject *)self);
     g3_config cfg;
@@ -87,6 +88,7 @@ static int model_init(ModelObject *self, PyObject *args, PyObject *kw)
         }
         self->packed_bytes = bytes;
     }
+    g3_model_set_prefill_8bit(self->m, int8);
     rc = 0;
 done:
     PyBuffer_Release(&glob);

@@ -435,6 +435,95 @@ static PyObject *py_packed_matvec(PyObject *self, PyObject *args, PyObject *kwds
     return out;
 }
 
+PyDoc_STRVAR(packed_gemm_doc,
+"packed_gemm(type_id, w, rows, cols, x, mode=3, repeat=1) -> ndarray\n--\n\n"
+"Y = X @ W^T through the prefill path: W repacked into 16-row groups (quant/packed.h), X (T, cols)\n"
+"float32 quantized per token and 32-block (mode 3: 24-bit, 1: 8-bit) and multiplied 8 tokens at a\n"
+"time (g3_packed_gemm). Returns (T, rows) float32. Raises UnsupportedError where the CPU or the\n"
+"type has no packed kernel. repeat runs the product (not the packing) that many times, for\n"
+"benchmarks. For tests and benchmarks; the model packs at load.");
+
+static PyObject *py_packed_gemm(PyObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"type_id", "w", "rows", "cols", "x", "mode", "repeat", NULL};
+    PyObject *type_obj, *wobj, *xobj;
+    Py_ssize_t rows, cols, repeat = 1;
+    int mode = G3_PREFILL_EXACT;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOnnO|in:packed_gemm", kwlist, &type_obj, &wobj,
+                                     &rows, &cols, &xobj, &mode, &repeat))
+        return NULL;
+    if (repeat < 1)
+        return PyErr_Format(PyExc_ValueError, "repeat must be >= 1, got %zd", repeat);
+    if (rows < 1 || cols < 1)
+        return PyErr_Format(PyExc_ValueError, "rows and cols must be >= 1, got %zd, %zd", rows, cols);
+    if (mode != G3_PREFILL_EXACT && mode != G3_PREFILL_8BIT)
+        return PyErr_Format(PyExc_ValueError, "mode must be 3 (24-bit) or 1 (8-bit), got %d", mode);
+    g3_module_state *ms = g3_py_state(self);
+    int type = -1;
+    const g3_type_traits *t = parse_usable_type(ms, type_obj, 0);
+    if (!t || !parse_type(ms, type_obj, &type))
+        return NULL;
+    if (!g3_pack_supported(type))
+        return PyErr_Format(ms->UnsupportedError, "no packed kernel for %s on this CPU", t->name);
+    if (cols % t->blck)
+        return PyErr_Format(PyExc_ValueError, "cols=%zd is not a multiple of the %s block size %lld",
+                            cols, t->name, (long long)t->blck);
+    if (!PyArray_Check(xobj) || PyArray_TYPE((PyArrayObject *)xobj) != NPY_FLOAT32 ||
+        !PyArray_ISNOTSWAPPED((PyArrayObject *)xobj))
+        return PyErr_Format(PyExc_TypeError, "x must be a numpy.ndarray of float32 (native order)");
+    PyArrayObject *xa = (PyArrayObject *)xobj;
+    if (PyArray_NDIM(xa) != 2 || PyArray_DIM(xa, 1) != cols || PyArray_DIM(xa, 0) < 1 ||
+        PyArray_DIM(xa, 0) > INT32_MAX || !PyArray_IS_C_CONTIGUOUS(xa) || !PyArray_ISALIGNED(xa))
+        return PyErr_Format(PyExc_ValueError, "x must be (T >= 1, cols=%zd), C-contiguous and aligned",
+                            cols);
+    const npy_intp T = PyArray_DIM(xa, 0);
+    const float *x = (const float *)PyArray_DATA(xa);
+    const size_t row = (size_t)(cols / t->blck) * t->type_size;
+    Py_buffer view;
+    if (PyObject_GetBuffer(wobj, &view, PyBUF_C_CONTIGUOUS) < 0)
+        return NULL;
+    if ((size_t)rows > (size_t)PY_SSIZE_T_MAX / row || (size_t)view.len < row * (size_t)rows) {
+        PyBuffer_Release(&view);
+        return PyErr_Format(PyExc_ValueError, "w too small: %zd rows of %s x %zd need %zu bytes",
+                            rows, t->name, cols, row * (size_t)rows);
+    }
+    npy_intp dims[2] = {T, rows};
+    PyObject *out = PyArray_SimpleNew(2, dims, NPY_FLOAT32);
+    const size_t xb = g3_xq_bytes(cols);
+    void *xbuf = malloc((xb + sizeof(g3_xq)) * (size_t)T);
+    if (!out || !xbuf) {
+        PyBuffer_Release(&view);
+        free(xbuf);
+        Py_XDECREF(out);
+        return out ? PyErr_NoMemory() : NULL;
+    }
+    float *y = (float *)PyArray_DATA((PyArrayObject *)out);
+    g3_packed *P = NULL;
+    g3_err err = {{0}, 0};
+    g3_status st = G3_OK;
+    Py_BEGIN_ALLOW_THREADS
+    st = g3_pack(type, view.buf, rows, cols, row, 1, &P, &err);
+    if (!st) {
+        g3_xq *xq = xbuf;
+        for (npy_intp i = 0; i < T; i++)
+            g3_xq_init(&xq[i], cols, (uint8_t *)xbuf + sizeof(g3_xq) * (size_t)T + xb * (size_t)i);
+        for (Py_ssize_t r = 0; r < repeat; r++) {
+            for (npy_intp i = 0; i < T; i++)
+                g3_xq_prepare_prefill(&xq[i], x + i * cols, mode);
+            g3_packed_gemm(P, xq, (int)T, 0, P->groups, y, mode);
+        }
+    }
+    Py_END_ALLOW_THREADS
+    g3_packed_free(P);
+    free(xbuf);
+    PyBuffer_Release(&view);
+    if (st) {
+        Py_DECREF(out);
+        return g3_py_raise(ms, st, &err, NULL);
+    }
+    return out;
+}
+
 static PyObject *py_packed_supported(PyObject *self, PyObject *arg)
 {
     long type = PyLong_AsLong(arg);
@@ -504,6 +593,8 @@ PyMethodDef g3_py_quant_methods[] = {
     {"isa", py_isa, METH_NOARGS, isa_doc},
     {"packed_matvec", (PyCFunction)(void (*)(void))py_packed_matvec, METH_VARARGS | METH_KEYWORDS,
      packed_matvec_doc},
+    {"packed_gemm", (PyCFunction)(void (*)(void))py_packed_gemm, METH_VARARGS | METH_KEYWORDS,
+     packed_gemm_doc},
     {"packed_supported", py_packed_supported, METH_O,
      "packed_supported(type_id) -> bool: whether the decode path packs this type on this CPU"},
     {NULL, NULL, 0, NULL},

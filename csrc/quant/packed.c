@@ -259,15 +259,21 @@ INL void digits(__m512i X, __m512i D[3])
     D[2] = _mm512_srai_epi32(_mm512_sub_epi32(X, D[1]), 8);
 }
 
-TGT void g3_xq_prepare(g3_xq *xq, const float *x)
+TGT void g3_xq_prepare(g3_xq *xq, const float *x) { g3_xq_prepare_digits(xq, x, 3); }
+
+/* The largest |X| with n signed base-256 digits: 127 * (1 + 256 + ...). */
+static const int32_t digit_lim[4] = {0, 127, 127 * 257, G3_PACK_LIM};
+
+TGT void g3_xq_prepare_digits(g3_xq *xq, const float *x, int ndig)
 {
-    const __m512 lim = _mm512_set1_ps((float)G3_PACK_LIM);
-    const __m512i ilim = _mm512_set1_epi32(G3_PACK_LIM);
+    const int32_t L = digit_lim[ndig < 1 ? 1 : ndig > 3 ? 3 : ndig];
+    const __m512 lim = _mm512_set1_ps((float)L);
+    const __m512i ilim = _mm512_set1_epi32(L);
     for (int64_t b = 0; b < xq->nb; b++) {
         const __m512 v0 = _mm512_loadu_ps(x + 32 * b), v1 = _mm512_loadu_ps(x + 32 * b + 16);
         const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
         xq->xsum[b] = _mm512_reduce_add_ps(_mm512_add_ps(v0, v1));
-        float s = amax / (float)G3_PACK_LIM, inv = amax > 0 ? (float)G3_PACK_LIM / amax : 0.0f;
+        float s = amax / (float)L, inv = amax > 0 ? (float)L / amax : 0.0f;
         const __mmask16 nan = _mm512_cmp_ps_mask(v0, v0, _CMP_UNORD_Q) |
                               _mm512_cmp_ps_mask(v1, v1, _CMP_UNORD_Q);
         if (nan || !isfinite(amax)) /* propagate as the float path would */
@@ -543,3 +549,205 @@ TGT void g3_packed_matmat(const g3_packed *P, const g3_xq *xq, int T, int64_t g0
         }
     }
 }
+
+/* ---- prompt processing: many tokens per weight block ---------------------------------------------
+ *
+ * A prefill chunk multiplies each weight by T >= 32 activation rows, so the integer work, not the
+ * weight stream, is the cost: each 32-column block of a group is unpacked once and multiplied by a
+ * register tile of G3_GEMM_NT tokens, and the caller walks tiles so that a block of groups stays
+ * in L2 while the tokens stream (matmul.c). The digit sums are combined in int32 where they fit:
+ * the top two digits as A21 = 256 * A2 + A1 - offset * (256 * X2 + X1) (|A21| < 2^29), the
+ * lowest digit as A0 - offset * X0, then S = A21 + A0 / 256 in float (an exact scaling) times
+ * 256 * s: two conversions and one FMA per 16 rows, token and block instead of the decode
+ * kernels' three and two. With 8-bit activations (one digit) the sum is A0 - offset * X0. A
+ * token's result depends on its own activations only, never on the other tokens of its tile. */
+
+#ifndef G3_GEMM_NT
+#define G3_GEMM_NT 8
+#endif
+
+TGT void g3_xq_prepare_prefill(g3_xq *xq, const float *x, int mode)
+{
+    if (mode == G3_PREFILL_8BIT)
+        g3_xq_prepare_digits(xq, x, 1);
+    else
+        g3_xq_prepare(xq, x);
+}
+
+/* y[t][rows of group g] for the nt (<= G3_GEMM_NT) tokens xq[0..nt); y row stride ldy.
+ * ndig: 1 (8-bit activations: digit 0 only) or 3 (24-bit: digits 2, 1 and 0). */
+INL void gemm_tile(const g3_packed *P, const g3_xq *xq, const int nt, int64_t g, float *y,
+                   int64_t ldy, const int vmode, const int smode, const int offset, const int ndig)
+{
+    const size_t vb = vmode == V_BYTES ? 512 : vmode == V_NIB ? 256 : 320;
+    const __m512i m4 = _mm512_set1_epi8(0x0F), b4 = _mm512_set1_epi8(0x10);
+    const uint8_t *p = P->data + (size_t)g * P->group_bytes;
+    const int8_t *dg[G3_GEMM_NT][3];
+    __m512 yacc[G3_GEMM_NT];
+    for (int t = 0; t < G3_GEMM_NT; t++) {
+        const g3_xq *x = &xq[t < nt ? t : 0];
+        for (int q = 0; q < 3; q++)
+            dg[t][q] = x->digit[q];
+        yacc[t] = _mm512_setzero_ps();
+    }
+    const __m512 inv256 = _mm512_set1_ps(1.0f / 256.0f);
+    __m512 dsup = _mm512_setzero_ps(), dminsup = dsup;
+    for (int64_t b = 0; b < P->nb; b++) {
+        if (smode != S_HALF && b % 8 == 0) {
+            dsup = _mm512_loadu_ps(p);
+            p += 64;
+            if (smode == S_K4) {
+                dminsup = _mm512_loadu_ps(p);
+                p += 64;
+            }
+        }
+        const int64_t col = 32 * b;
+        __m512i u[8];
+        if (vmode == V_BYTES) {
+#pragma GCC unroll 8
+            for (int j = 0; j < 8; j++)
+                u[j] = _mm512_loadu_si512(p + 64 * j);
+        } else {
+            const __m512i H = vmode == V_NIB5 ? _mm512_loadu_si512(p + 256) : _mm512_setzero_si512();
+#pragma GCC unroll 4
+            for (int j = 0; j < 4; j++) {
+                const __m512i v = _mm512_loadu_si512(p + 64 * j);
+                __m512i lo = _mm512_and_si512(v, m4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+                if (vmode == V_NIB5) {
+                    lo = _mm512_or_si512(lo, _mm512_and_si512(_mm512_slli_epi16(H, 4 - j), b4));
+                    hi = _mm512_or_si512(hi, _mm512_and_si512(_mm512_srli_epi16(H, j), b4));
+                }
+                u[2 * j] = lo;
+                u[2 * j + 1] = hi;
+            }
+        }
+        p += vb;
+        __m512 d = _mm512_setzero_ps(), sc0 = d, sc1 = d, mn = d;
+        if (smode == S_HALF) {
+            d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
+        } else if (smode == S_K4) {
+            sc0 = _mm512_mul_ps(dsup, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p))));
+            mn = _mm512_mul_ps(dminsup, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p + 16)))));
+        } else {
+            sc0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+            sc1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p + 16))));
+        }
+        p += 32;
+        if (G3_PACK_PREFETCH > 0) /* the next group's record, for the first token tile */
+            _mm_prefetch((const char *)p + P->group_bytes - vb - 32, _MM_HINT_T1);
+#pragma GCC unroll 8
+        for (int t = 0; t < G3_GEMM_NT; t++) {
+            if (t >= nt)
+                break;
+            const g3_xq *x = &xq[t];
+            const int32_t *ds = x->dsum + 6 * b;
+            /* hi[h]: the top digits (ndig 3) or the only one (ndig 1) of half h; lo[h]: digit 0 */
+            __m512i h2[2], h1[2], l0[2];
+            for (int q = 0; q < 2; q++)
+                h2[q] = h1[q] = l0[q] = _mm512_setzero_si512();
+#define DPH(hf, uu, c)                                                                                   \
+    do {                                                                                                 \
+        if (ndig == 1) {                                                                                 \
+            h1[hf] = _mm512_dpbusd_epi32(h1[hf], (uu), bcast4(dg[t][0] + (c)));                          \
+        } else {                                                                                         \
+            h2[hf] = _mm512_dpbusd_epi32(h2[hf], (uu), bcast4(dg[t][2] + (c)));                          \
+            h1[hf] = _mm512_dpbusd_epi32(h1[hf], (uu), bcast4(dg[t][1] + (c)));                          \
+        }                                                                                                \
+    } while (0)
+#define DPL(hf, uu, c) (l0[hf] = _mm512_dpbusd_epi32(l0[hf], (uu), bcast4(dg[t][0] + (c))))
+            const int two = smode == S_K6; /* halves kept apart (their own scales) */
+            if (vmode == V_BYTES) {
+#pragma GCC unroll 8
+                for (int j = 0; j < 8; j++)
+                    DPH(two && j >= 4, u[j], col + 4 * j);
+                if (ndig == 3) {
+#pragma GCC unroll 8
+                    for (int j = 0; j < 8; j++)
+                        DPL(two && j >= 4, u[j], col + 4 * j);
+                }
+            } else {
+#pragma GCC unroll 4
+                for (int j = 0; j < 4; j++) {
+                    DPH(0, u[2 * j], col + 4 * j);
+                    DPH(two, u[2 * j + 1], col + 16 + 4 * j);
+                }
+                if (ndig == 3) {
+#pragma GCC unroll 4
+                    for (int j = 0; j < 4; j++) {
+                        DPL(0, u[2 * j], col + 4 * j);
+                        DPL(two, u[2 * j + 1], col + 16 + 4 * j);
+                    }
+                }
+            }
+#undef DPH
+#undef DPL
+            /* the exact integer sums as float, per half (or both halves in [0]) */
+            __m512 S[2];
+            for (int hf = 0; hf < (two ? 2 : 1); hf++) {
+                const int32_t *dh = ds + 3 * hf, *dh1 = two ? NULL : ds + 3;
+                const int32_t X0 = dh[0] + (dh1 ? dh1[0] : 0), X1 = dh[1] + (dh1 ? dh1[1] : 0),
+                              X2 = dh[2] + (dh1 ? dh1[2] : 0);
+                __m512i A = h1[hf];
+                if (ndig == 3)
+                    A = _mm512_add_epi32(A, _mm512_slli_epi32(h2[hf], 8));
+                if (offset)
+                    A = _mm512_sub_epi32(A, _mm512_set1_epi32(offset * (ndig == 3 ? 256 * X2 + X1 : X0)));
+                S[hf] = _mm512_cvtepi32_ps(A);
+                if (ndig == 3) {
+                    __m512i L = l0[hf];
+                    if (offset)
+                        L = _mm512_sub_epi32(L, _mm512_set1_epi32(offset * X0));
+                    S[hf] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(L), inv256, S[hf]);
+                }
+            }
+            /* x ~ s * (256 * (256 D2 + D1) + D0) (ndig 3), s * D0 (ndig 1) */
+            const __m512 xs = _mm512_set1_ps(ndig == 3 ? 256.0f * x->scale[b] : x->scale[b]);
+            __m512 acc = yacc[t];
+            if (smode == S_HALF) {
+                acc = _mm512_fmadd_ps(S[0], _mm512_mul_ps(d, xs), acc);
+            } else if (smode == S_K4) {
+                acc = _mm512_fmadd_ps(S[0], _mm512_mul_ps(sc0, xs), acc);
+                acc = _mm512_fnmadd_ps(mn, _mm512_set1_ps(x->xsum[b]), acc);
+            } else {
+                acc = _mm512_fmadd_ps(_mm512_fmadd_ps(S[1], sc1, _mm512_mul_ps(S[0], sc0)),
+                                      _mm512_mul_ps(dsup, xs), acc);
+            }
+            yacc[t] = acc;
+        }
+    }
+    const int64_t r0 = g * G3_PACK_ROWS, n = P->rows - r0 < G3_PACK_ROWS ? P->rows - r0 : G3_PACK_ROWS;
+    for (int t = 0; t < nt; t++)
+        _mm512_mask_storeu_ps(y + (size_t)t * ldy + r0, (__mmask16)((1u << n) - 1), yacc[t]);
+}
+
+INL void gemm_kind(const g3_packed *P, const g3_xq *xq, int T, int64_t g0, int64_t g1, float *y,
+                   const int vmode, const int smode, const int offset, const int ndig)
+{
+    for (int t0 = 0; t0 < T; t0 += G3_GEMM_NT) {
+        const int nt = T - t0 < G3_GEMM_NT ? T - t0 : G3_GEMM_NT;
+        for (int64_t g = g0; g < g1; g++)
+            gemm_tile(P, xq + t0, nt, g, y + (size_t)t0 * P->rows, P->rows, vmode, smode, offset,
+                      ndig);
+    }
+}
+
+#define GEMM_TYPES(ND)                                                                         \
+    switch (P->type) {                                                                         \
+    case G3_TYPE_Q8_0: gemm_kind(P, xq, T, g0, g1, y, V_BYTES, S_HALF, 128, ND); break;        \
+    case G3_TYPE_Q4_0: gemm_kind(P, xq, T, g0, g1, y, V_NIB, S_HALF, 8, ND); break;            \
+    case G3_TYPE_Q5_0: gemm_kind(P, xq, T, g0, g1, y, V_NIB5, S_HALF, 16, ND); break;          \
+    case G3_TYPE_Q4_K: gemm_kind(P, xq, T, g0, g1, y, V_NIB, S_K4, 0, ND); break;              \
+    case G3_TYPE_Q5_K: gemm_kind(P, xq, T, g0, g1, y, V_NIB5, S_K4, 0, ND); break;             \
+    case G3_TYPE_Q6_K: gemm_kind(P, xq, T, g0, g1, y, V_BYTES, S_K6, 32, ND); break;           \
+    }
+
+TGT void g3_packed_gemm(const g3_packed *P, const g3_xq *xq, int T, int64_t g0, int64_t g1,
+                        float *y, int mode)
+{
+    if (mode == G3_PREFILL_8BIT) {
+        GEMM_TYPES(1)
+    } else {
+        GEMM_TYPES(3)
+    }
+}
+#undef GEMM_TYPES

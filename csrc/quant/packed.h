@@ -51,6 +51,12 @@ typedef struct {
     int32_t *dsum;     /* (nb, 2 halves, 3 digits): sums of each digit over 16 columns */
 } g3_xq;
 
+/* Activation precision of the prefill GEMM (g3_packed_gemm). */
+enum {
+    G3_PREFILL_8BIT = 1, /* one digit, |X| <= 127 per 32-block: opt-in, the class of llama.cpp's Q8 */
+    G3_PREFILL_EXACT = 3 /* three digits, 24 bits: the decode kernels' activations (default) */
+};
+
 /* 1 if the CPU (and G3_ISA) allow the packed kernels and `type` has one. */
 int g3_pack_supported(int type);
 /* Packs a (rows, cols) matrix of `type` stored row after row (row_bytes apart), on `threads`
@@ -63,6 +69,9 @@ void g3_packed_free(g3_packed *p);
 size_t g3_xq_bytes(int64_t cols);
 void g3_xq_init(g3_xq *xq, int64_t cols, void *buf);
 void g3_xq_prepare(g3_xq *xq, const float *x);
+/* The same with ndig (1..3) digits: |X| <= 127, 32639 or G3_PACK_LIM (8-, 16- or 24-bit
+ * activations per 32-block); digits above ndig are zero. ndig = 3 is g3_xq_prepare. */
+void g3_xq_prepare_digits(g3_xq *xq, const float *x, int ndig);
 /* y[r] for the rows of groups [g0, g1) of one token; y has P->rows entries. */
 void g3_packed_matvec(const g3_packed *P, const g3_xq *xq, int64_t g0, int64_t g1, float *y);
 /* The same for T tokens (xq[0..T)) in one pass over the weights, y (T, P->rows); each token's
@@ -70,5 +79,12 @@ void g3_packed_matvec(const g3_packed *P, const g3_xq *xq, int64_t g0, int64_t g
 #define G3_PACK_MAX_TOKENS 16
 void g3_packed_matmat(const g3_packed *P, const g3_xq *xq, int T, int64_t g0, int64_t g1,
                       float *y);
+
+/* Prompt processing: x quantized for `mode` (a G3_PREFILL_*); then y (T, P->rows),
+ * the rows of groups [g0, g1), for the T tokens xq[0..T). Tokens are taken 8 at a time against
+ * one group's unpacked codes; a row's result depends only on its token, never on T, g0 or g1. */
+void g3_xq_prepare_prefill(g3_xq *xq, const float *x, int mode);
+void g3_packed_gemm(const g3_packed *P, const g3_xq *xq, int T, int64_t g0, int64_t g1, float *y,
+                    int mode);
 
 #endif
