@@ -12,7 +12,8 @@
 
 /* ---- what each type becomes -------------------------------------------------------------------- */
 
-enum { V_BYTES, V_NIB, V_NIB5 };    /* how codes are stored */
+enum { V_BYTES, V_NIB, V_NIB5, V_NIB6 }; /* how codes are stored */
+#define VALUES_BYTES(v) ((size_t)((v) == V_BYTES ? 512 : (v) == V_NIB ? 256 : (v) == V_NIB5 ? 320 : 384))
 enum { S_HALF, S_K4, S_K6 };        /* how scales are stored */
 
 typedef struct {
@@ -29,13 +30,15 @@ static int kind_of(int type, pack_kind *k)
     case G3_TYPE_Q5_0: *k = (pack_kind){V_NIB5, S_HALF, 16, sizeof(g3_block_q5_0), 32}; return 1;
     case G3_TYPE_Q4_K: *k = (pack_kind){V_NIB, S_K4, 0, sizeof(g3_block_q4_k), 256}; return 1;
     case G3_TYPE_Q5_K: *k = (pack_kind){V_NIB5, S_K4, 0, sizeof(g3_block_q5_k), 256}; return 1;
-    case G3_TYPE_Q6_K: *k = (pack_kind){V_BYTES, S_K6, 32, sizeof(g3_block_q6_k), 256}; return 1;
+    case G3_TYPE_Q6_K: *k = (pack_kind){V_NIB6, S_K6, 32, sizeof(g3_block_q6_k), 256}; return 1;
     default: return 0;
     }
 }
 
-static size_t values_bytes(int vmode) { return vmode == V_BYTES ? 512 : vmode == V_NIB ? 256 : 320; }
-static size_t header_bytes(int smode) { return smode == S_K4 ? 128 : smode == S_K6 ? 64 : 0; }
+static size_t values_bytes(int vmode) { return VALUES_BYTES(vmode); }
+/* K-quant super-block headers: float d[16] (+ float dmin[16]) for Q4_K/Q5_K, the file's half d[16]
+ * for Q6_K (its packed record is then exactly the file's 6.5625 bits per weight) */
+static size_t header_bytes(int smode) { return smode == S_K4 ? 128 : smode == S_K6 ? 32 : 0; }
 
 int g3_pack_supported(int type)
 {
@@ -136,6 +139,10 @@ static void put_block(const pack_kind *k, uint8_t *p, int r, const block_codes *
                 p[64 * j + 4 * r + q] = (uint8_t)((lo & 0xF) | (hi & 0xF) << 4);
                 if (k->vmode == V_NIB5)
                     p[256 + 4 * r + q] |= (uint8_t)(((lo >> 4) & 1) << j | ((hi >> 4) & 1) << (4 + j));
+                if (k->vmode == V_NIB6) { /* bits 4-5 of chunk j's codes at bits 2j, 2j + 1 */
+                    p[256 + 4 * r + q] |= (uint8_t)(((lo >> 4) & 3) << (2 * j));
+                    p[320 + 4 * r + q] |= (uint8_t)(((hi >> 4) & 3) << (2 * j));
+                }
             }
     }
     uint8_t *s = p + values_bytes(k->vmode);
@@ -202,7 +209,10 @@ g3_status g3_pack(int type, const uint8_t *data, int64_t rows, int64_t cols, siz
                 block_codes c;
                 codes_of(type, data + (size_t)(g * G3_PACK_ROWS + r) * row_bytes, b, &c);
                 put_block(&k, p, r, &c);
-                if (hdr && b % 8 == 0) {
+                if (hdr && b % 8 == 0 && k.smode == S_K6) {
+                    const uint16_t dh = g3_fp32_to_fp16(c.d); /* the file's half, exactly */
+                    memcpy(hp + 2 * r, &dh, 2);
+                } else if (hdr && b % 8 == 0) {
                     memcpy(hp + 4 * r, &c.d, 4);
                     if (k.smode == S_K4)
                         memcpy(hp + 64 + 4 * r, &c.dmin, 4);
@@ -248,6 +258,9 @@ void g3_xq_init(g3_xq *xq, int64_t cols, void *buf)
 
 #define TGT __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,f16c,fma")))
 #define INL static inline __attribute__((always_inline, target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,f16c,fma")))
+/* V_NIB6: bits 2j, 2j + 1 of a plane byte moved to bits 4-5 (masked with 0x30 by the caller; a
+ * 16-bit shift of at most 4 cannot bring a neighbouring byte's bits there) */
+#define SH6(X, j) ((j) < 3 ? _mm512_slli_epi16((X), (4 - 2 * (j)) & 7) : _mm512_srli_epi16((X), 2))
 
 /* Balanced base-256 digits of X (|X| <= G3_PACK_LIM): X = 65536*D2 + 256*D1 + D0, D in -128..127 */
 INL void digits(__m512i X, __m512i D[3])
@@ -334,15 +347,21 @@ INL __m512 combine(__m512i a[3], int offset, const int32_t *ds0, const int32_t *
 INL void matvec_kind(const g3_packed *P, const g3_xq *xq, int64_t g0, int64_t g1, float *y,
                      const int vmode, const int smode, const int offset)
 {
-    const size_t vb = vmode == V_BYTES ? 512 : vmode == V_NIB ? 256 : 320;
+    const size_t vb = VALUES_BYTES(vmode);
     const __m512i m4 = _mm512_set1_epi8(0x0F), b4 = _mm512_set1_epi8(0x10);
+    const __m512i b6 = _mm512_set1_epi8(0x30);
     for (int64_t g = g0; g < g1; g++) {
         const uint8_t *p = P->data + (size_t)g * P->group_bytes;
         __m512 yacc = _mm512_setzero_ps(), dsup = yacc, dminsup = yacc;
         for (int64_t b = 0; b < P->nb; b++) {
             if (smode != S_HALF && b % 8 == 0) {
-                dsup = _mm512_loadu_ps(p);
-                p += 64;
+                if (smode == S_K6) {
+                    dsup = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
+                    p += 32;
+                } else {
+                    dsup = _mm512_loadu_ps(p);
+                    p += 64;
+                }
                 if (smode == S_K4) {
                     dminsup = _mm512_loadu_ps(p);
                     p += 64;
@@ -361,7 +380,8 @@ INL void matvec_kind(const g3_packed *P, const g3_xq *xq, int64_t g0, int64_t g1
                     dp3(smode == S_K6 && j >= 4 ? a1 : a0, u, xq, col + 4 * j);
                 }
             } else {
-                const __m512i H = vmode == V_NIB5 ? _mm512_loadu_si512(p + 256) : _mm512_setzero_si512();
+                const __m512i H = vmode >= V_NIB5 ? _mm512_loadu_si512(p + 256) : _mm512_setzero_si512();
+                const __m512i H6 = vmode == V_NIB6 ? _mm512_loadu_si512(p + 320) : _mm512_setzero_si512();
 #define NIB_CHUNK(j)                                                                              \
     do {                                                                                          \
         const __m512i v = _mm512_loadu_si512(p + 64 * (j));                                       \
@@ -369,6 +389,10 @@ INL void matvec_kind(const g3_packed *P, const g3_xq *xq, int64_t g0, int64_t g1
         if (vmode == V_NIB5) {                                                                    \
             lo = _mm512_or_si512(lo, _mm512_and_si512(_mm512_slli_epi16(H, 4 - (j)), b4));        \
             hi = _mm512_or_si512(hi, _mm512_and_si512(_mm512_srli_epi16(H, (j)), b4));            \
+        }                                                                                         \
+        if (vmode == V_NIB6) {                                                                    \
+            lo = _mm512_or_si512(lo, _mm512_and_si512(SH6(H, (j)), b6));                          \
+            hi = _mm512_or_si512(hi, _mm512_and_si512(SH6(H6, (j)), b6));                         \
         }                                                                                         \
         dp3(a0, lo, xq, col + 4 * (j));                                                           \
         dp3(smode == S_K6 ? a1 : a0, hi, xq, col + 16 + 4 * (j));                                 \
@@ -414,7 +438,7 @@ TGT void g3_packed_matvec(const g3_packed *P, const g3_xq *xq, int64_t g0, int64
     case G3_TYPE_Q5_0: matvec_kind(P, xq, g0, g1, y, V_NIB5, S_HALF, 16); break;
     case G3_TYPE_Q4_K: matvec_kind(P, xq, g0, g1, y, V_NIB, S_K4, 0); break;
     case G3_TYPE_Q5_K: matvec_kind(P, xq, g0, g1, y, V_NIB5, S_K4, 0); break;
-    case G3_TYPE_Q6_K: matvec_kind(P, xq, g0, g1, y, V_BYTES, S_K6, 32); break;
+    case G3_TYPE_Q6_K: matvec_kind(P, xq, g0, g1, y, V_NIB6, S_K6, 32); break;
     }
 }
 
@@ -432,8 +456,9 @@ TGT void g3_packed_matvec(const g3_packed *P, const g3_xq *xq, int64_t g0, int64
 INL void matmat_kind(const g3_packed *P, const g3_xq *xq, int T, int64_t g0, int64_t g1, float *y,
                      const int vmode, const int smode, const int offset)
 {
-    const size_t vb = vmode == V_BYTES ? 512 : vmode == V_NIB ? 256 : 320;
+    const size_t vb = VALUES_BYTES(vmode);
     const __m512i m4 = _mm512_set1_epi8(0x0F), b4 = _mm512_set1_epi8(0x10);
+    const __m512i b6 = _mm512_set1_epi8(0x30);
     __m512 yacc[G3_PACK_MAX_TOKENS];
     for (int64_t g = g0; g < g1; g++) {
         const uint8_t *p = P->data + (size_t)g * P->group_bytes;
@@ -442,8 +467,13 @@ INL void matmat_kind(const g3_packed *P, const g3_xq *xq, int T, int64_t g0, int
             yacc[t] = _mm512_setzero_ps();
         for (int64_t b = 0; b < P->nb; b++) {
             if (smode != S_HALF && b % 8 == 0) {
-                dsup = _mm512_loadu_ps(p);
-                p += 64;
+                if (smode == S_K6) {
+                    dsup = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
+                    p += 32;
+                } else {
+                    dsup = _mm512_loadu_ps(p);
+                    p += 64;
+                }
                 if (smode == S_K4) {
                     dminsup = _mm512_loadu_ps(p);
                     p += 64;
@@ -461,7 +491,8 @@ INL void matmat_kind(const g3_packed *P, const g3_xq *xq, int T, int64_t g0, int
                 for (int j = 0; j < 8; j++)
                     u[j] = _mm512_loadu_si512(p + 64 * j);
             } else {
-                const __m512i H = vmode == V_NIB5 ? _mm512_loadu_si512(p + 256) : _mm512_setzero_si512();
+                const __m512i H = vmode >= V_NIB5 ? _mm512_loadu_si512(p + 256) : _mm512_setzero_si512();
+                const __m512i H6 = vmode == V_NIB6 ? _mm512_loadu_si512(p + 320) : _mm512_setzero_si512();
 #define NIB_UNPACK(j)                                                                             \
     do {                                                                                          \
         const __m512i v = _mm512_loadu_si512(p + 64 * (j));                                       \
@@ -469,6 +500,10 @@ INL void matmat_kind(const g3_packed *P, const g3_xq *xq, int T, int64_t g0, int
         if (vmode == V_NIB5) {                                                                    \
             lo = _mm512_or_si512(lo, _mm512_and_si512(_mm512_slli_epi16(H, 4 - (j)), b4));        \
             hi = _mm512_or_si512(hi, _mm512_and_si512(_mm512_srli_epi16(H, (j)), b4));            \
+        }                                                                                         \
+        if (vmode == V_NIB6) {                                                                    \
+            lo = _mm512_or_si512(lo, _mm512_and_si512(SH6(H, (j)), b6));                          \
+            hi = _mm512_or_si512(hi, _mm512_and_si512(SH6(H6, (j)), b6));                         \
         }                                                                                         \
         u[2 * (j)] = lo;                                                                          \
         u[2 * (j) + 1] = hi;                                                                      \
@@ -545,7 +580,7 @@ TGT void g3_packed_matmat(const g3_packed *P, const g3_xq *xq, int T, int64_t g0
         case G3_TYPE_Q5_0: matmat_kind(P, x, n, g0, g1, yt, V_NIB5, S_HALF, 16); break;
         case G3_TYPE_Q4_K: matmat_kind(P, x, n, g0, g1, yt, V_NIB, S_K4, 0); break;
         case G3_TYPE_Q5_K: matmat_kind(P, x, n, g0, g1, yt, V_NIB5, S_K4, 0); break;
-        case G3_TYPE_Q6_K: matmat_kind(P, x, n, g0, g1, yt, V_BYTES, S_K6, 32); break;
+        case G3_TYPE_Q6_K: matmat_kind(P, x, n, g0, g1, yt, V_NIB6, S_K6, 32); break;
         }
     }
 }
@@ -579,8 +614,9 @@ TGT void g3_xq_prepare_prefill(g3_xq *xq, const float *x, int mode)
 INL void gemm_tile(const g3_packed *P, const g3_xq *xq, const int nt, int64_t g, float *y,
                    int64_t ldy, const int vmode, const int smode, const int offset, const int ndig)
 {
-    const size_t vb = vmode == V_BYTES ? 512 : vmode == V_NIB ? 256 : 320;
+    const size_t vb = VALUES_BYTES(vmode);
     const __m512i m4 = _mm512_set1_epi8(0x0F), b4 = _mm512_set1_epi8(0x10);
+    const __m512i b6 = _mm512_set1_epi8(0x30);
     const uint8_t *p = P->data + (size_t)g * P->group_bytes;
     const int8_t *dg[G3_GEMM_NT][3];
     __m512 yacc[G3_GEMM_NT];
@@ -594,8 +630,13 @@ INL void gemm_tile(const g3_packed *P, const g3_xq *xq, const int nt, int64_t g,
     __m512 dsup = _mm512_setzero_ps(), dminsup = dsup;
     for (int64_t b = 0; b < P->nb; b++) {
         if (smode != S_HALF && b % 8 == 0) {
-            dsup = _mm512_loadu_ps(p);
-            p += 64;
+            if (smode == S_K6) {
+                dsup = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
+                p += 32;
+            } else {
+                dsup = _mm512_loadu_ps(p);
+                p += 64;
+            }
             if (smode == S_K4) {
                 dminsup = _mm512_loadu_ps(p);
                 p += 64;
@@ -608,7 +649,8 @@ INL void gemm_tile(const g3_packed *P, const g3_xq *xq, const int nt, int64_t g,
             for (int j = 0; j < 8; j++)
                 u[j] = _mm512_loadu_si512(p + 64 * j);
         } else {
-            const __m512i H = vmode == V_NIB5 ? _mm512_loadu_si512(p + 256) : _mm512_setzero_si512();
+            const __m512i H = vmode >= V_NIB5 ? _mm512_loadu_si512(p + 256) : _mm512_setzero_si512();
+                const __m512i H6 = vmode == V_NIB6 ? _mm512_loadu_si512(p + 320) : _mm512_setzero_si512();
 #pragma GCC unroll 4
             for (int j = 0; j < 4; j++) {
                 const __m512i v = _mm512_loadu_si512(p + 64 * j);
@@ -616,6 +658,10 @@ INL void gemm_tile(const g3_packed *P, const g3_xq *xq, const int nt, int64_t g,
                 if (vmode == V_NIB5) {
                     lo = _mm512_or_si512(lo, _mm512_and_si512(_mm512_slli_epi16(H, 4 - j), b4));
                     hi = _mm512_or_si512(hi, _mm512_and_si512(_mm512_srli_epi16(H, j), b4));
+                }
+                if (vmode == V_NIB6) {
+                    lo = _mm512_or_si512(lo, _mm512_and_si512(SH6(H, j), b6));
+                    hi = _mm512_or_si512(hi, _mm512_and_si512(SH6(H6, j), b6));
                 }
                 u[2 * j] = lo;
                 u[2 * j + 1] = hi;
@@ -738,7 +784,7 @@ INL void gemm_kind(const g3_packed *P, const g3_xq *xq, int T, int64_t g0, int64
     case G3_TYPE_Q5_0: gemm_kind(P, xq, T, g0, g1, y, V_NIB5, S_HALF, 16, ND); break;          \
     case G3_TYPE_Q4_K: gemm_kind(P, xq, T, g0, g1, y, V_NIB, S_K4, 0, ND); break;              \
     case G3_TYPE_Q5_K: gemm_kind(P, xq, T, g0, g1, y, V_NIB5, S_K4, 0, ND); break;             \
-    case G3_TYPE_Q6_K: gemm_kind(P, xq, T, g0, g1, y, V_BYTES, S_K6, 32, ND); break;           \
+    case G3_TYPE_Q6_K: gemm_kind(P, xq, T, g0, g1, y, V_NIB6, S_K6, 32, ND); break;           \
     }
 
 TGT void g3_packed_gemm(const g3_packed *P, const g3_xq *xq, int T, int64_t g0, int64_t g1,
