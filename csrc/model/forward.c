@@ -139,71 +139,92 @@ static void attention_rows_observed(const g3_model *m, int64_t il, g3_run *s, in
         }
 }
 
-/* Key chunk of the row form. Calls of fewer than G3_FA_SPLIT (token, KV head) items cut each
- * query's keys into chunks of at least G3_FA_CHUNK keys, at most G3_FA_PARTS of them; larger
- * calls have items enough and keep one chunk. A function of the shapes only, so the bits never
- * depend on the thread count. */
-static int64_t row_parts(int64_t T, int64_t nkv)
+/* Key chunk of the row form: a query's visible keys are cut into at most G3_FA_PARTS chunks of
+ * at least G3_FA_CHUNK keys, merged in order. A function of the query's own key count only (not
+ * of the call's size or the thread count), so a row gets the same bits whether it is decoded
+ * alone or verified with others (speculative decoding's greedy equality rests on it). */
+static int64_t row_chunk(int64_t nvis)
 {
-    return T * nkv < G3_FA_SPLIT ? G3_FA_PARTS : 1;
-}
-
-static int64_t row_chunk(int64_t nvis, int64_t parts)
-{
-    if (parts == 1)
-        return nvis;
-    int64_t ch = (nvis + parts - 1) / parts;
+    int64_t ch = (nvis + G3_FA_PARTS - 1) / G3_FA_PARTS;
     ch = (ch + G3_FA_BK - 1) / G3_FA_BK * G3_FA_BK;
     return ch > G3_FA_CHUNK ? ch : G3_FA_CHUNK;
 }
 
+/* One key chunk of query row t on KV head g: o (rep, hd), m (rep), l (rep). */
+static void row_chunk_flash(const g3_model *m, const g3_layer *L, int64_t il, g3_run *s, int64_t t,
+                            int64_t g, int64_t ci, float *o, float *mm, float *ll, float *work)
+{
+    const g3_config *c = &m->cfg;
+    const int64_t hd = c->head_dim, kvw = c->n_head_kv * hd, qw = c->n_head * hd;
+    const int64_t rep = c->n_head / c->n_head_kv;
+    const int64_t lo = first_key(m, L, s->pos[t]), hi = s->key_hi[t];
+    const int64_t nvis = hi - lo + 1, ch = row_chunk(nvis);
+    const g3_seq *sq = &m->seqs[s->seq[t]];
+    const float *fk = s->k + s->first[t] * kvw, *fv = s->v + s->first[t] * kvw;
+    g3_kv_span sp[4];
+    const int nsp = kv_spans(m, L, sq, il, fk, fv, lo, hi, g, sp);
+    const int64_t rl = 0, rh = nvis - 1;
+    const int64_t j1 = (ci + 1) * ch < nvis ? (ci + 1) * ch : nvis;
+    g3_attn_flash(s->q + t * qw + g * rep * hd, qw, 1, rep, hd, c->attn_scale, sp, nsp, ci * ch,
+                  j1, &rl, &rh, o, mm, ll, work);
+}
+
 /* Attention of each query row (decode, speculative verify, batches of several sequences) in the
  * flash form: one pass over a KV head's rows serves all the query heads that share it, and a long
- * context is cut into fixed key chunks (items of their own, merged in order) so that one decoded
- * token still uses every thread. */
+ * context is cut into fixed key chunks merged in order. A call of fewer than G3_FA_SPLIT (token,
+ * KV head) items runs the chunks as items of their own (one decoded token still uses every
+ * thread); a larger call runs each item's chunks in turn on one thread. Same chunks, same
+ * merge: the same bits either way. */
 static void attention_rows(const g3_model *m, int64_t il, g3_run *s, int64_t T, int nt)
 {
     const g3_config *c = &m->cfg;
     const g3_layer *L = &m->layers[il];
-    const int64_t hd = c->head_dim, kvw = c->n_head_kv * hd, qw = c->n_head * hd;
+    const int64_t hd = c->head_dim, qw = c->n_head * hd;
     const int64_t rep = c->n_head / c->n_head_kv, nkv = c->n_head_kv;
     const int64_t part = rep * (hd + 2); /* o, m, l of one chunk of one (token, kv head) */
-    const int64_t P = row_parts(T, nkv);
+    const int64_t gathered = (int64_t)G3_FA_PARTS * part; /* a thread's merge inputs */
+    if (T * nkv < G3_FA_SPLIT) {
 #pragma omp parallel for collapse(3) num_threads(nt) schedule(dynamic, 1)
-    for (int64_t t = 0; t < T; t++)
-        for (int64_t g = 0; g < nkv; g++)
-            for (int64_t ci = 0; ci < P; ci++) {
-                const int64_t lo = first_key(m, L, s->pos[t]), hi = s->key_hi[t];
-                const int64_t nvis = hi - lo + 1, ch = row_chunk(nvis, P);
-                if (ci * ch >= nvis)
-                    continue;
-                const g3_seq *sq = &m->seqs[s->seq[t]];
-                const float *fk = s->k + s->first[t] * kvw, *fv = s->v + s->first[t] * kvw;
-                g3_kv_span sp[4];
-                const int nsp = kv_spans(m, L, sq, il, fk, fv, lo, hi, g, sp);
-                float *o = s->fa_part + ((size_t)(t * nkv + g) * P + ci) * part;
-                const int64_t rl = 0, rh = nvis - 1;
-                const int64_t j1 = (ci + 1) * ch < nvis ? (ci + 1) * ch : nvis;
-                g3_attn_flash(s->q + t * qw + g * rep * hd, qw, 1, rep, hd, c->attn_scale, sp,
-                              nsp, ci * ch, j1, &rl, &rh, o, o + rep * hd, o + rep * hd + rep,
-                              s->fa_work + (size_t)omp_get_thread_num() * s->fa_stride);
-            }
-    /* merge: chunk c's o, m, l are strided by `part`; gather them for the merge in order */
+        for (int64_t t = 0; t < T; t++)
+            for (int64_t g = 0; g < nkv; g++)
+                for (int64_t ci = 0; ci < G3_FA_PARTS; ci++) {
+                    const int64_t nvis = s->key_hi[t] - first_key(m, L, s->pos[t]) + 1;
+                    if (ci * row_chunk(nvis) >= nvis)
+                        continue;
+                    float *o = s->fa_part + ((size_t)(t * nkv + g) * G3_FA_PARTS + ci) * part;
+                    row_chunk_flash(m, L, il, s, t, g, ci, o, o + rep * hd, o + rep * hd + rep,
+                                    s->fa_work + (size_t)omp_get_thread_num() * s->fa_stride +
+                                        gathered);
+                }
+        /* merge: chunk c's o, m, l are strided by `part`; gather them for the merge in order */
 #pragma omp parallel for collapse(2) num_threads(nt) schedule(static)
+        for (int64_t t = 0; t < T; t++)
+            for (int64_t g = 0; g < nkv; g++) {
+                const int64_t nvis = s->key_hi[t] - first_key(m, L, s->pos[t]) + 1;
+                const int nc = (int)((nvis + row_chunk(nvis) - 1) / row_chunk(nvis));
+                const float *base = s->fa_part + (size_t)(t * nkv + g) * G3_FA_PARTS * part;
+                float *w = s->fa_work + (size_t)omp_get_thread_num() * s->fa_stride;
+                float *o = w, *mm = o + (size_t)nc * rep * hd, *ll = mm + nc * rep;
+                for (int ci = 0; ci < nc; ci++) {
+                    const float *p = base + ci * part;
+                    memcpy(o + (size_t)ci * rep * hd, p, sizeof(float) * (size_t)(rep * hd));
+                    memcpy(mm + ci * rep, p + rep * hd, sizeof(float) * (size_t)rep);
+                    memcpy(ll + ci * rep, p + rep * hd + rep, sizeof(float) * (size_t)rep);
+                }
+                g3_attn_flash_merge(nc, o, mm, ll, 1, rep, hd, s->z + t * qw + g * rep * hd, qw);
+            }
+        return;
+    }
+#pragma omp parallel for collapse(2) num_threads(nt) schedule(dynamic, 1)
     for (int64_t t = 0; t < T; t++)
         for (int64_t g = 0; g < nkv; g++) {
-            const int64_t lo = first_key(m, L, s->pos[t]), hi = s->key_hi[t];
-            const int64_t nvis = hi - lo + 1, ch = row_chunk(nvis, P);
-            const int nc = (int)((nvis + ch - 1) / ch);
-            const float *base = s->fa_part + (size_t)(t * nkv + g) * P * part;
+            const int64_t nvis = s->key_hi[t] - first_key(m, L, s->pos[t]) + 1;
+            const int nc = (int)((nvis + row_chunk(nvis) - 1) / row_chunk(nvis));
             float *w = s->fa_work + (size_t)omp_get_thread_num() * s->fa_stride;
             float *o = w, *mm = o + (size_t)nc * rep * hd, *ll = mm + nc * rep;
-            for (int ci = 0; ci < nc; ci++) {
-                const float *p = base + ci * part;
-                memcpy(o + (size_t)ci * rep * hd, p, sizeof(float) * (size_t)(rep * hd));
-                memcpy(mm + ci * rep, p + rep * hd, sizeof(float) * (size_t)rep);
-                memcpy(ll + ci * rep, p + rep * hd + rep, sizeof(float) * (size_t)rep);
-            }
+            for (int ci = 0; ci < nc; ci++)
+                row_chunk_flash(m, L, il, s, t, g, ci, o + (size_t)ci * rep * hd, mm + ci * rep,
+                                ll + ci * rep, w + gathered);
             g3_attn_flash_merge(nc, o, mm, ll, 1, rep, hd, s->z + t * qw + g * rep * hd, qw);
         }
 }

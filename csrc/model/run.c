@@ -32,8 +32,10 @@ static int64_t fa_stride(const g3_config *c)
 {
     const int64_t hd = c->head_dim, rep = c->n_head / c->n_head_kv;
     const int64_t item = g3_attn_flash_work(hd) + G3_FA_ROWS * (hd + 2);
+    /* the row form of a large call keeps a query's chunk results (merge) and runs the kernel
+     * (item) in one thread's stride */
     const int64_t merge = G3_FA_PARTS * rep * (hd + 2);
-    return item > merge ? item : merge;
+    return item + merge;
 }
 
 static size_t fa_part_floats(const g3_config *c, int64_t tokens)
