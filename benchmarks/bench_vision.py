@@ -270,11 +270,14 @@ def llama_worker(engine: str, layers: int, threads: int, runs: int, warmup: int,
     chunks = mt.mtmd_input_chunks_init()
     text = mt.mtmd_input_text()
     text.text = mt.mtmd_default_marker()
+    if any(f[0] == "text_len" for f in mt.mtmd_input_text._fields_):  # 0.3.36 has a length
+        text.text_len = len(text.text)
     text.add_special = False
     text.parse_special = True
     bitmaps = (mt.mtmd_bitmap_p_ctypes * 1)(bmp)
-    if mt.mtmd_tokenize(ctx, chunks, ctypes.byref(text), bitmaps, 1) != 0:
-        raise RuntimeError("mtmd_tokenize failed")
+    rc = mt.mtmd_tokenize(ctx, chunks, ctypes.byref(text), bitmaps, 1)
+    if rc != 0:
+        raise RuntimeError(f"mtmd_tokenize failed ({rc})")
     chunk = next(c for c in (mt.mtmd_input_chunks_get(chunks, i)
                              for i in range(mt.mtmd_input_chunks_size(chunks)))
                  if mt.mtmd_input_chunk_get_type(c) == mt.MTMD_INPUT_CHUNK_TYPE_IMAGE)

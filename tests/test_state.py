@@ -294,7 +294,7 @@ def _split(raw: bytes):
     return json.loads(raw[16:16 + hlen]), raw[16 + hlen:-32]
 
 
-def _rebuild(head: dict, body: bytes, version: int = 1, magic: bytes = b"G3STATE\0") -> bytes:
+def _rebuild(head: dict, body: bytes, version: int = 2, magic: bytes = b"G3STATE\0") -> bytes:
     hb = json.dumps(head).encode()
     raw = struct.pack("<8sII", magic, version, len(hb)) + hb + body
     return raw + hashlib.sha256(raw).digest()
@@ -315,7 +315,9 @@ def _flip(raw: bytes, at: int) -> bytes:
 HOSTILE = [
     ("empty", lambda r: b"", "truncated"),
     ("magic", lambda r: b"GGUF" + r[4:], "bad magic"),
-    ("version", lambda r: _rebuild(*_split(r), version=2), "version 2"),
+    ("version", lambda r: _rebuild(*_split(r), version=3), "version 3"),
+    ("kv_dtype", lambda r: _edit(r, kv_dtype="q4_0"), "kv_dtype"),
+    ("kv_dtype-other", lambda r: _edit(r, kv_dtype="bf16"), "KV cache is bf16"),
     ("truncated-header", lambda r: r[:30], "truncated"),
     ("truncated-kv", lambda r: r[:len(r) // 2], "truncated"),
     ("truncated-digest", lambda r: r[:-1], "truncated"),

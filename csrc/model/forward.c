@@ -107,7 +107,7 @@ static int64_t first_key(const g3_model *m, const g3_layer *L, int64_t p)
 /* Attention query row by query row, scores then mix (the observed form: a capture records every
  * row's probabilities). */
 static void attention_rows_observed(const g3_model *m, int64_t il, g3_run *s, int64_t T, int nt,
-                                    const g3_layer_capture *cap)
+                                    const g3_layer_capture *cap, int write_z)
 {
     const g3_config *c = &m->cfg;
     const g3_layer *L = &m->layers[il];
@@ -117,6 +117,8 @@ static void attention_rows_observed(const g3_model *m, int64_t il, g3_run *s, in
 #pragma omp parallel for collapse(2) num_threads(nt) schedule(dynamic, 1)
     for (int64_t t = 0; t < T; t++)
         for (int64_t h = 0; h < c->n_head; h++) {
+            if (!write_z && !(want && t >= cap->q0 && t < cap->q1))
+                continue; /* recording only: the rows the capture asked for */
             /* each thread's slice holds the scores, then (when capturing) a raw copy */
             float *sc = s->scores + (size_t)omp_get_thread_num() * keys * 2;
             float *tmp = s->fa_work + (size_t)omp_get_thread_num() * s->fa_stride;
@@ -135,7 +137,8 @@ static void attention_rows_observed(const g3_model *m, int64_t il, g3_run *s, in
             g3_softmax_f32(sc, hi - lo + 1);
             if (want)
                 capture_row(cap, h, t, n_past + T, lo, hi, raw, sc);
-            g3_attn_mix(sc, sp, nsp, hd, s->z + t * qw + h * hd, tmp);
+            if (write_z)
+                g3_attn_mix(sc, sp, nsp, hd, s->z + t * qw + h * hd, tmp);
         }
 }
 
@@ -460,14 +463,23 @@ static g3_status layer_forward(g3_model *m, int64_t il, g3_run *s, int64_t T, in
     HOOK(G3_HOOK_Q, s->q);
     HOOK(G3_HOOK_K, s->k);
     HOOK(G3_HOOK_V, s->v);
-    /* an observer (a capture of attention maps) takes the two-pass forms, which see whole rows */
-    const int observed = wants_pattern(cap) || c->n_head / c->n_head_kv > G3_FA_ROWS;
-    if (single && T >= G3_ATTN_BLAS_MIN)
-        PROF(G3_PROF_ATTN, observed ? attention_tiles_observed(m, il, s, T, nt, cap)
-                                    : attention_tiles(m, il, s, T, nt));
-    else
-        PROF(G3_PROF_ATTN, observed ? attention_rows_observed(m, il, s, T, nt, cap)
-                                    : attention_rows(m, il, s, T, nt));
+    /* z always comes from the flash forms, so a capture never changes a bit of the pass; an
+     * observer (a capture of attention maps) also gets whole score rows from the two-pass row
+     * form, for the rows it asked for. Only more query heads per KV head than a flash item holds
+     * take the two-pass forms for z. */
+    if (c->n_head / c->n_head_kv > G3_FA_ROWS) {
+        if (single && T >= G3_ATTN_BLAS_MIN)
+            PROF(G3_PROF_ATTN, attention_tiles_observed(m, il, s, T, nt, cap));
+        else
+            PROF(G3_PROF_ATTN, attention_rows_observed(m, il, s, T, nt, cap, 1));
+    } else {
+        if (single && T >= G3_ATTN_BLAS_MIN)
+            PROF(G3_PROF_ATTN, attention_tiles(m, il, s, T, nt));
+        else
+            PROF(G3_PROF_ATTN, attention_rows(m, il, s, T, nt));
+        if (wants_pattern(cap))
+            PROF(G3_PROF_ATTN, attention_rows_observed(m, il, s, T, nt, cap, 0));
+    }
     PROF(G3_PROF_ATTN, store_kv(m, il, s, T, nt));
     if (cap) {
         save(cap->q, s->q, nq);
