@@ -120,7 +120,10 @@ typedef struct {
     void *data;
     unsigned n;
     int combined;         /* ws[0] was set up by the caller (a combined parallel loop) */
-    atomic_uint done;     /* workers finished (the caller waits for n - 1) */
+    unsigned n_ack;       /* every worker of the pool acknowledges every region (members after
+                           * running their part): no worker can miss a region or read the next
+                           * one's fields, whatever the team sizes */
+    atomic_uint done;     /* acknowledgements so far (the caller waits for n_ack) */
     atomic_uint bar_count, bar_gen;
     g3_ws ws[G3_WS_MAX];  /* used in order by every member: the used ones are a prefix */
 } g3_team;
@@ -167,11 +170,11 @@ static void *worker_main(void *arg)
         if (atomic_load(&pool.quit))
             return NULL;
         g3_team *t = &pool.team;
-        if (id < t->n) {
+        const unsigned n_ack = t->n_ack;
+        if (id < t->n)
             run_member(t, id);
-            if (atomic_fetch_add(&t->done, 1) + 1 == t->n - 1)
-                wake(&t->done);
-        }
+        if (atomic_fetch_add(&t->done, 1) + 1 == n_ack)
+            wake(&t->done);
     }
 }
 
@@ -253,6 +256,7 @@ static void parallel(void (*fn)(void *), void *data, unsigned n, const g3_ws *fi
     t->fn = fn;
     t->data = data;
     t->n = n;
+    t->n_ack = pool.n_workers;
     t->combined = first != NULL;
     atomic_store(&t->done, 0);
     atomic_store(&t->bar_count, 0);
@@ -271,7 +275,7 @@ static void parallel(void (*fn)(void *), void *data, unsigned n, const g3_ws *fi
     }
     run_member(t, 0);
     if (n > 1) {
-        for (unsigned d; (d = atomic_load(&t->done)) != n - 1;)
+        for (unsigned d; (d = atomic_load(&t->done)) != t->n_ack;)
             wait_change(&t->done, d);
         pthread_mutex_unlock(&pool.lock);
     }

@@ -180,3 +180,13 @@ def test_vision_tower_bitwise_identical_across_thread_counts(bf16):
     gemma3.set_num_threads(0)
     for o in outs[1:]:
         assert o[0].tobytes() == outs[0][0].tobytes() and o[1].tobytes() == outs[0][1].tobytes()
+
+
+def test_pool_regions_of_changing_sizes_back_to_back():
+    """Regions of different team sizes one after another: a worker outside one region's team must
+    neither miss the next region nor run it twice (every worker acknowledges every region)."""
+    for _ in range(200):
+        for nt in (4, 1, 2, 3, 5, 2):
+            r = gemma3._core.pool_probe(nt, 97, 3)
+            assert np.all(r["dynamic_count"] == 1) and r["team_region"] == nt
+            assert r["barrier_ok"] == 1 and r["singles"] == 1
