@@ -262,6 +262,18 @@ void g3_xq_init(g3_xq *xq, int64_t cols, void *buf)
  * 16-bit shift of at most 4 cannot bring a neighbouring byte's bits there) */
 #define SH6(X, j) ((j) < 3 ? _mm512_slli_epi16((X), (4 - 2 * (j)) & 7) : _mm512_srli_epi16((X), 2))
 
+/* A K-quant super-block header at p (quant/packed.h): d[16] (the file's half for Q6_K, float
+ * otherwise) and, for Q4_K/Q5_K, dmin[16]. Returns the record after it. */
+INL const uint8_t *super_header(const uint8_t *p, const int smode, __m512 *d, __m512 *dmin)
+{
+    if (smode == S_K6)
+        return *d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)), p + 32;
+    *d = _mm512_loadu_ps(p);
+    if (smode == S_K4)
+        *dmin = _mm512_loadu_ps(p + 64);
+    return p + (smode == S_K4 ? 128 : 64);
+}
+
 /* Balanced base-256 digits of X (|X| <= G3_PACK_LIM): X = 65536*D2 + 256*D1 + D0, D in -128..127 */
 INL void digits(__m512i X, __m512i D[3])
 {
@@ -354,19 +366,8 @@ INL void matvec_kind(const g3_packed *P, const g3_xq *xq, int64_t g0, int64_t g1
         const uint8_t *p = P->data + (size_t)g * P->group_bytes;
         __m512 yacc = _mm512_setzero_ps(), dsup = yacc, dminsup = yacc;
         for (int64_t b = 0; b < P->nb; b++) {
-            if (smode != S_HALF && b % 8 == 0) {
-                if (smode == S_K6) {
-                    dsup = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
-                    p += 32;
-                } else {
-                    dsup = _mm512_loadu_ps(p);
-                    p += 64;
-                }
-                if (smode == S_K4) {
-                    dminsup = _mm512_loadu_ps(p);
-                    p += 64;
-                }
-            }
+            if (smode != S_HALF && b % 8 == 0)
+                p = super_header(p, smode, &dsup, &dminsup);
             const int64_t col = 32 * b;
             if (G3_PACK_PREFETCH > 0)
                 for (size_t o = 0; o < vb + 32; o += 64)
@@ -466,19 +467,8 @@ INL void matmat_kind(const g3_packed *P, const g3_xq *xq, int T, int64_t g0, int
         for (int t = 0; t < T; t++)
             yacc[t] = _mm512_setzero_ps();
         for (int64_t b = 0; b < P->nb; b++) {
-            if (smode != S_HALF && b % 8 == 0) {
-                if (smode == S_K6) {
-                    dsup = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
-                    p += 32;
-                } else {
-                    dsup = _mm512_loadu_ps(p);
-                    p += 64;
-                }
-                if (smode == S_K4) {
-                    dminsup = _mm512_loadu_ps(p);
-                    p += 64;
-                }
-            }
+            if (smode != S_HALF && b % 8 == 0)
+                p = super_header(p, smode, &dsup, &dminsup);
             const int64_t col = 32 * b;
             if (G3_PACK_PREFETCH > 0)
                 for (size_t o = 0; o < vb + 32; o += 64)
@@ -629,19 +619,8 @@ INL void gemm_tile(const g3_packed *P, const g3_xq *xq, const int nt, int64_t g,
     const __m512 inv256 = _mm512_set1_ps(1.0f / 256.0f);
     __m512 dsup = _mm512_setzero_ps(), dminsup = dsup;
     for (int64_t b = 0; b < P->nb; b++) {
-        if (smode != S_HALF && b % 8 == 0) {
-            if (smode == S_K6) {
-                dsup = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
-                p += 32;
-            } else {
-                dsup = _mm512_loadu_ps(p);
-                p += 64;
-            }
-            if (smode == S_K4) {
-                dminsup = _mm512_loadu_ps(p);
-                p += 64;
-            }
-        }
+        if (smode != S_HALF && b % 8 == 0)
+            p = super_header(p, smode, &dsup, &dminsup);
         const int64_t col = 32 * b;
         __m512i u[8];
         if (vmode == V_BYTES) {
