@@ -132,6 +132,20 @@ def spawn(python: str, a, engine: str, extra_env: dict | None = None) -> dict:
     return {"engine": engine, "error": (r.stderr or r.stdout).strip().splitlines()[-3:]}
 
 
+def result_line(r: dict, a, th: dict) -> str:
+    if "error" in r:
+        return f"{r['engine']}: FAILED {r['error']}"
+    line = (f"{r['engine']:>9}: load {r['load_s']:.1f} s, RSS after load "
+            f"{r['rss_after_load'] / 2**30:.2f} GiB")
+    if "kv_bytes" in r:
+        line += (f", KV {r['kv_bytes'] / 2**30:.3f} GiB = "
+                 f"{r['kv_bytes'] / th['theory_5to1']:.3f} x theory")
+    if "prefill_tps" in r:
+        line += (f"; {a.prompt}-token prompt {r['prefill_tps']:.1f} t/s, then decode "
+                 f"{r['decode_tps']:.2f} t/s; RSS {r['rss_after_prompt'] / 2**30:.2f} GiB")
+    return line
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", default="4b")
@@ -158,22 +172,13 @@ def main(argv=None) -> int:
     print(f"{th['layers']} layers, {th['global_layers']} global, window {th['window']}: KV theory "
           f"5:1 = {th['theory_5to1'] / 2**30:.3f} GiB (all layers global: "
           f"{th['theory_all_global'] / 2**30:.2f} GiB)")
-    runs = [spawn(a.g3_python, a, "gemma3")]
-    if a.peer_python:
-        runs.append(spawn(a.peer_python, a, "llama"))
-    for r in runs:
-        if "error" in r:
-            print(f"{r['engine']}: FAILED {r['error']}")
-            continue
-        line = (f"{r['engine']:>9}: load {r['load_s']:.1f} s, RSS after load "
-                f"{r['rss_after_load'] / 2**30:.2f} GiB")
-        if "kv_bytes" in r:
-            line += (f", KV {r['kv_bytes'] / 2**30:.3f} GiB = "
-                     f"{r['kv_bytes'] / th['theory_5to1']:.3f} x theory")
-        if "prefill_tps" in r:
-            line += (f"; {a.prompt}-token prompt {r['prefill_tps']:.1f} t/s, then decode "
-                     f"{r['decode_tps']:.2f} t/s; RSS {r['rss_after_prompt'] / 2**30:.2f} GiB")
-        print(line)
+    # each engine's line is printed as soon as its process ends (llama.cpp's 16K prompt on the 4B
+    # takes tens of minutes: ours should not wait for it to be seen)
+    runs = []
+    for python, engine in [(a.g3_python, "gemma3")] + ([(a.peer_python, "llama")]
+                                                        if a.peer_python else []):
+        runs.append(spawn(python, a, engine))
+        print(result_line(runs[-1], a, th), flush=True)
     ok = [r for r in runs if "prefill_tps" in r]
     if len(ok) == 2:
         print(f"ratio gemma3 / llama.cpp: prefill {ok[0]['prefill_tps'] / ok[1]['prefill_tps']:.2f}x"

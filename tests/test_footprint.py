@@ -71,7 +71,10 @@ def test_packed_270m_keeps_one_copy_of_its_matrices():
     assert packed["weights_packed"] > 0.9 * mapped
     # decode read only the packed copy: the file's pages are (nearly all) out of this process
     assert packed["weights_mapped_resident"] < 0.1 * mapped
-    assert packed["process_rss"] < mapped + 0.5 * packed["weights_packed"]
+    # one copy, not two: the packed process holds little more than the unpacked one. Compared with
+    # the pack=False process rather than with the file size, so that an allocator's own overhead
+    # (ASan's shadow memory and quarantine in tools/asan.sh) is on both sides.
+    assert packed["process_rss"] < plain["process_rss"] + 0.5 * packed["weights_packed"]
     # the measure sees pages in place: pack=False decodes from the file and holds all of it
     assert plain["weights_packed"] == 0
     assert plain["weights_mapped_resident"] > 0.9 * mapped

@@ -21,11 +21,14 @@
 #     (allocator_may_return_null) and the warning ASan logs for them is not counted as a report;
 #   - one suppression, for Ray's setproctitle (see asan.supp below), not gemma3 code.
 #
-# Measured on the 2-core development machine, build included (35 s):
-#   whole suite  1452 passed, no report: 12.6 min of tests on a quiet machine (.ci/run from a
-#                clean clone, bootstrap + plain suite + this: 18.0 min of CI's 40), 17.1 min
-#                with other jobs on the machine (load 2-4). .ci/run runs it.
-#   --quick      1349 passed, no report, 7.9 min with the same load.
+# Measured on the 2-core development machine, build included (40 s):
+#   whole suite  1895 passed, no report: 15.7 min of tests (quiet machine). .ci/run runs it.
+#                Sanitized builds use -O2 (setup.py), and the packed prefill GEMM runs
+#                uninstrumented after checking its whole regions against ASan's shadow
+#                (csrc/quant/packed.c, NOSAN): instrumented at -O1 it made the suite run past
+#                CI's time limit (a 200-token 270M prefill took 33 s instead of 0.45 s).
+#   --quick      1349 passed, no report, 7.9 min with other jobs on the machine (load 2-4; an
+#                older count).
 # --quick is the whole suite without the tests that run the 270M model (-k "not 270m": the C
 # code of the tiny fixtures, on a far larger model) and without four files of Python front ends over
 # the same entry points (eval jobs and lm-eval/Ray, notebooks, the CLI, Ctrl-C delivery).

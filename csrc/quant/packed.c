@@ -258,6 +258,27 @@ void g3_xq_init(g3_xq *xq, int64_t cols, void *buf)
 
 #define TGT __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,f16c,fma")))
 #define INL static inline __attribute__((always_inline, target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,f16c,fma")))
+/* Sanitized builds (setup.py's G3_SANITIZE, tools/asan.sh). The prefill GEMM's inner loop
+ * broadcasts one 4-byte digit group per VNNI instruction, and ASan's check on each of those loads
+ * made a sanitized 200-token prefill 30x slower than an unsanitized one (the sanitized suite then
+ * ran past CI's time). So in those builds the GEMM is compiled uninstrumented (NOSAN) and checks,
+ * once per call, every region it will read or write against ASan's shadow memory (check_region):
+ * all its accesses fall inside those regions, so an out-of-bounds or freed block is still
+ * reported, with the offending address, before the kernel runs. */
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+#define NOSAN __attribute__((no_sanitize("address,undefined")))
+static void check_region(const void *p, size_t n, int is_write)
+{
+    void *bad = __asan_region_is_poisoned((void *)p, n);
+    if (bad)
+        __asan_report_error(__builtin_return_address(0), __builtin_frame_address(0),
+                            __builtin_frame_address(0), bad, is_write, 1);
+}
+#else
+#define NOSAN
+#endif
+
 /* V_NIB6: bits 2j, 2j + 1 of a plane byte moved to bits 4-5 (masked with 0x30 by the caller; a
  * 16-bit shift of at most 4 cannot bring a neighbouring byte's bits there) */
 #define SH6(X, j) ((j) < 3 ? _mm512_slli_epi16((X), (4 - 2 * (j)) & 7) : _mm512_srli_epi16((X), 2))
@@ -601,7 +622,7 @@ TGT void g3_xq_prepare_prefill(g3_xq *xq, const float *x, int mode)
 
 /* y[t][rows of group g] for the nt (<= G3_GEMM_NT) tokens xq[0..nt); y row stride ldy.
  * ndig: 1 (8-bit activations: digit 0 only) or 3 (24-bit: digits 2, 1 and 0). */
-INL void gemm_tile(const g3_packed *P, const g3_xq *xq, const int nt, int64_t g, float *y,
+NOSAN INL void gemm_tile(const g3_packed *P, const g3_xq *xq, const int nt, int64_t g, float *y,
                    int64_t ldy, const int vmode, const int smode, const int offset, const int ndig)
 {
     const size_t vb = VALUES_BYTES(vmode);
@@ -745,7 +766,7 @@ INL void gemm_tile(const g3_packed *P, const g3_xq *xq, const int nt, int64_t g,
         _mm512_mask_storeu_ps(y + (size_t)t * ldy + r0, (__mmask16)((1u << n) - 1), yacc[t]);
 }
 
-INL void gemm_kind(const g3_packed *P, const g3_xq *xq, int T, int64_t g0, int64_t g1, float *y,
+NOSAN INL void gemm_kind(const g3_packed *P, const g3_xq *xq, int T, int64_t g0, int64_t g1, float *y,
                    const int vmode, const int smode, const int offset, const int ndig)
 {
     for (int t0 = 0; t0 < T; t0 += G3_GEMM_NT) {
@@ -766,9 +787,34 @@ INL void gemm_kind(const g3_packed *P, const g3_xq *xq, int T, int64_t g0, int64
     case G3_TYPE_Q6_K: gemm_kind(P, xq, T, g0, g1, y, V_NIB6, S_K6, 32, ND); break;           \
     }
 
-TGT void g3_packed_gemm(const g3_packed *P, const g3_xq *xq, int T, int64_t g0, int64_t g1,
-                        float *y, int mode)
+#if defined(__SANITIZE_ADDRESS__)
+/* what gemm_tile touches for tokens [0, T) and groups [g0, g1), for check_region */
+static void gemm_check_regions(const g3_packed *P, const g3_xq *xq, int T, int64_t g0, int64_t g1,
+                               const float *y, int ndig)
 {
+    if (T <= 0 || g1 <= g0)
+        return;
+    check_region(P->data + (size_t)g0 * P->group_bytes, (size_t)(g1 - g0) * P->group_bytes, 0);
+    check_region(xq, sizeof *xq * (size_t)T, 0);
+    const int64_t r0 = g0 * G3_PACK_ROWS, r1 = g1 * G3_PACK_ROWS < P->rows ? g1 * G3_PACK_ROWS : P->rows;
+    for (int t = 0; t < T; t++) {
+        const size_t nb = (size_t)P->nb;
+        for (int q = 0; q < ndig; q++)
+            check_region(xq[t].digit[q], 32 * nb, 0);
+        check_region(xq[t].dsum, sizeof(int32_t) * 6 * nb, 0);
+        check_region(xq[t].scale, sizeof(float) * nb, 0);
+        check_region(xq[t].xsum, sizeof(float) * nb, 0);
+        check_region(y + (size_t)t * P->rows + r0, sizeof(float) * (size_t)(r1 - r0), 1);
+    }
+}
+#endif
+
+NOSAN TGT void g3_packed_gemm(const g3_packed *P, const g3_xq *xq, int T, int64_t g0, int64_t g1,
+                              float *y, int mode)
+{
+#if defined(__SANITIZE_ADDRESS__)
+    gemm_check_regions(P, xq, T, g0, g1, y, mode == G3_PREFILL_8BIT ? 1 : 3);
+#endif
     if (mode == G3_PREFILL_8BIT) {
         GEMM_TYPES(1)
     } else {
