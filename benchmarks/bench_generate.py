@@ -186,9 +186,10 @@ def llama_worker(path: str, threads: int, depths: list[int], reps: int) -> dict:
 
 # ---- orchestration ----------------------------------------------------------------------------------
 
-def run_worker(python: str, args: list[str]) -> dict:
-    """One measurement in a fresh process with this process's environment, unchanged."""
-    cmd = [python, os.path.abspath(__file__), *args]
+def run_worker(python: str, args: list[str], script: str = __file__) -> dict:
+    """One measurement (``script``'s worker) in a fresh process with this process's environment,
+    unchanged."""
+    cmd = [python, os.path.abspath(script), *args]
     p = subprocess.run(cmd, capture_output=True, text=True)
     if p.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{p.stderr[-2000:]}")

@@ -123,7 +123,7 @@ def main(argv=None) -> int:
     for r in range(a.rounds):
         for name, python in (engines if r % 2 == 0 else engines[::-1]):
             res = run_worker(python, ["--worker", name, "--model", path, "--ctx", str(a.ctx),
-                                      "--threads", str(a.threads)])
+                                      "--threads", str(a.threads)], __file__)
             runs[name].append(res)
             print(f"  round {r + 1} {name:9}: RSS {res['VmRSS'] / 2**20:7.1f} MiB (peak "
                   f"{res['VmHWM'] / 2**20:7.1f}), decode {res['decode_tps']:6.1f} t/s", flush=True)
