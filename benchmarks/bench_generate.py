@@ -200,6 +200,18 @@ def has_llama(python: str) -> bool:
     return subprocess.run([python, "-c", "import llama_cpp"], capture_output=True).returncode == 0
 
 
+def peer_python(given: str | None, no_peer: bool) -> str | None:
+    """The interpreter that runs llama.cpp (--peer-python, else this one), or None."""
+    if no_peer:
+        return None
+    peer = given or sys.executable
+    if not has_llama(peer):
+        print(f"{peer} has no llama_cpp (pip install llama-cpp-python, or --peer-python): "
+              "gemma3 alone", file=sys.stderr)
+        return None
+    return peer
+
+
 def default_model(python: str) -> str:
     p = subprocess.run([python, "-c", "import gemma3; print(gemma3.default_model_path())"],
                        capture_output=True, text=True, check=True)
@@ -229,13 +241,7 @@ def main(argv=None) -> int:
         return 0
 
     path = a.model or default_model(a.g3_python)
-    peer = None
-    if not a.no_peer:
-        peer = a.peer_python or sys.executable
-        if not has_llama(peer):
-            print(f"{peer} has no llama_cpp (pip install llama-cpp-python, or --peer-python): "
-                  "gemma3 alone", file=sys.stderr)
-            peer = None
+    peer = peer_python(a.peer_python, a.no_peer)
     engines = [("gemma3", a.g3_python)] + ([("llama.cpp", peer)] if peer else [])
     common = ["--model", path, "--depths", *map(str, a.depths), "--reps", str(a.reps)]
     print(f"model: {path}")

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_generate import default_model, has_llama, run_worker  # noqa: E402
+from bench_generate import default_model, peer_python, run_worker  # noqa: E402
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 SHORT, LONG = 8, 136
@@ -109,12 +109,7 @@ def main(argv=None) -> int:
         return 0
 
     path = a.model or default_model(a.g3_python)
-    peer = None
-    if not a.no_peer:
-        peer = a.peer_python or sys.executable
-        if not has_llama(peer):
-            print(f"{peer} has no llama_cpp (--peer-python): gemma3 alone", file=sys.stderr)
-            peer = None
+    peer = peer_python(a.peer_python, a.no_peer)
     engines = [("gemma3", a.g3_python)] + ([("llama.cpp", peer)] if peer else [])
     print(f"model: {path} ({os.path.getsize(path) / 2**20:.1f} MiB), context {a.ctx}, "
           f"{a.threads} threads, {a.rounds} rounds alternating, load average "
