@@ -7,7 +7,7 @@ Each engine runs in a fresh process of its own, with its own default environment
 alternating the order. A process loads the file with a context of ``--ctx`` tokens (gemma3:
 ``max_seq_len``, llama.cpp: ``n_ctx``), generates 8 tokens greedily through the public API
 (``Model.generate``; ``Llama.generate``), then reads its resident set (VmRSS) and its peak
-(VmHWM) from /proc/self/status. It then times greedy generation of 8 and of 136 tokens from a
+(VmHWM) from /proc/self/status. It then times greedy generation of 8 and of 136 tokens from
 the same prompt (median of 3 each, after that first call as warm-up): decode tokens/s is
 128 / (t136 - t8), so the prompt's cost cancels. End of text does not stop either engine
 (gemma3: ``stop_token_ids=[]``; llama.cpp's ``generate`` is a bare token iterator).
