@@ -37,6 +37,12 @@ from .config import Gemma3Config
 PREFILL_CHUNK = 512  # tokens per forward call while prefilling (interruptible between chunks)
 LOGITS_CHUNK = 128  # tokens per call when every position's logits are wanted
 
+
+def _no_rows(logits: int, vocab: int) -> np.ndarray:
+    """feed's answer for no tokens in mode 2 (no logit rows) or 3 (no ids)."""
+    return np.zeros((0, vocab), np.float32) if logits == 2 else np.zeros(0, np.int32)
+
+
 BUSY = ("this model is already running a call in another thread; use one model per thread or "
         "serialize the calls")
 
@@ -173,7 +179,9 @@ class Engine:
     # -- feeding sequence 0 ---------------------------------------------------------------------
     def feed(self, ids: Sequence[int], logits: int, capture: dict | None = None,
              mm: list | None = None, check: bool = True) -> np.ndarray | None:
-        """Runs ids through the model after the cached context. logits: 0 none, 1 last, 2 all.
+        """Runs ids through the model after the cached context. logits: 0 none, 1 last, 2 all,
+        3 every row's arg-max only (int32 (T,): the ids a greedy draw picks from mode 2's rows,
+        for a third of the LM head's integer work, csrc/kernels/matmul.h g3_matmul_argmax).
         A capture dict (see inspect.CapturePlan) needs the ids in one call. ``mm``: image spans
         (gemma3.multimodal.ImageSpan, positions absolute) whose soft tokens take the image's
         projected embeddings. The whole input is checked before the first call (``check=False``:
@@ -232,26 +240,26 @@ class Engine:
             self.ids += self.pending
             self.pending = []
             return out
-        chunk = LOGITS_CHUNK if logits == 2 else PREFILL_CHUNK
+        every = logits in (2, 3)  # rows of every position
+        chunk = LOGITS_CHUNK if every else PREFILL_CHUNK
         parts, out, s = [], None, 0
         while s < len(arr):
             # cut there to take a ring checkpoint (none of a hooked cache: it is never reused)
             due = 0 if hooks is not None else self.checkpoints.due(len(self.ids))
             e = min(s + chunk, len(arr), s + max(1, due - len(self.ids)) if due else len(arr))
             piece = arr[s:e]
-            mode = logits if (logits == 2 or e >= len(arr)) else 0
+            mode = logits if (every or e >= len(arr)) else 0
             self.pending = piece.tolist()
             out = core.forward(piece, mode, **self._kw(None, hooks))
             self.ids += self.pending
             self.pending = []
             if not self.hooked:
                 self.checkpoints.take(core, len(self.ids))
-            if logits == 2:
+            if every:
                 parts.append(out)
             s = e
-        if logits == 2:
-            return np.concatenate(parts) if parts else np.zeros((0, self.config.vocab_size),
-                                                                np.float32)
+        if every:
+            return np.concatenate(parts) if parts else _no_rows(logits, self.config.vocab_size)
         return out
 
     def _feed_mm(self, arr: np.ndarray, logits: int, capture: dict | None, mm: list,
@@ -271,11 +279,11 @@ class Engine:
         for k, (r, sp) in enumerate(zip(rel, mm, strict=True)):
             embd[r:r + M] = emb[sp.digest]
             mask[r:r + M] = k % 255 + 1
-        chunk = len(arr) if capture is not None else (
-            LOGITS_CHUNK if logits == 2 else PREFILL_CHUNK)
+        every = logits in (2, 3)
+        chunk = len(arr) if capture is not None else (LOGITS_CHUNK if every else PREFILL_CHUNK)
         parts, out = [], None
         for s, e in _mm.chunk_bounds(len(arr), rel, M, chunk):
-            mode = logits if (logits == 2 or e == len(arr)) else 0
+            mode = logits if (every or e == len(arr)) else 0
             # recorded before the call: a stale entry past the cache only makes reuse stricter
             self.images += [(sp.start, sp.digest) for sp in mm if s <= sp.start - base < e]
             self.pending = arr[s:e].tolist()
@@ -283,9 +291,9 @@ class Engine:
                                     **self._kw(capture, hooks))
             self.ids += self.pending
             self.pending = []
-            if logits == 2:
+            if every:
                 parts.append(out)
-        return np.concatenate(parts) if logits == 2 else out
+        return np.concatenate(parts) if every else out
 
     def prefill(self, ids: list[int], mm: list | None = None,
                 capture_last: Callable[[int], dict | None] | None = None, hooks=None

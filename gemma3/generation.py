@@ -108,6 +108,11 @@ class Sampler:
                     history=None if self._hist is None else self._hist[:self._n],
                     bias_ids=self.bias_ids, bias_values=self.bias_vals)
 
+    @property
+    def raw_argmax(self) -> bool:
+        """True if a greedy :meth:`draw` is the arg-max of the raw logits (no bias, no penalty)."""
+        return self.bias_ids is None and self._hist is None
+
     def draw(self, logits: np.ndarray) -> int:
         return _core.sample(logits, self.rng, **self._args())
 

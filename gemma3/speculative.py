@@ -205,6 +205,8 @@ def generate_ids(engine, prompt_ids: list[int], gc: GenerationConfig, stops: set
     step not yet yielded (``engine.ids`` always says what it holds)."""
     sampler = Sampler(gc, prompt_ids)
     greedy = gc.temperature <= 0
+    # a greedy draw on raw logits is their arg-max: the verify pass asks for that alone
+    argmax = greedy and sampler.raw_argmax
     rng = np.random.default_rng(gc.seed if gc.seed is not None else random.getrandbits(64))
     stats = spec.stats if spec.stats is not None else Stats()
     check_room(len(prompt_ids), engine.max_seq_len)
@@ -242,7 +244,7 @@ def generate_ids(engine, prompt_ids: list[int], gc: GenerationConfig, stops: set
                 engine.truncate(len(ctx) - 1)
             drafts, qs = drafter.propose(ctx, k, rng, sampler) if k > 0 else ([], None)
             drafts = drafts[:k]
-            rows = engine.feed([ctx[-1]] + drafts, 2, check=False)
+            rows = engine.feed([ctx[-1]] + drafts, 3 if argmax else 2, check=False)
             stats.verify_calls += 1
             stats.drafted += len(drafts)
 
@@ -250,9 +252,12 @@ def generate_ids(engine, prompt_ids: list[int], gc: GenerationConfig, stops: set
 def _accept(rows: np.ndarray, drafts: list[int], qs: list | None, sampler: Sampler,
             greedy: bool, rng, stats: Stats) -> Iterator[int]:
     """The tokens one verify pass emits: the accepted drafts, then a correction or a bonus
-    token. ``rows[i]`` are the logits after draft i - 1 (row 0: after the fed last token)."""
+    token. ``rows[i]`` are the logits after draft i - 1 (row 0: after the fed last token), or
+    for a greedy sampler with ``raw_argmax`` their arg-max (an int array)."""
     for i in range(len(rows)):
-        if greedy:
+        if rows.ndim == 1:  # arg-max ids (engine.feed mode 3)
+            y = int(rows[i])
+        elif greedy:
             y = sampler.draw(rows[i])
         else:
             p = sampler.probs(rows[i])

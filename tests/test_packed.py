@@ -213,6 +213,79 @@ def test_packed_gemm_bad_arguments():
                           np.zeros((3, 64), np.float32))
 
 
+# ---- greedy arg-max without every logit (g3_matmul_argmax) ----------------------------------------
+
+def row_bytes(name, cols):
+    blk, size = _core.type_info(TYPE_ID[name])[2:4]
+    return cols // blk * size
+
+
+@needs_vnni
+@pytest.mark.parametrize("name", PACKED_TYPES)
+def test_packed_argmax_is_the_full_products_argmax(name):
+    """The ids equal np.argmax of g3_matmul's own full product (first index on ties) at every
+    token count: one token, a verify pass, the prefill GEMM's exact path (>= 32 tokens) and past
+    G3_ARGMAX_TOKENS (64: the full product). Rows 13, 500 and 999 are copies of the longest row
+    (exact ties: the lowest index must win); the fast path must have been taken and computed few
+    groups exactly."""
+    rng = np.random.default_rng(TYPE_ID[name] + 7)
+    rows, cols = 1000, 512 if name.endswith("_K") else 640
+    rb = row_bytes(name, cols)
+    w, Wd, _ = case(name, rows, cols, rng)
+    w = w.reshape(rows, rb).copy()
+    longest = int(np.argmax(np.linalg.norm(Wd, axis=1)))
+    w[13] = w[500] = w[999] = w[longest]
+    w = w.reshape(-1)
+    Wd = _core.dequantize(TYPE_ID[name], w, rows * cols).reshape(rows, cols)
+    groups = -(-rows // 16)
+    for T in (1, 4, 17, 33, 70):
+        X = (rng.standard_normal((T, cols)) *
+             np.where(rng.random((T, cols)) < 0.03, 60.0, 1.0)).astype(np.float32)
+        X[T // 2] = Wd[13] * 2.0  # the copies of the longest row on top (Cauchy-Schwarz)
+        ids, exact, full = _core.packed_argmax(TYPE_ID[name], w, rows, cols, X)
+        assert ids.dtype == np.int32 and ids.shape == (T,)
+        assert np.array_equal(ids, full.argmax(1)), (name, T)
+        assert ids[T // 2] == min(13, longest)
+        if T > 64:
+            assert exact == -1
+        else:  # some 16-row groups per token (scales here vary wildly), not the whole matrix
+            assert 0 < exact <= T * groups // 4, (name, T, exact, groups)
+
+
+@needs_vnni
+def test_packed_argmax_near_ties_and_bad_activations():
+    """Rows one code apart (products closer than the 8-bit pass can tell) are settled by the
+    exact kernel; x with a NaN or an Inf takes the full product (the ids g3_argmax_f32 gives)."""
+    rng = np.random.default_rng(3)
+    name, rows, cols = "Q8_0", 300, 640
+    rb = row_bytes(name, cols)
+    w, _, _ = case(name, rows, cols, rng)
+    w = w.reshape(rows, rb).copy()
+    for r in (40, 41, 290):  # row 40's codes, one of them moved by one step
+        w[r] = w[7]
+        w[r, 2 + (r % 32)] = (int(w[r, 2 + (r % 32)]) + (1 if r != 41 else 255)) % 256
+    w = w.reshape(-1)
+    Wd = _core.dequantize(TYPE_ID[name], w, rows * cols).reshape(rows, cols)
+    X = np.stack([Wd[7], Wd[40], Wd[41], Wd[290] + 1e-3 * Wd[3]]).astype(np.float32)
+    ids, exact, full = _core.packed_argmax(TYPE_ID[name], w, rows, cols, X)
+    assert np.array_equal(ids, full.argmax(1)) and exact > 0
+    assert len(set(np.flatnonzero(full[0] > full[0].max() - 1e-3 * abs(full[0].max())))) > 1
+    for bad in (np.nan, np.inf):
+        Xb = X.copy()
+        Xb[1, 5] = bad
+        ids, exact, full = _core.packed_argmax(TYPE_ID[name], w, rows, cols, Xb)
+        assert exact == -1 and ids[0] == full[0].argmax() and ids[1] == 0
+
+
+@needs_vnni
+def test_packed_argmax_bad_arguments():
+    w = random_blocks("Q8_0", 4, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="cols=64"):
+        _core.packed_argmax(TYPE_ID["Q8_0"], w, 2, 64, np.zeros((3, 96), np.float32))
+    with pytest.raises(ValueError, match="w too small"):
+        _core.packed_argmax(TYPE_ID["Q8_0"], w, 5, 64, np.zeros((3, 64), np.float32))
+
+
 @pytest.fixture(scope="module")
 def models():
     a = gemma3.load(n_threads=2)
@@ -243,6 +316,26 @@ def test_model_decode_packed_vs_float(models):
     prompt = "def fibonacci(n):"
     assert (packed.generate(prompt, max_new_tokens=40, temperature=0)
             == flt.generate(prompt, max_new_tokens=40, temperature=0))
+
+
+def test_model_argmax_mode_is_greedy_on_the_logits(models):
+    """engine.feed(.., 3) (the greedy verify pass) returns the ids np.argmax picks from mode 2's
+    rows, with the packed LM head's fast path and with the float kernels (full product)."""
+    ids = models[0].tokenizer.encode("Speculative decoding verifies several drafted tokens at "
+                                     "once; the greedy pass needs only the arg-max of each row.")
+    for m in models:
+        e = m.engine
+        e.fresh()
+        e.feed(ids[:10], 0)
+        for T in (1, 4, 9):
+            e.truncate(10)
+            full = e.feed(ids[10:10 + T], 2)
+            e.truncate(10)
+            am = e.feed(ids[10:10 + T], 3)
+            assert am.dtype == np.int32 and np.array_equal(am, full.argmax(1)), (T, am)
+        assert e.feed([], 3).shape == (0,)
+    with pytest.raises(ValueError, match="logits mode must be 0, 1, 2 or 3"):
+        models[0].engine.core.forward(np.asarray(ids[:2], np.int32), 4)
 
 
 def test_prefill_precision_argument():

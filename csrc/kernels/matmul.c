@@ -1,6 +1,7 @@
 /* matmul.c — the parallel matrix product y = x W^T (paths and workspace in matmul.h). */
 #include "kernels/matmul.h"
 
+#include <math.h>
 #include <omp.h>
 #include <stdlib.h>
 
@@ -318,4 +319,126 @@ static g3_status matmul_base(const g3_weight *W, const float *x, int64_t T, floa
     if (W->packed)
         return matmul_packed(1, &W, x, T, &y, 0, ws, err);
     return matmul_small(W, x, T, y, ws, err);
+}
+
+/* ---- greedy: the arg-max without every logit ----------------------------------------------------
+ *
+ * Pass 1 multiplies W by x at 8 bits (one digit: a third of the exact product's integer work, so
+ * a few tokens cost one read of the weights) and turns each row's y8 into [y8 - B, y8 + B], with
+ * B = row_bound * (|x8 - x24| + 2 g |x|): |x8 - x24| bounds how far the quantized activations
+ * of the two products are apart (row_bound is |c| + |m|, Cauchy-Schwarz), 2 g |x| the float
+ * rounding of both products (g = (nb + 16) 2^-22 covers the 2 nb + 8 roundings of a row's block
+ * sums, relative to sum |c_i x_i| + |m_i x_i| <= row_bound * |x|). Pass 2 computes exactly, with
+ * the kernel g3_matmul would use, every group holding a row whose upper end reaches the best
+ * lower end: the row the full product would pick is among them, and so is every row tied with
+ * it, so the lowest-index rule gives the same answer. */
+static double argmax_radius(const g3_xq *x8, const g3_xq *x24, const float *x, int64_t cols)
+{
+    double n2 = 0.0;
+    for (int64_t i = 0; i < cols; i++)
+        n2 += (double)x[i] * x[i];
+    const double g = (double)(x24->nb + 16) * 0x1p-22;
+    return (g3_xq_distance(x8, x24) + 2.0 * g * 1.05 * sqrt(n2)) * (1.0 + 0x1p-20);
+}
+
+static g3_status argmax_full(const g3_weight *W, const float *x, int64_t T, int32_t *ids,
+                             float *y, g3_matmul_ws *ws, g3_err *err)
+{
+    g3_status st = g3_matmul(W, x, T, y, ws, err);
+    for (int64_t t = 0; !st && t < T; t++)
+        ids[t] = g3_argmax_f32(y + t * W->rows, W->rows);
+    return st;
+}
+
+g3_status g3_matmul_argmax(const g3_weight *W, const float *x, int64_t T, int32_t *ids, float *y,
+                           int64_t *exact, g3_matmul_ws *ws, g3_err *err)
+{
+    if (exact)
+        *exact = -1; /* the full product */
+    const g3_packed *P = W->packed;
+    const int64_t cols = W->cols, rows = W->rows;
+    const size_t xb = g3_xq_bytes(cols);
+    const int gemm = T >= G3_BLAS_MIN_TOKENS; /* g3_matmul's exact path for T rows */
+    if (!P || !P->row_bound || W->lora || (gemm && W->prefill_8bit) || T < 1 ||
+        T > G3_ARGMAX_TOKENS || (xb + sizeof(g3_xq)) * (size_t)(2 * T) > ws->xq_bytes)
+        return argmax_full(W, x, T, ids, y, ws, err);
+    uint8_t *buf = ws->xq;
+    g3_xq *x24 = (g3_xq *)buf, *x8 = x24 + T;
+    float rad[G3_ARGMAX_TOKENS], best[G3_ARGMAX_TOKENS], top[G3_ARGMAX_TOKENS];
+    int64_t at[G3_ARGMAX_TOKENS];
+    uint8_t *digits = buf + sizeof(g3_xq) * (size_t)(2 * T);
+    int finite = 1;
+    for (int64_t t = 0; t < T; t++) {
+        g3_xq_init(&x24[t], cols, digits + xb * (size_t)t);
+        g3_xq_init(&x8[t], cols, digits + xb * (size_t)(T + t));
+        g3_xq_prepare(&x24[t], x + t * cols); /* = g3_xq_prepare_prefill(.., G3_PREFILL_EXACT) */
+        g3_xq_prepare_digits(&x8[t], x + t * cols, 1);
+        const double r = argmax_radius(&x8[t], &x24[t], x + t * cols, cols);
+        rad[t] = (float)r < r ? nextafterf((float)r, INFINITY) : (float)r;
+        finite = finite && isfinite(rad[t]);
+        best[t] = -INFINITY, top[t] = -INFINITY, at[t] = -1;
+    }
+    if (!finite)
+        return argmax_full(W, x, T, ids, y, ws, err);
+    int64_t n_exact = 0;
+    const int nt = g3_get_threads();
+#pragma omp parallel num_threads(nt)
+    {
+        const int64_t th = omp_get_thread_num(), k = omp_get_num_threads();
+        const int64_t g0 = P->groups * th / k, g1 = P->groups * (th + 1) / k;
+        float lo[G3_ARGMAX_TOKENS], v_top[G3_ARGMAX_TOKENS];
+        int64_t v_at[G3_ARGMAX_TOKENS], v_exact = 0;
+        for (int64_t t = 0; t < T; t++)
+            lo[t] = -INFINITY, v_top[t] = -INFINITY, v_at[t] = -1;
+        for (int64_t g = g0; g < g1; g += G3_PACK_CHUNK) { /* pass 1: y8 -> upper ends in y */
+            const int64_t ge = g + G3_PACK_CHUNK < g1 ? g + G3_PACK_CHUNK : g1;
+            g3_packed_matmat_digits(P, x8, (int)T, g, ge, y, 1);
+            const int64_t r0 = g * G3_PACK_ROWS;
+            const int64_t r1 = ge * G3_PACK_ROWS < rows ? ge * G3_PACK_ROWS : rows;
+            for (int64_t t = 0; t < T; t++) {
+                const float l =
+                    g3_bound_rows(y + t * rows + r0, P->row_bound + r0, rad[t], r1 - r0);
+                lo[t] = l > lo[t] || l != l ? l : lo[t]; /* a NaN sticks */
+            }
+        }
+#pragma omp critical
+        for (int64_t t = 0; t < T; t++)
+            best[t] = lo[t] > best[t] || lo[t] != lo[t] ? lo[t] : best[t];
+#pragma omp barrier
+        for (int64_t t = 0; t < T; t++) {
+            if (best[t] != best[t])
+                continue; /* the full product decides */
+            float *v = y + t * rows;
+            for (int64_t g = g0; g < g1; g++) { /* pass 2: the groups that may hold it */
+                const int64_t r0 = g * G3_PACK_ROWS;
+                const int64_t r1 = r0 + G3_PACK_ROWS < rows ? r0 + G3_PACK_ROWS : rows;
+                if (!g3_any_at_least(v + r0, r1 - r0, best[t]))
+                    continue;
+                v_exact++;
+                if (gemm)
+                    g3_packed_gemm(P, &x24[t], 1, g, g + 1, v, G3_PREFILL_EXACT);
+                else
+                    g3_packed_matvec(P, &x24[t], g, g + 1, v);
+                for (int64_t r = r0; r < r1; r++)
+                    if (v[r] > v_top[t] || v_at[t] < 0)
+                        v_top[t] = v[r], v_at[t] = r;
+            }
+        }
+#pragma omp critical
+        {
+            n_exact += v_exact;
+            for (int64_t t = 0; t < T; t++)
+                if (v_at[t] >= 0 && (at[t] < 0 || v_top[t] > top[t] ||
+                                     (v_top[t] == top[t] && v_at[t] < at[t])))
+                    top[t] = v_top[t], at[t] = v_at[t];
+        }
+    }
+    for (int64_t t = 0; t < T; t++)
+        if (best[t] != best[t] || at[t] < 0 || !isfinite(top[t]))
+            return argmax_full(W, x, T, ids, y, ws, err);
+    for (int64_t t = 0; t < T; t++)
+        ids[t] = (int32_t)at[t];
+    if (exact)
+        *exact = n_exact;
+    return G3_OK;
 }

@@ -75,6 +75,18 @@ void g3_matmul_ws_free(g3_matmul_ws *ws);
  * workspace's). Fails with G3_ERR_STATE if ws is smaller than g3_matmul_ws_need asked for. */
 g3_status g3_matmul(const g3_weight *W, const float *x, int64_t T, float *y, g3_matmul_ws *ws,
                     g3_err *err);
+/* ids[t] = the arg-max of row t of x @ W^T (lowest index on ties), for T rows: the index
+ * g3_argmax_f32 gives on what g3_matmul computes. For a packed W with row bounds
+ * (g3_packed.row_bound, no LoRA) the product runs at 8-bit activations, a cheap pass over the
+ * weights; a row that cannot be within its bound of the best (|y8 - y| <= row_bound * |x8 - x|
+ * plus float rounding, both computed) is dropped, and the others are computed exactly as
+ * g3_matmul would: the same index, bit for bit, for a third of the integer work. Otherwise (or
+ * for more than G3_ARGMAX_TOKENS rows, or non-finite x) the full product is taken. y (T,
+ * W->rows) is scratch. *exact (if not NULL): the (row, 16-row group) pairs computed exactly, or
+ * -1 when the full product was taken. */
+#define G3_ARGMAX_TOKENS 64
+g3_status g3_matmul_argmax(const g3_weight *W, const float *x, int64_t T, int32_t *ids, float *y,
+                           int64_t *exact, g3_matmul_ws *ws, g3_err *err);
 /* n products sharing the input x (same cols): y[i] = x @ W[i]^T, one parallel region when the
  * per-row kernels are used. */
 g3_status g3_matmul_multi(int n, const g3_weight *const *W, const float *x, int64_t T,

@@ -40,6 +40,8 @@ void g3_gelu_bias_f32(float *x, const float *b, int64_t n);
 double g3_expsum_f32(float *x, int64_t n, float m);
 /* In-place numerically stable softmax over n entries. */
 void g3_softmax_f32(float *x, int64_t n);
+/* The index of the largest of n >= 1 entries, the lowest on ties (a NaN is never larger). */
+int32_t g3_argmax_f32(const float *l, int64_t n);
 
 /* ---- SIMD variant sets, one per instruction-set level (kernels/dispatch.c picks one) ---------- */
 

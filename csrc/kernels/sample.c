@@ -14,6 +14,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "kernels/ops.h"
+
 static uint64_t splitmix64(uint64_t *x)
 {
     uint64_t z = (*x += 0x9E3779B97F4A7C15ull);
@@ -75,15 +77,6 @@ static g3_status apply_bias_penalty(float *l, int64_t n, const g3_sampling *p, g
     return G3_OK;
 }
 
-static int32_t argmax(const float *l, int64_t n)
-{
-    int64_t best = 0;
-    for (int64_t i = 1; i < n; i++)
-        if (l[i] > l[best])
-            best = i;
-    return (int32_t)best;
-}
-
 /* Selects the k largest candidates into c[0..k) sorted descending (quickselect + sort). */
 static void top_k_select(cand *c, int64_t n, int64_t k)
 {
@@ -127,7 +120,7 @@ g3_status g3_sample_probs(const float *logits, int64_t n, const g3_sampling *p, 
     g3_status st = apply_bias_penalty(work, n, p, err);
     if (st)
         return st;
-    *greedy = argmax(work, n);
+    *greedy = g3_argmax_f32(work, n);
     if (!probs)
         return G3_OK;
     memset(probs, 0, sizeof(float) * (size_t)n);

@@ -91,3 +91,12 @@ void g3_vec_kernels(int isa, g3_float_kernels *k)
     k->dot = isa >= G3_ISA_AVX512 ? dot_avx512 : isa == G3_ISA_AVX2 ? dot_avx2 : dot_scalar;
     k->axpy = isa >= G3_ISA_AVX512 ? axpy_avx512 : isa == G3_ISA_AVX2 ? axpy_avx2 : axpy_scalar;
 }
+
+int32_t g3_argmax_f32(const float *l, int64_t n)
+{
+    int64_t best = 0;
+    for (int64_t i = 1; i < n; i++)
+        if (l[i] > l[best])
+            best = i;
+    return (int32_t)best;
+}

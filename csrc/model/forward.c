@@ -689,11 +689,19 @@ g3_status g3_model_forward(g3_model *m, const g3_batch *b, g3_err *err)
         }
         if (!final_hook)
             PROF(G3_PROF_LM_HEAD, norm_rows(s->x, m->output_norm, s->h, n, E, c->eps, nt));
-        PROF(G3_PROF_LM_HEAD, st = g3_matmul(&m->output, s->h, n, b->logits, &s->mm, err));
+        /* the soft-cap can tie rows the raw logits order: its arg-max needs every capped row */
+        if (b->logits_mode == 3 && !(c->final_softcap > 0))
+            PROF(G3_PROF_LM_HEAD,
+                 st = g3_matmul_argmax(&m->output, s->h, n, b->argmax, b->logits, NULL, &s->mm,
+                                      err));
+        else
+            PROF(G3_PROF_LM_HEAD, st = g3_matmul(&m->output, s->h, n, b->logits, &s->mm, err));
         if (!st && c->final_softcap > 0) {
             const float cap_v = c->final_softcap;
             for (int64_t i = 0; i < n * c->n_vocab; i++)
                 b->logits[i] = cap_v * tanhf(b->logits[i] / cap_v);
+            for (int64_t t = 0; b->logits_mode == 3 && t < n; t++)
+                b->argmax[t] = g3_argmax_f32(b->logits + t * c->n_vocab, c->n_vocab);
         }
     }
     if (!st)

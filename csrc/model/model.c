@@ -284,13 +284,15 @@ g3_status g3_model_pack(g3_model *m, size_t *bytes, g3_err *err)
             if (w->packed || !g3_pack_supported(w->type))
                 continue;
             g3_packed *P;
+            /* the LM head's row bounds serve greedy decoding (g3_matmul_argmax) */
             g3_status st = g3_pack(w->type, w->data, w->rows, w->cols, w->row_bytes,
-                                   g3_get_threads(), &P, err);
+                                   g3_get_threads(), w == &m->output, &P, err);
             if (st)
                 return st;
             m->packs[m->n_packs++] = P;
             w->packed = P;
-            *bytes += (size_t)P->groups * P->group_bytes;
+            *bytes += (size_t)P->groups * P->group_bytes +
+                      (P->row_bound ? sizeof(float) * (size_t)P->rows : 0);
         }
     }
     return G3_OK;

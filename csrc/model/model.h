@@ -151,8 +151,10 @@ typedef struct {
     int64_t n_groups;
     const int32_t *group_seq; /* (n_groups) */
     const int64_t *group_len; /* (n_groups) */
-    int logits_mode;      /* 0: none, 1: last token of each group, 2: every token */
-    float *logits;        /* (n_groups or T, n_vocab) */
+    int logits_mode;      /* 0: none, 1: last token of each group, 2: every token, 3: every
+                           * token's arg-max only (greedy; g3_matmul_argmax) into argmax */
+    float *logits;        /* (n_groups or T, n_vocab); scratch in mode 3 */
+    int32_t *argmax;      /* mode 3: (T) the index g3_argmax_f32 gives on each row's logits */
     const g3_capture *capture; /* optional; single-group calls only */
     const struct g3_hooks_s *hooks; /* optional interventions (model/hooks.h); single-group */
 } g3_batch;

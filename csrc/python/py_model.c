@@ -226,9 +226,9 @@ static int parse_capture(ModelObject *self, PyObject *capd, npy_intp T, g3_captu
     return 0;
 }
 
-/* forward(ids: int32 1-D, logits: 0|1|2, embd: float32 (T, E) or None, embd_mask: uint8 (T) or
- * None, capture: dict or None, seqs, lens, hooks: see py_hooks.c or None) -> float32 (rows, vocab)
- * or None */
+/* forward(ids: int32 1-D, logits: 0|1|2|3, embd: float32 (T, E) or None, embd_mask: uint8 (T) or
+ * None, capture: dict or None, seqs, lens, hooks: see py_hooks.c or None) -> float32 (rows, vocab),
+ * int32 (T) arg-max ids (logits=3) or None */
 static PyObject *model_forward(ModelObject *self, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"ids",  "logits", "embd",  "embd_mask", "capture",
@@ -239,11 +239,12 @@ static PyObject *model_forward(ModelObject *self, PyObject *args, PyObject *kw)
     if (!PyArg_ParseTupleAndKeywords(args, kw, "O|iOOOOOO", kwlist, &ids_o, &mode, &embd_o,
                                      &mask_o, &cap_o, &seqs_o, &lens_o, &hooks_o))
         return NULL;
-    if (mode < 0 || mode > 2)
-        return PyErr_Format(PyExc_ValueError, "logits mode must be 0, 1 or 2, got %d", mode);
+    if (mode < 0 || mode > 3)
+        return PyErr_Format(PyExc_ValueError, "logits mode must be 0, 1, 2 or 3, got %d", mode);
     if (enter(self) < 0)
         return NULL;
     PyArrayObject *ids = NULL, *embd = NULL, *mask = NULL, *out = NULL, *seqs = NULL, *lens = NULL;
+    PyArrayObject *ids_out = NULL;
     PyObject *ret = NULL, *keep = NULL;
     g3_capture cap = {NULL, NULL};
     g3_py_hooks hk;
@@ -295,12 +296,14 @@ static PyObject *model_forward(ModelObject *self, PyObject *args, PyObject *kw)
     }
     if (hooks_o != Py_None && g3_py_hooks_parse(hooks_o, c, &hk) < 0)
         goto done;
-    if (mode) {
+    if (mode) { /* mode 3: scratch rows for the arg-max, which `ids_out` returns */
         npy_intp dims[2] = {mode == 1 ? n_groups : T, c->n_vocab};
         out = (PyArrayObject *)PyArray_SimpleNew(2, dims, NPY_FLOAT32);
         if (!out)
             goto done;
     }
+    if (mode == 3 && !(ids_out = (PyArrayObject *)PyArray_SimpleNew(1, &T, NPY_INT32)))
+        goto done;
     g3_batch b = {
         .n_tokens = T,
         .ids = PyArray_DATA(ids),
@@ -308,6 +311,7 @@ static PyObject *model_forward(ModelObject *self, PyObject *args, PyObject *kw)
         .embd_mask = mask ? PyArray_DATA(mask) : NULL,
         .logits_mode = mode,
         .logits = out ? PyArray_DATA(out) : NULL,
+        .argmax = ids_out ? PyArray_DATA(ids_out) : NULL,
         .capture = cap_o != Py_None ? &cap : NULL,
         .n_groups = n_groups,
         .group_seq = seqs ? PyArray_DATA(seqs) : NULL,
@@ -325,10 +329,16 @@ static PyObject *model_forward(ModelObject *self, PyObject *args, PyObject *kw)
         g3_py_raise(mstate((PyObject *)self), st == G3_ERR_ARG ? G3_ERR_ARG : st, &err, NULL);
         goto done;
     }
-    ret = out ? (PyObject *)out : Py_NewRef(Py_None);
-    out = NULL;
+    if (ids_out) {
+        ret = (PyObject *)ids_out;
+        ids_out = NULL;
+    } else {
+        ret = out ? (PyObject *)out : Py_NewRef(Py_None);
+        out = NULL;
+    }
 done:
     self->busy = 0;
+    Py_XDECREF(ids_out);
     PyMem_Free(cap.layers);
     g3_py_hooks_clear(&hk);
     Py_XDECREF(keep);

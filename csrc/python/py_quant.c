@@ -12,6 +12,7 @@
 #include <math.h>
 #include <string.h>
 
+#include "kernels/matmul.h"
 #include "quant/blocks.h"
 #include "quant/packed.h"
 
@@ -415,7 +416,8 @@ static PyObject *py_packed_matvec(PyObject *self, PyObject *args, PyObject *kwds
     }
     float *y = (float *)PyArray_DATA((PyArrayObject *)out);
     Py_BEGIN_ALLOW_THREADS
-    st = g3_pack(type, view.buf, rows, n, (size_t)(n / t->blck) * t->type_size, 1, &P, &err);
+    st = g3_pack(type, view.buf, rows, n, (size_t)(n / t->blck) * t->type_size, 1, 0, &P,
+                 &err);
     if (!st) {
         g3_xq xq;
         g3_xq_init(&xq, n, xbuf);
@@ -433,6 +435,64 @@ static PyObject *py_packed_matvec(PyObject *self, PyObject *args, PyObject *kwds
         return g3_py_raise(ms, st, &err, NULL);
     }
     return out;
+}
+
+/* The inputs of packed_gemm / packed_argmax: a packable type, w holding `rows` rows of `cols`
+ * values and x a (T, cols) float32 matrix. On success *view holds w (release it). */
+typedef struct {
+    int type;
+    const g3_type_traits *t;
+    Py_buffer view;
+    size_t row;
+    npy_intp T;
+    const float *x;
+} packed_inputs;
+
+static int parse_packed_inputs(g3_module_state *ms, PyObject *type_obj, PyObject *wobj,
+                               Py_ssize_t rows, Py_ssize_t cols, PyObject *xobj, packed_inputs *in)
+{
+    in->type = -1;
+    const g3_type_traits *t = in->t = parse_usable_type(ms, type_obj, 0);
+    if (!t || !parse_type(ms, type_obj, &in->type))
+        return -1;
+    if (rows < 1 || cols < 1) {
+        PyErr_Format(PyExc_ValueError, "rows and cols must be >= 1, got %zd, %zd", rows, cols);
+        return -1;
+    }
+    if (!g3_pack_supported(in->type)) {
+        PyErr_Format(ms->UnsupportedError, "no packed kernel for %s on this CPU", t->name);
+        return -1;
+    }
+    if (cols % t->blck) {
+        PyErr_Format(PyExc_ValueError, "cols=%zd is not a multiple of the %s block size %lld", cols,
+                     t->name, (long long)t->blck);
+        return -1;
+    }
+    if (!PyArray_Check(xobj) || PyArray_TYPE((PyArrayObject *)xobj) != NPY_FLOAT32 ||
+        !PyArray_ISNOTSWAPPED((PyArrayObject *)xobj)) {
+        PyErr_SetString(PyExc_TypeError, "x must be a numpy.ndarray of float32 (native order)");
+        return -1;
+    }
+    PyArrayObject *xa = (PyArrayObject *)xobj;
+    if (PyArray_NDIM(xa) != 2 || PyArray_DIM(xa, 1) != cols || PyArray_DIM(xa, 0) < 1 ||
+        PyArray_DIM(xa, 0) > INT32_MAX || !PyArray_IS_C_CONTIGUOUS(xa) || !PyArray_ISALIGNED(xa)) {
+        PyErr_Format(PyExc_ValueError, "x must be (T >= 1, cols=%zd), C-contiguous and aligned",
+                     cols);
+        return -1;
+    }
+    in->T = PyArray_DIM(xa, 0);
+    in->x = (const float *)PyArray_DATA(xa);
+    in->row = (size_t)(cols / t->blck) * t->type_size;
+    if (PyObject_GetBuffer(wobj, &in->view, PyBUF_C_CONTIGUOUS) < 0)
+        return -1;
+    if ((size_t)rows > (size_t)PY_SSIZE_T_MAX / in->row ||
+        (size_t)in->view.len < in->row * (size_t)rows) {
+        PyBuffer_Release(&in->view);
+        PyErr_Format(PyExc_ValueError, "w too small: %zd rows of %s x %zd need %zu bytes", rows,
+                     t->name, cols, in->row * (size_t)rows);
+        return -1;
+    }
+    return 0;
 }
 
 PyDoc_STRVAR(packed_gemm_doc,
@@ -454,45 +514,22 @@ static PyObject *py_packed_gemm(PyObject *self, PyObject *args, PyObject *kwds)
         return NULL;
     if (repeat < 1)
         return PyErr_Format(PyExc_ValueError, "repeat must be >= 1, got %zd", repeat);
-    if (rows < 1 || cols < 1)
-        return PyErr_Format(PyExc_ValueError, "rows and cols must be >= 1, got %zd, %zd", rows, cols);
     if (mode != G3_PREFILL_EXACT && mode != G3_PREFILL_8BIT)
         return PyErr_Format(PyExc_ValueError, "mode must be 3 (24-bit) or 1 (8-bit), got %d", mode);
     g3_module_state *ms = g3_py_state(self);
-    int type = -1;
-    const g3_type_traits *t = parse_usable_type(ms, type_obj, 0);
-    if (!t || !parse_type(ms, type_obj, &type))
+    packed_inputs in;
+    if (parse_packed_inputs(ms, type_obj, wobj, rows, cols, xobj, &in) < 0)
         return NULL;
-    if (!g3_pack_supported(type))
-        return PyErr_Format(ms->UnsupportedError, "no packed kernel for %s on this CPU", t->name);
-    if (cols % t->blck)
-        return PyErr_Format(PyExc_ValueError, "cols=%zd is not a multiple of the %s block size %lld",
-                            cols, t->name, (long long)t->blck);
-    if (!PyArray_Check(xobj) || PyArray_TYPE((PyArrayObject *)xobj) != NPY_FLOAT32 ||
-        !PyArray_ISNOTSWAPPED((PyArrayObject *)xobj))
-        return PyErr_Format(PyExc_TypeError, "x must be a numpy.ndarray of float32 (native order)");
-    PyArrayObject *xa = (PyArrayObject *)xobj;
-    if (PyArray_NDIM(xa) != 2 || PyArray_DIM(xa, 1) != cols || PyArray_DIM(xa, 0) < 1 ||
-        PyArray_DIM(xa, 0) > INT32_MAX || !PyArray_IS_C_CONTIGUOUS(xa) || !PyArray_ISALIGNED(xa))
-        return PyErr_Format(PyExc_ValueError, "x must be (T >= 1, cols=%zd), C-contiguous and aligned",
-                            cols);
-    const npy_intp T = PyArray_DIM(xa, 0);
-    const float *x = (const float *)PyArray_DATA(xa);
-    const size_t row = (size_t)(cols / t->blck) * t->type_size;
-    Py_buffer view;
-    if (PyObject_GetBuffer(wobj, &view, PyBUF_C_CONTIGUOUS) < 0)
-        return NULL;
-    if ((size_t)rows > (size_t)PY_SSIZE_T_MAX / row || (size_t)view.len < row * (size_t)rows) {
-        PyBuffer_Release(&view);
-        return PyErr_Format(PyExc_ValueError, "w too small: %zd rows of %s x %zd need %zu bytes",
-                            rows, t->name, cols, row * (size_t)rows);
-    }
+    const npy_intp T = in.T;
+    const float *x = in.x;
+    const size_t row = in.row;
+    const int type = in.type;
     npy_intp dims[2] = {T, rows};
     PyObject *out = PyArray_SimpleNew(2, dims, NPY_FLOAT32);
     const size_t xb = g3_xq_bytes(cols);
     void *xbuf = malloc((xb + sizeof(g3_xq)) * (size_t)T);
     if (!out || !xbuf) {
-        PyBuffer_Release(&view);
+        PyBuffer_Release(&in.view);
         free(xbuf);
         Py_XDECREF(out);
         return out ? PyErr_NoMemory() : NULL;
@@ -502,7 +539,7 @@ static PyObject *py_packed_gemm(PyObject *self, PyObject *args, PyObject *kwds)
     g3_err err = {{0}, 0};
     g3_status st = G3_OK;
     Py_BEGIN_ALLOW_THREADS
-    st = g3_pack(type, view.buf, rows, cols, row, 1, &P, &err);
+    st = g3_pack(type, in.view.buf, rows, cols, row, 1, 0, &P, &err);
     if (!st) {
         g3_xq *xq = xbuf;
         for (npy_intp i = 0; i < T; i++)
@@ -516,12 +553,74 @@ static PyObject *py_packed_gemm(PyObject *self, PyObject *args, PyObject *kwds)
     Py_END_ALLOW_THREADS
     g3_packed_free(P);
     free(xbuf);
-    PyBuffer_Release(&view);
+    PyBuffer_Release(&in.view);
     if (st) {
         Py_DECREF(out);
         return g3_py_raise(ms, st, &err, NULL);
     }
     return out;
+}
+
+PyDoc_STRVAR(packed_argmax_doc,
+"packed_argmax(type_id, w, rows, cols, x) -> (ids, exact, logits)\n--\n\n"
+"The greedy arg-max of each row of X @ W^T through g3_matmul_argmax: W repacked with its row\n"
+"bounds, X (T, cols) float32. ids: (T,) int32; exact: the (row, 16-row group) pairs computed\n"
+"exactly, -1 if the full product was taken; logits: g3_matmul's full (T, rows) product, the\n"
+"reference the ids must match. For tests; the model packs its LM head at load.");
+
+static PyObject *py_packed_argmax(PyObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"type_id", "w", "rows", "cols", "x", NULL};
+    PyObject *type_obj, *wobj, *xobj;
+    Py_ssize_t rows, cols;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOnnO:packed_argmax", kwlist, &type_obj, &wobj,
+                                     &rows, &cols, &xobj))
+        return NULL;
+    g3_module_state *ms = g3_py_state(self);
+    packed_inputs in;
+    if (parse_packed_inputs(ms, type_obj, wobj, rows, cols, xobj, &in) < 0)
+        return NULL;
+    npy_intp dims[2] = {in.T, rows};
+    PyObject *ids = PyArray_SimpleNew(1, dims, NPY_INT32);
+    PyObject *full = PyArray_SimpleNew(2, dims, NPY_FLOAT32);
+    float *scratch = malloc(sizeof(float) * (size_t)in.T * (size_t)rows);
+    if (!ids || !full || !scratch) {
+        PyBuffer_Release(&in.view);
+        free(scratch);
+        Py_XDECREF(ids);
+        Py_XDECREF(full);
+        return PyErr_Occurred() ? NULL : PyErr_NoMemory();
+    }
+    g3_weight W = {.type = in.type, .rows = rows, .cols = cols, .row_bytes = in.row,
+                   .data = in.view.buf};
+    g3_matmul_ws ws = {0};
+    g3_packed *P = NULL;
+    g3_err err = {{0}, 0};
+    int64_t exact = -1;
+    g3_status st;
+    Py_BEGIN_ALLOW_THREADS
+    g3_matmul_ws_need(&ws, &W, 2 * in.T, g3_get_threads()); /* room for both quantizations */
+    st = g3_matmul_ws_alloc(&ws, &err);
+    if (!st)
+        st = g3_pack(in.type, in.view.buf, rows, cols, in.row, 1, 1, &P, &err);
+    if (!st) {
+        W.packed = P;
+        st = g3_matmul_argmax(&W, in.x, in.T, PyArray_DATA((PyArrayObject *)ids), scratch, &exact,
+                              &ws, &err);
+    }
+    if (!st)
+        st = g3_matmul(&W, in.x, in.T, PyArray_DATA((PyArrayObject *)full), &ws, &err);
+    Py_END_ALLOW_THREADS
+    g3_packed_free(P);
+    g3_matmul_ws_free(&ws);
+    free(scratch);
+    PyBuffer_Release(&in.view);
+    if (st) {
+        Py_DECREF(ids);
+        Py_DECREF(full);
+        return g3_py_raise(ms, st, &err, NULL);
+    }
+    return Py_BuildValue("(NLN)", ids, (long long)exact, full);
 }
 
 static PyObject *py_packed_supported(PyObject *self, PyObject *arg)
@@ -593,6 +692,8 @@ PyMethodDef g3_py_quant_methods[] = {
     {"isa", py_isa, METH_NOARGS, isa_doc},
     {"packed_matvec", (PyCFunction)(void (*)(void))py_packed_matvec, METH_VARARGS | METH_KEYWORDS,
      packed_matvec_doc},
+    {"packed_argmax", (PyCFunction)(void (*)(void))py_packed_argmax, METH_VARARGS | METH_KEYWORDS,
+     packed_argmax_doc},
     {"packed_gemm", (PyCFunction)(void (*)(void))py_packed_gemm, METH_VARARGS | METH_KEYWORDS,
      packed_gemm_doc},
     {"packed_supported", py_packed_supported, METH_O,

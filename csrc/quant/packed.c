@@ -2,6 +2,7 @@
  * them (layout and numerics in packed.h). Packing is scalar and runs once per matrix at load. */
 #include "quant/packed.h"
 
+#include <float.h>
 #include <immintrin.h>
 #include <math.h>
 #include <stdlib.h>
@@ -157,8 +158,29 @@ static void put_block(const pack_kind *k, uint8_t *p, int r, const block_codes *
     }
 }
 
+/* Adds block c of a row to its squared norms: sc2 += sum of c_i^2, sm2 += sum of m_i^2
+ * (g3_packed.row_bound). */
+static void block_norms(const pack_kind *k, const block_codes *c, double *sc2, double *sm2)
+{
+    double s = 0.0;
+    if (k->smode == S_K6) {
+        for (int h = 0; h < 2; h++) {
+            const double sc = (double)c->d * c->sc6[h];
+            for (int l = 16 * h; l < 16 * h + 16; l++)
+                s += (sc * (c->u[l] - k->offset)) * (sc * (c->u[l] - k->offset));
+        }
+    } else {
+        const double sc = k->smode == S_K4 ? (double)c->d * c->sc : (double)g3_fp16_to_fp32(c->dh);
+        for (int l = 0; l < 32; l++)
+            s += (sc * (c->u[l] - k->offset)) * (sc * (c->u[l] - k->offset));
+        if (k->smode == S_K4)
+            *sm2 += 32.0 * ((double)c->dmin * c->m) * ((double)c->dmin * c->m);
+    }
+    *sc2 += s;
+}
+
 g3_status g3_pack(int type, const uint8_t *data, int64_t rows, int64_t cols, size_t row_bytes,
-                  int threads, g3_packed **out, g3_err *err)
+                  int threads, int bounds, g3_packed **out, g3_err *err)
 {
     pack_kind k;
     *out = NULL;
@@ -198,9 +220,15 @@ g3_status g3_pack(int type, const uint8_t *data, int64_t rows, int64_t cols, siz
                        (long long)rows, (long long)cols, g3_type_get(type)->name, total);
     }
     memset(P->data, 0, total);
-#pragma omp parallel for num_threads(threads > 0 ? threads : 1) schedule(static)
+    if (bounds && !(P->row_bound = malloc(sizeof(float) * (size_t)rows))) {
+        g3_packed_free(P);
+        return g3_fail(err, G3_ERR_NOMEM, "out of memory");
+    }
+    int finite = 1;
+#pragma omp parallel for num_threads(threads > 0 ? threads : 1) schedule(static) reduction(&&:finite)
     for (int64_t g = 0; g < P->groups; g++) {
         uint8_t *p = P->data + (size_t)g * P->group_bytes;
+        double sc2[G3_PACK_ROWS] = {0}, sm2[G3_PACK_ROWS] = {0};
         for (int64_t b = 0; b < P->nb; b++) {
             uint8_t *hp = p; /* this block's super-block header, written before its record */
             if (hdr && b % 8 == 0)
@@ -209,6 +237,8 @@ g3_status g3_pack(int type, const uint8_t *data, int64_t rows, int64_t cols, siz
                 block_codes c;
                 codes_of(type, data + (size_t)(g * G3_PACK_ROWS + r) * row_bytes, b, &c);
                 put_block(&k, p, r, &c);
+                if (P->row_bound)
+                    block_norms(&k, &c, &sc2[r], &sm2[r]);
                 if (hdr && b % 8 == 0 && k.smode == S_K6) {
                     const uint16_t dh = g3_fp32_to_fp16(c.d); /* the file's half, exactly */
                     memcpy(hp + 2 * r, &dh, 2);
@@ -220,6 +250,19 @@ g3_status g3_pack(int type, const uint8_t *data, int64_t rows, int64_t cols, siz
             }
             p += rec;
         }
+        for (int r = 0; P->row_bound && r < G3_PACK_ROWS && g * G3_PACK_ROWS + r < rows; r++) {
+            /* sqrt is correctly rounded; the 1 + 2^-40 covers the double sums' roundings */
+            const double v = (sqrt(sc2[r]) + sqrt(sm2[r])) * (1.0 + 0x1p-40);
+            float f = (float)v;
+            if (f < v)
+                f = nextafterf(f, INFINITY);
+            P->row_bound[g * G3_PACK_ROWS + r] = f;
+            finite = finite && isfinite(f);
+        }
+    }
+    if (!finite) {
+        free(P->row_bound);
+        P->row_bound = NULL;
     }
     *out = P;
     return G3_OK;
@@ -228,6 +271,7 @@ g3_status g3_pack(int type, const uint8_t *data, int64_t rows, int64_t cols, siz
 void g3_packed_free(g3_packed *p)
 {
     if (p) {
+        free(p->row_bound);
         free(p->data);
         free(p);
     }
@@ -340,6 +384,48 @@ TGT void g3_xq_prepare_digits(g3_xq *xq, const float *x, int ndig)
     }
 }
 
+double g3_xq_distance(const g3_xq *a, const g3_xq *b)
+{
+    double s = 0.0;
+    for (int64_t blk = 0; blk < a->nb; blk++) {
+        const double sa = a->scale[blk], sb = b->scale[blk];
+        for (int64_t i = 32 * blk; i < 32 * blk + 32; i++) {
+            const double xa = sa * (65536.0 * a->digit[2][i] + 256.0 * a->digit[1][i] + a->digit[0][i]);
+            const double xb = sb * (65536.0 * b->digit[2][i] + 256.0 * b->digit[1][i] + b->digit[0][i]);
+            s += (xa - xb) * (xa - xb);
+        }
+    }
+    return sqrt(s);
+}
+
+/* Float rounding of v +- b is at most 2^-24 of the result (plus the smallest subnormal): the
+ * ends are pushed out by 2^-22 of themselves and 2^-126. */
+TGT float g3_bound_rows(float *v, const float *bound, float rad, int64_t n)
+{
+    const __m512 r = _mm512_set1_ps(rad), rel = _mm512_set1_ps(0x1p-22f), tiny = _mm512_set1_ps(0x1p-126f);
+    const __m512 big = _mm512_set1_ps(FLT_MAX);
+    __m512 lo = _mm512_set1_ps(-INFINITY);
+    __mmask16 bad = 0;
+    for (int64_t i = 0; i < n; i += 16) {
+        const __mmask16 k = n - i >= 16 ? 0xFFFF : (__mmask16)((1u << (n - i)) - 1);
+        const __m512 y = _mm512_maskz_loadu_ps(k, v + i), b = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, bound + i), r);
+        __m512 h = _mm512_add_ps(y, b), l = _mm512_sub_ps(y, b);
+        h = _mm512_add_ps(h, _mm512_fmadd_ps(_mm512_abs_ps(h), rel, tiny));
+        l = _mm512_sub_ps(l, _mm512_fmadd_ps(_mm512_abs_ps(l), rel, tiny));
+        bad |= _mm512_mask_cmp_ps_mask(k, _mm512_abs_ps(h), big, _CMP_NLE_UQ) |
+               _mm512_mask_cmp_ps_mask(k, _mm512_abs_ps(l), big, _CMP_NLE_UQ);
+        _mm512_mask_storeu_ps(v + i, k, h);
+        lo = _mm512_mask_max_ps(lo, k, lo, l);
+    }
+    return bad ? NAN : _mm512_reduce_max_ps(lo);
+}
+
+TGT int g3_any_at_least(const float *v, int64_t n, float thr)
+{
+    const __mmask16 k = n >= 16 ? 0xFFFF : (__mmask16)((1u << n) - 1);
+    return _mm512_mask_cmp_ps_mask(k, _mm512_maskz_loadu_ps(k, v), _mm512_set1_ps(thr), _CMP_GE_OQ) != 0;
+}
+
 /* ---- the product ------------------------------------------------------------------------------- */
 
 INL __m512i bcast4(const int8_t *p)
@@ -349,11 +435,22 @@ INL __m512i bcast4(const int8_t *p)
     return _mm512_set1_epi32(v);
 }
 
-/* acc[p] += codes (16 rows x 4 columns) . digits p of those 4 columns */
-INL void dp3(__m512i acc[3], __m512i u, const g3_xq *xq, int64_t col)
+/* acc[p] += codes (16 rows x 4 columns) . digits p of those 4 columns, for p < ndig (the
+ * others are zero: 8-bit activations, g3_xq_prepare_digits(.., 1)) */
+INL void dpn(__m512i acc[3], __m512i u, const g3_xq *xq, int64_t col, const int ndig)
+{
+    for (int p = 0; p < ndig; p++)
+        acc[p] = _mm512_dpbusd_epi32(acc[p], u, bcast4(xq->digit[p] + col));
+}
+
+INL void dp3(__m512i acc[3], __m512i u, const g3_xq *xq, int64_t col) { dpn(acc, u, xq, col, 3); }
+
+/* Each digit's sum runs in two dependency chains (half the vpdpbusd latency in a row); being
+ * integers, a0 + a1 is the one chain's sum exactly. */
+INL void merge_chains(__m512i a0[3], const __m512i a1[3])
 {
     for (int p = 0; p < 3; p++)
-        acc[p] = _mm512_dpbusd_epi32(acc[p], u, bcast4(xq->digit[p] + col));
+        a0[p] = _mm512_add_epi32(a0[p], a1[p]);
 }
 
 /* 65536*A2 + 256*A1 + A0 - offset * (sum of X over the columns), as float (16 rows) */
@@ -393,13 +490,13 @@ INL void matvec_kind(const g3_packed *P, const g3_xq *xq, int64_t g0, int64_t g1
             if (G3_PACK_PREFETCH > 0)
                 for (size_t o = 0; o < vb + 32; o += 64)
                     _mm_prefetch((const char *)p + G3_PACK_PREFETCH + o, _MM_HINT_T0);
-            __m512i a0[3], a1[3]; /* columns 0..15 and 16..31 (merged into a0 unless S_K6) */
+            __m512i a0[3], a1[3]; /* S_K6: columns 0..15 and 16..31; else two chains (merge_chains) */
             for (int q = 0; q < 3; q++)
                 a0[q] = a1[q] = _mm512_setzero_si512();
             if (vmode == V_BYTES) {
                 for (int j = 0; j < 8; j++) {
                     const __m512i u = _mm512_loadu_si512(p + 64 * j);
-                    dp3(smode == S_K6 && j >= 4 ? a1 : a0, u, xq, col + 4 * j);
+                    dp3(smode == S_K6 ? (j >= 4 ? a1 : a0) : j % 2 ? a1 : a0, u, xq, col + 4 * j);
                 }
             } else {
                 const __m512i H = vmode >= V_NIB5 ? _mm512_loadu_si512(p + 256) : _mm512_setzero_si512();
@@ -417,7 +514,7 @@ INL void matvec_kind(const g3_packed *P, const g3_xq *xq, int64_t g0, int64_t g1
             hi = _mm512_or_si512(hi, _mm512_and_si512(SH6(H6, (j)), b6));                         \
         }                                                                                         \
         dp3(a0, lo, xq, col + 4 * (j));                                                           \
-        dp3(smode == S_K6 ? a1 : a0, hi, xq, col + 16 + 4 * (j));                                 \
+        dp3(a1, hi, xq, col + 16 + 4 * (j));                                                      \
     } while (0)
                 NIB_CHUNK(0);
                 NIB_CHUNK(1);
@@ -426,6 +523,8 @@ INL void matvec_kind(const g3_packed *P, const g3_xq *xq, int64_t g0, int64_t g1
 #undef NIB_CHUNK
             }
             p += vb;
+            if (smode != S_K6)
+                merge_chains(a0, a1);
             const __m512 xs = _mm512_set1_ps(xq->scale[b]);
             const int32_t *ds = xq->dsum + 6 * b;
             if (smode == S_HALF) {
@@ -476,7 +575,7 @@ TGT void g3_packed_matvec(const g3_packed *P, const g3_xq *xq, int64_t g0, int64
  * are the same operations), so each token's y is bit-identical to g3_packed_matvec's. */
 
 INL void matmat_kind(const g3_packed *P, const g3_xq *xq, int T, int64_t g0, int64_t g1, float *y,
-                     const int vmode, const int smode, const int offset)
+                     const int vmode, const int smode, const int offset, const int ndig)
 {
     const size_t vb = VALUES_BYTES(vmode);
     const __m512i m4 = _mm512_set1_epi8(0x0F), b4 = _mm512_set1_epi8(0x10);
@@ -546,14 +645,17 @@ INL void matmat_kind(const g3_packed *P, const g3_xq *xq, int T, int64_t g0, int
                 if (vmode == V_BYTES) {
 #pragma GCC unroll 8
                     for (int j = 0; j < 8; j++)
-                        dp3(smode == S_K6 && j >= 4 ? a1 : a0, u[j], x, col + 4 * j);
+                        dpn(smode == S_K6 ? (j >= 4 ? a1 : a0) : j % 2 ? a1 : a0, u[j], x, col + 4 * j,
+                            ndig);
                 } else {
 #pragma GCC unroll 4
                     for (int j = 0; j < 4; j++) {
-                        dp3(a0, u[2 * j], x, col + 4 * j);
-                        dp3(smode == S_K6 ? a1 : a0, u[2 * j + 1], x, col + 16 + 4 * j);
+                        dpn(a0, u[2 * j], x, col + 4 * j, ndig);
+                        dpn(a1, u[2 * j + 1], x, col + 16 + 4 * j, ndig);
                     }
                 }
+                if (smode != S_K6)
+                    merge_chains(a0, a1);
                 const __m512 xs = _mm512_set1_ps(x->scale[b]);
                 const int32_t *ds = x->dsum + 6 * b;
                 __m512 acc = yacc[t];
@@ -578,22 +680,36 @@ INL void matmat_kind(const g3_packed *P, const g3_xq *xq, int T, int64_t g0, int
     }
 }
 
-TGT void g3_packed_matmat(const g3_packed *P, const g3_xq *xq, int T, int64_t g0, int64_t g1,
-                          float *y)
+#define MATMAT_TYPES(ND)                                                                      \
+    switch (P->type) {                                                                        \
+    case G3_TYPE_Q8_0: matmat_kind(P, x, n, g0, g1, yt, V_BYTES, S_HALF, 128, ND); break;     \
+    case G3_TYPE_Q4_0: matmat_kind(P, x, n, g0, g1, yt, V_NIB, S_HALF, 8, ND); break;         \
+    case G3_TYPE_Q5_0: matmat_kind(P, x, n, g0, g1, yt, V_NIB5, S_HALF, 16, ND); break;       \
+    case G3_TYPE_Q4_K: matmat_kind(P, x, n, g0, g1, yt, V_NIB, S_K4, 0, ND); break;           \
+    case G3_TYPE_Q5_K: matmat_kind(P, x, n, g0, g1, yt, V_NIB5, S_K4, 0, ND); break;          \
+    case G3_TYPE_Q6_K: matmat_kind(P, x, n, g0, g1, yt, V_NIB6, S_K6, 32, ND); break;         \
+    }
+
+TGT void g3_packed_matmat_digits(const g3_packed *P, const g3_xq *xq, int T, int64_t g0,
+                                 int64_t g1, float *y, int ndig)
 {
     for (int t0 = 0; t0 < T; t0 += G3_PACK_MAX_TOKENS) {
         const int n = T - t0 < G3_PACK_MAX_TOKENS ? T - t0 : G3_PACK_MAX_TOKENS;
         const g3_xq *x = xq + t0;
         float *yt = y + (size_t)t0 * P->rows;
-        switch (P->type) {
-        case G3_TYPE_Q8_0: matmat_kind(P, x, n, g0, g1, yt, V_BYTES, S_HALF, 128); break;
-        case G3_TYPE_Q4_0: matmat_kind(P, x, n, g0, g1, yt, V_NIB, S_HALF, 8); break;
-        case G3_TYPE_Q5_0: matmat_kind(P, x, n, g0, g1, yt, V_NIB5, S_HALF, 16); break;
-        case G3_TYPE_Q4_K: matmat_kind(P, x, n, g0, g1, yt, V_NIB, S_K4, 0); break;
-        case G3_TYPE_Q5_K: matmat_kind(P, x, n, g0, g1, yt, V_NIB5, S_K4, 0); break;
-        case G3_TYPE_Q6_K: matmat_kind(P, x, n, g0, g1, yt, V_NIB6, S_K6, 32); break;
+        if (ndig == 1) {
+            MATMAT_TYPES(1)
+        } else {
+            MATMAT_TYPES(3)
         }
     }
+}
+#undef MATMAT_TYPES
+
+TGT void g3_packed_matmat(const g3_packed *P, const g3_xq *xq, int T, int64_t g0, int64_t g1,
+                          float *y)
+{
+    g3_packed_matmat_digits(P, xq, T, g0, g1, y, 3);
 }
 
 /* ---- prompt processing: many tokens per weight block ---------------------------------------------
@@ -693,7 +809,9 @@ NOSAN INL void gemm_tile(const g3_packed *P, const g3_xq *xq, const int nt, int6
                 h2[q] = h1[q] = l0[q] = _mm512_setzero_si512();
 #define DPH(hf, uu, c)                                                                                   \
     do {                                                                                                 \
-        if (ndig == 1) {                                                                                 \
+        if (ndig == 1 && ((c) / 4) % 2) { /* two chains, summed exactly in the combine */               \
+            l0[hf] = _mm512_dpbusd_epi32(l0[hf], (uu), bcast4(dg[t][0] + (c)));                          \
+        } else if (ndig == 1) {                                                                          \
             h1[hf] = _mm512_dpbusd_epi32(h1[hf], (uu), bcast4(dg[t][0] + (c)));                          \
         } else {                                                                                         \
             h2[hf] = _mm512_dpbusd_epi32(h2[hf], (uu), bcast4(dg[t][2] + (c)));                          \
@@ -733,7 +851,7 @@ NOSAN INL void gemm_tile(const g3_packed *P, const g3_xq *xq, const int nt, int6
                 const int32_t *dh = ds + 3 * hf, *dh1 = two ? NULL : ds + 3;
                 const int32_t X0 = dh[0] + (dh1 ? dh1[0] : 0), X1 = dh[1] + (dh1 ? dh1[1] : 0),
                               X2 = dh[2] + (dh1 ? dh1[2] : 0);
-                __m512i A = h1[hf];
+                __m512i A = ndig == 1 ? _mm512_add_epi32(h1[hf], l0[hf]) : h1[hf];
                 if (ndig == 3)
                     A = _mm512_add_epi32(A, _mm512_slli_epi32(h2[hf], 8));
                 if (offset)

@@ -42,6 +42,11 @@ typedef struct g3_packed_s {
     int64_t groups, nb;    /* ceil(rows / 16); 32-column blocks per row */
     size_t group_bytes;
     uint8_t *data;         /* groups * group_bytes, 64-byte aligned, owned */
+    /* (rows) or NULL: per row, |c|_2 + |m|_2 where the row's weights as the kernels see them are
+     * w_i = c_i - m_i, c_i the scaled code (scale * (u_i - offset), or d*sc*u_i for Q4_K/Q5_K)
+     * and m_i the K-quant sub-block's min (dmin*m, 0 for other types), rounded up; owned. It
+     * bounds how far a row's product moves when the activations do (g3_matmul_argmax). */
+    float *row_bound;
 } g3_packed;
 
 /* Activations of one token quantized for the packed kernels (g3_xq_prepare). */
@@ -62,9 +67,10 @@ enum {
 /* 1 if the CPU (and G3_ISA) allow the packed kernels and `type` has one. */
 int g3_pack_supported(int type);
 /* Packs a (rows, cols) matrix of `type` stored row after row (row_bytes apart), on `threads`
- * OpenMP threads. */
+ * OpenMP threads; with `bounds`, also computes P->row_bound (left NULL if a row's is not
+ * finite: a matrix with Inf/NaN weights gets no bound). */
 g3_status g3_pack(int type, const uint8_t *data, int64_t rows, int64_t cols, size_t row_bytes,
-                  int threads, g3_packed **out, g3_err *err);
+                  int threads, int bounds, g3_packed **out, g3_err *err);
 void g3_packed_free(g3_packed *p);
 
 /* Bytes g3_xq_init needs for `cols` (a multiple of 32) and the layout over such a buffer. */
@@ -74,6 +80,14 @@ void g3_xq_prepare(g3_xq *xq, const float *x);
 /* The same with ndig (1..3) digits: |X| <= 127, 32639 or G3_PACK_LIM (8-, 16- or 24-bit
  * activations per 32-block); digits above ndig are zero. ndig = 3 is g3_xq_prepare. */
 void g3_xq_prepare_digits(g3_xq *xq, const float *x, int ndig);
+/* |a^ - b^|_2 in double, a^ and b^ the activations two quantizations of one vector stand for
+ * (x ~ s * X per 32-block); the same cols. */
+double g3_xq_distance(const g3_xq *a, const g3_xq *b);
+/* Intervals for g3_matmul_argmax: v[i] becomes an upper end of v[i] +- bound[i] * rad (rounded
+ * up); returns the largest lower end (rounded down), or NaN if an end is not finite. */
+float g3_bound_rows(float *v, const float *bound, float rad, int64_t n);
+/* 1 if one of v[0..n) (n <= 16) is >= thr. */
+int g3_any_at_least(const float *v, int64_t n, float thr);
 /* y[r] for the rows of groups [g0, g1) of one token; y has P->rows entries. */
 void g3_packed_matvec(const g3_packed *P, const g3_xq *xq, int64_t g0, int64_t g1, float *y);
 /* The same for T tokens (xq[0..T)) in one pass over the weights, y (T, P->rows); each token's
@@ -81,6 +95,9 @@ void g3_packed_matvec(const g3_packed *P, const g3_xq *xq, int64_t g0, int64_t g
 #define G3_PACK_MAX_TOKENS 16
 void g3_packed_matmat(const g3_packed *P, const g3_xq *xq, int T, int64_t g0, int64_t g1,
                       float *y);
+/* The same with xq prepared by g3_xq_prepare_digits(.., ndig), ndig 1 or 3 (g3_packed_matmat). */
+void g3_packed_matmat_digits(const g3_packed *P, const g3_xq *xq, int T, int64_t g0, int64_t g1,
+                             float *y, int ndig);
 
 /* Prompt processing: x quantized for `mode` (a G3_PREFILL_*); then y (T, P->rows),
  * the rows of groups [g0, g1), for the T tokens xq[0..T). Tokens are taken 8 at a time against
