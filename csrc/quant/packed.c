@@ -36,6 +36,18 @@ static int kind_of(int type, pack_kind *k)
     }
 }
 
+/* The kernels specialized per type: CALL(vmode, smode, offset) with constants, so that each
+ * type's inlined kernel keeps only its own unpacking (the same fields as kind_of). */
+#define FOR_PACKED_TYPE(type, CALL)                                                             \
+    switch (type) {                                                                             \
+    case G3_TYPE_Q8_0: CALL(V_BYTES, S_HALF, 128); break;                                       \
+    case G3_TYPE_Q4_0: CALL(V_NIB, S_HALF, 8); break;                                           \
+    case G3_TYPE_Q5_0: CALL(V_NIB5, S_HALF, 16); break;                                         \
+    case G3_TYPE_Q4_K: CALL(V_NIB, S_K4, 0); break;                                             \
+    case G3_TYPE_Q5_K: CALL(V_NIB5, S_K4, 0); break;                                            \
+    case G3_TYPE_Q6_K: CALL(V_NIB6, S_K6, 32); break;                                           \
+    }
+
 static size_t values_bytes(int vmode) { return VALUES_BYTES(vmode); }
 /* K-quant super-block headers: float d[16] (+ float dmin[16]) for Q4_K/Q5_K, the file's half d[16]
  * for Q6_K (its packed record is then exactly the file's 6.5625 bits per weight) */
@@ -553,14 +565,9 @@ INL void matvec_kind(const g3_packed *P, const g3_xq *xq, int64_t g0, int64_t g1
 
 TGT void g3_packed_matvec(const g3_packed *P, const g3_xq *xq, int64_t g0, int64_t g1, float *y)
 {
-    switch (P->type) {
-    case G3_TYPE_Q8_0: matvec_kind(P, xq, g0, g1, y, V_BYTES, S_HALF, 128); break;
-    case G3_TYPE_Q4_0: matvec_kind(P, xq, g0, g1, y, V_NIB, S_HALF, 8); break;
-    case G3_TYPE_Q5_0: matvec_kind(P, xq, g0, g1, y, V_NIB5, S_HALF, 16); break;
-    case G3_TYPE_Q4_K: matvec_kind(P, xq, g0, g1, y, V_NIB, S_K4, 0); break;
-    case G3_TYPE_Q5_K: matvec_kind(P, xq, g0, g1, y, V_NIB5, S_K4, 0); break;
-    case G3_TYPE_Q6_K: matvec_kind(P, xq, g0, g1, y, V_NIB6, S_K6, 32); break;
-    }
+#define MATVEC(v, sm, o) matvec_kind(P, xq, g0, g1, y, v, sm, o)
+    FOR_PACKED_TYPE(P->type, MATVEC)
+#undef MATVEC
 }
 
 /* ---- several tokens per pass over the weights ---------------------------------------------------
@@ -680,16 +687,6 @@ INL void matmat_kind(const g3_packed *P, const g3_xq *xq, int T, int64_t g0, int
     }
 }
 
-#define MATMAT_TYPES(ND)                                                                      \
-    switch (P->type) {                                                                        \
-    case G3_TYPE_Q8_0: matmat_kind(P, x, n, g0, g1, yt, V_BYTES, S_HALF, 128, ND); break;     \
-    case G3_TYPE_Q4_0: matmat_kind(P, x, n, g0, g1, yt, V_NIB, S_HALF, 8, ND); break;         \
-    case G3_TYPE_Q5_0: matmat_kind(P, x, n, g0, g1, yt, V_NIB5, S_HALF, 16, ND); break;       \
-    case G3_TYPE_Q4_K: matmat_kind(P, x, n, g0, g1, yt, V_NIB, S_K4, 0, ND); break;           \
-    case G3_TYPE_Q5_K: matmat_kind(P, x, n, g0, g1, yt, V_NIB5, S_K4, 0, ND); break;          \
-    case G3_TYPE_Q6_K: matmat_kind(P, x, n, g0, g1, yt, V_NIB6, S_K6, 32, ND); break;         \
-    }
-
 TGT void g3_packed_matmat_digits(const g3_packed *P, const g3_xq *xq, int T, int64_t g0,
                                  int64_t g1, float *y, int ndig)
 {
@@ -697,14 +694,17 @@ TGT void g3_packed_matmat_digits(const g3_packed *P, const g3_xq *xq, int T, int
         const int n = T - t0 < G3_PACK_MAX_TOKENS ? T - t0 : G3_PACK_MAX_TOKENS;
         const g3_xq *x = xq + t0;
         float *yt = y + (size_t)t0 * P->rows;
+#define MATMAT(v, sm, o) matmat_kind(P, x, n, g0, g1, yt, v, sm, o, nd)
         if (ndig == 1) {
-            MATMAT_TYPES(1)
+            const int nd = 1;
+            FOR_PACKED_TYPE(P->type, MATMAT)
         } else {
-            MATMAT_TYPES(3)
+            const int nd = 3;
+            FOR_PACKED_TYPE(P->type, MATMAT)
         }
+#undef MATMAT
     }
 }
-#undef MATMAT_TYPES
 
 TGT void g3_packed_matmat(const g3_packed *P, const g3_xq *xq, int T, int64_t g0, int64_t g1,
                           float *y)
@@ -895,16 +895,6 @@ NOSAN INL void gemm_kind(const g3_packed *P, const g3_xq *xq, int T, int64_t g0,
     }
 }
 
-#define GEMM_TYPES(ND)                                                                         \
-    switch (P->type) {                                                                         \
-    case G3_TYPE_Q8_0: gemm_kind(P, xq, T, g0, g1, y, V_BYTES, S_HALF, 128, ND); break;        \
-    case G3_TYPE_Q4_0: gemm_kind(P, xq, T, g0, g1, y, V_NIB, S_HALF, 8, ND); break;            \
-    case G3_TYPE_Q5_0: gemm_kind(P, xq, T, g0, g1, y, V_NIB5, S_HALF, 16, ND); break;          \
-    case G3_TYPE_Q4_K: gemm_kind(P, xq, T, g0, g1, y, V_NIB, S_K4, 0, ND); break;              \
-    case G3_TYPE_Q5_K: gemm_kind(P, xq, T, g0, g1, y, V_NIB5, S_K4, 0, ND); break;             \
-    case G3_TYPE_Q6_K: gemm_kind(P, xq, T, g0, g1, y, V_NIB6, S_K6, 32, ND); break;           \
-    }
-
 #if defined(__SANITIZE_ADDRESS__)
 /* what gemm_tile touches for tokens [0, T) and groups [g0, g1), for check_region */
 static void gemm_check_regions(const g3_packed *P, const g3_xq *xq, int T, int64_t g0, int64_t g1,
@@ -933,10 +923,13 @@ NOSAN TGT void g3_packed_gemm(const g3_packed *P, const g3_xq *xq, int T, int64_
 #if defined(__SANITIZE_ADDRESS__)
     gemm_check_regions(P, xq, T, g0, g1, y, mode == G3_PREFILL_8BIT ? 1 : 3);
 #endif
+#define GEMM(v, sm, o) gemm_kind(P, xq, T, g0, g1, y, v, sm, o, nd)
     if (mode == G3_PREFILL_8BIT) {
-        GEMM_TYPES(1)
+        const int nd = 1;
+        FOR_PACKED_TYPE(P->type, GEMM)
     } else {
-        GEMM_TYPES(3)
+        const int nd = 3;
+        FOR_PACKED_TYPE(P->type, GEMM)
     }
+#undef GEMM
 }
-#undef GEMM_TYPES
