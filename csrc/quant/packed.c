@@ -438,7 +438,20 @@ TGT int g3_any_at_least(const float *v, int64_t n, float thr)
     return _mm512_mask_cmp_ps_mask(k, _mm512_maskz_loadu_ps(k, v), _mm512_set1_ps(thr), _CMP_GE_OQ) != 0;
 }
 
-/* ---- the product ------------------------------------------------------------------------------- */
+/* ---- the product ------------------------------------------------------------------------------- *
+ *
+ * One kernel, group_product, multiplies one group (16 rows) by up to NTMAX tokens; decode
+ * (one token), a verify pass (a few) and prefill (8 at a time) are its specializations, so a
+ * row's arithmetic is the same whichever of them computes it: the results are bit-identical
+ * between g3_packed_matvec, g3_packed_matmat and g3_packed_gemm at the same activations.
+ *
+ * Per 32-column block, the codes are loaded and unpacked once and multiplied by every token of
+ * the tile. The digit sums are exact integers, combined in int32 where they fit: the top two
+ * digits as A21 = 256 * A2 + A1 - offset * (256 * X2 + X1) (|A21| < 2^29), the lowest as
+ * A0 - offset * X0, then S = A21 + A0 / 256 in float (an exact scaling) times 256 * s: two
+ * conversions and one FMA per 16 rows, token and block. With 8-bit activations (one digit) the
+ * sum is A0 - offset * X0, exact in float. A token's result depends on its own activations only,
+ * never on the other tokens of its tile or on which rows or thread the call covers. */
 
 INL __m512i bcast4(const int8_t *p)
 {
@@ -447,318 +460,57 @@ INL __m512i bcast4(const int8_t *p)
     return _mm512_set1_epi32(v);
 }
 
-/* acc[p] += codes (16 rows x 4 columns) . digits p of those 4 columns, for p < ndig (the
- * others are zero: 8-bit activations, g3_xq_prepare_digits(.., 1)) */
-INL void dpn(__m512i acc[3], __m512i u, const g3_xq *xq, int64_t col, const int ndig)
-{
-    for (int p = 0; p < ndig; p++)
-        acc[p] = _mm512_dpbusd_epi32(acc[p], u, bcast4(xq->digit[p] + col));
-}
-
-INL void dp3(__m512i acc[3], __m512i u, const g3_xq *xq, int64_t col) { dpn(acc, u, xq, col, 3); }
-
-/* Each digit's sum runs in two dependency chains (half the vpdpbusd latency in a row); being
- * integers, a0 + a1 is the one chain's sum exactly. */
-INL void merge_chains(__m512i a0[3], const __m512i a1[3])
-{
-    for (int p = 0; p < 3; p++)
-        a0[p] = _mm512_add_epi32(a0[p], a1[p]);
-}
-
-/* 65536*A2 + 256*A1 + A0 - offset * (sum of X over the columns), as float (16 rows) */
-INL __m512 combine(__m512i a[3], int offset, const int32_t *ds0, const int32_t *ds1)
-{
-    if (offset) {
-        for (int p = 0; p < 3; p++) {
-            const int32_t s = ds0[p] + (ds1 ? ds1[p] : 0);
-            a[p] = _mm512_sub_epi32(a[p], _mm512_set1_epi32(offset * s));
-        }
-    }
-    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[2]), _mm512_set1_ps(65536.0f),
-                           _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[1]), _mm512_set1_ps(256.0f),
-                                           _mm512_cvtepi32_ps(a[0])));
-}
-
-/* Software prefetch distance in bytes: the hardware prefetchers stop at 4 KiB page boundaries
- * and ramp up again after each; asking for the record 4 KiB ahead keeps the stream going
- * (LM head of the 270M file, one thread: 19 ms without, 13 ms with). */
+/* Software prefetch distance in bytes for the streaming kernels (decode, verify): the hardware
+ * prefetchers stop at 4 KiB page boundaries and ramp up again after each; asking for the record
+ * 4 KiB ahead keeps the stream going (LM head of the 270M file, one thread: 19 ms without, 13 ms
+ * with). The prefill GEMM reuses each group for every token tile and only asks for the next
+ * group's record. */
 #ifndef G3_PACK_PREFETCH
 #define G3_PACK_PREFETCH 4096
 #endif
 
-INL void matvec_kind(const g3_packed *P, const g3_xq *xq, int64_t g0, int64_t g1, float *y,
-                     const int vmode, const int smode, const int offset)
-{
-    const size_t vb = VALUES_BYTES(vmode);
-    const __m512i m4 = _mm512_set1_epi8(0x0F), b4 = _mm512_set1_epi8(0x10);
-    const __m512i b6 = _mm512_set1_epi8(0x30);
-    for (int64_t g = g0; g < g1; g++) {
-        const uint8_t *p = P->data + (size_t)g * P->group_bytes;
-        __m512 yacc = _mm512_setzero_ps(), dsup = yacc, dminsup = yacc;
-        for (int64_t b = 0; b < P->nb; b++) {
-            if (smode != S_HALF && b % 8 == 0)
-                p = super_header(p, smode, &dsup, &dminsup);
-            const int64_t col = 32 * b;
-            if (G3_PACK_PREFETCH > 0)
-                for (size_t o = 0; o < vb + 32; o += 64)
-                    _mm_prefetch((const char *)p + G3_PACK_PREFETCH + o, _MM_HINT_T0);
-            __m512i a0[3], a1[3]; /* S_K6: columns 0..15 and 16..31; else two chains (merge_chains) */
-            for (int q = 0; q < 3; q++)
-                a0[q] = a1[q] = _mm512_setzero_si512();
-            if (vmode == V_BYTES) {
-                for (int j = 0; j < 8; j++) {
-                    const __m512i u = _mm512_loadu_si512(p + 64 * j);
-                    dp3(smode == S_K6 ? (j >= 4 ? a1 : a0) : j % 2 ? a1 : a0, u, xq, col + 4 * j);
-                }
-            } else {
-                const __m512i H = vmode >= V_NIB5 ? _mm512_loadu_si512(p + 256) : _mm512_setzero_si512();
-                const __m512i H6 = vmode == V_NIB6 ? _mm512_loadu_si512(p + 320) : _mm512_setzero_si512();
-#define NIB_CHUNK(j)                                                                              \
-    do {                                                                                          \
-        const __m512i v = _mm512_loadu_si512(p + 64 * (j));                                       \
-        __m512i lo = _mm512_and_si512(v, m4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4); \
-        if (vmode == V_NIB5) {                                                                    \
-            lo = _mm512_or_si512(lo, _mm512_and_si512(_mm512_slli_epi16(H, 4 - (j)), b4));        \
-            hi = _mm512_or_si512(hi, _mm512_and_si512(_mm512_srli_epi16(H, (j)), b4));            \
-        }                                                                                         \
-        if (vmode == V_NIB6) {                                                                    \
-            lo = _mm512_or_si512(lo, _mm512_and_si512(SH6(H, (j)), b6));                          \
-            hi = _mm512_or_si512(hi, _mm512_and_si512(SH6(H6, (j)), b6));                         \
-        }                                                                                         \
-        dp3(a0, lo, xq, col + 4 * (j));                                                           \
-        dp3(a1, hi, xq, col + 16 + 4 * (j));                                                      \
-    } while (0)
-                NIB_CHUNK(0);
-                NIB_CHUNK(1);
-                NIB_CHUNK(2);
-                NIB_CHUNK(3);
-#undef NIB_CHUNK
-            }
-            p += vb;
-            if (smode != S_K6)
-                merge_chains(a0, a1);
-            const __m512 xs = _mm512_set1_ps(xq->scale[b]);
-            const int32_t *ds = xq->dsum + 6 * b;
-            if (smode == S_HALF) {
-                const __m512 S = combine(a0, offset, ds, ds + 3);
-                const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
-                yacc = _mm512_fmadd_ps(S, _mm512_mul_ps(d, xs), yacc);
-            } else if (smode == S_K4) {
-                const __m512 S = combine(a0, 0, ds, ds + 3);
-                const __m512 sc = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p)));
-                const __m512 mn = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p + 16))));
-                yacc = _mm512_fmadd_ps(S, _mm512_mul_ps(_mm512_mul_ps(dsup, sc), xs), yacc);
-                yacc = _mm512_fnmadd_ps(_mm512_mul_ps(dminsup, mn), _mm512_set1_ps(xq->xsum[b]), yacc);
-            } else {
-                const __m512 S0 = combine(a0, offset, ds, NULL), S1 = combine(a1, offset, ds + 3, NULL);
-                const __m512 sc0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
-                const __m512 sc1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p + 16))));
-                yacc = _mm512_fmadd_ps(S0, _mm512_mul_ps(_mm512_mul_ps(dsup, sc0), xs), yacc);
-                yacc = _mm512_fmadd_ps(S1, _mm512_mul_ps(_mm512_mul_ps(dsup, sc1), xs), yacc);
-            }
-            p += 32;
-        }
-        const int64_t r0 = g * G3_PACK_ROWS, n = P->rows - r0 < G3_PACK_ROWS ? P->rows - r0 : G3_PACK_ROWS;
-        _mm512_mask_storeu_ps(y + r0, (__mmask16)((1u << n) - 1), yacc);
-    }
-}
-
-TGT void g3_packed_matvec(const g3_packed *P, const g3_xq *xq, int64_t g0, int64_t g1, float *y)
-{
-#define MATVEC(v, sm, o) matvec_kind(P, xq, g0, g1, y, v, sm, o)
-    FOR_PACKED_TYPE(P->type, MATVEC)
-#undef MATVEC
-}
-
-/* ---- several tokens per pass over the weights ---------------------------------------------------
- *
- * A verify pass of speculative decoding (or any few-token call) multiplies the same weights by T
- * activation vectors. Calling g3_packed_matvec per token streams the weights from memory once and
- * then re-reads them from cache T - 1 times, with the compute of the later passes serialized
- * after the memory stall of the first. Here each block's codes are loaded and unpacked once and
- * multiplied by every token while the next blocks stream in, so T tokens cost about one pass as
- * long as T times the integer work fits under the memory time. The per-token arithmetic is the
- * matvec's, in the same order (the integer sums are exact; the float combine and accumulate steps
- * are the same operations), so each token's y is bit-identical to g3_packed_matvec's. */
-
-INL void matmat_kind(const g3_packed *P, const g3_xq *xq, int T, int64_t g0, int64_t g1, float *y,
-                     const int vmode, const int smode, const int offset, const int ndig)
-{
-    const size_t vb = VALUES_BYTES(vmode);
-    const __m512i m4 = _mm512_set1_epi8(0x0F), b4 = _mm512_set1_epi8(0x10);
-    const __m512i b6 = _mm512_set1_epi8(0x30);
-    __m512 yacc[G3_PACK_MAX_TOKENS];
-    for (int64_t g = g0; g < g1; g++) {
-        const uint8_t *p = P->data + (size_t)g * P->group_bytes;
-        __m512 dsup = _mm512_setzero_ps(), dminsup = dsup;
-        for (int t = 0; t < T; t++)
-            yacc[t] = _mm512_setzero_ps();
-        for (int64_t b = 0; b < P->nb; b++) {
-            if (smode != S_HALF && b % 8 == 0)
-                p = super_header(p, smode, &dsup, &dminsup);
-            const int64_t col = 32 * b;
-            if (G3_PACK_PREFETCH > 0)
-                for (size_t o = 0; o < vb + 32; o += 64)
-                    _mm_prefetch((const char *)p + G3_PACK_PREFETCH + o, _MM_HINT_T0);
-            /* the block's codes, 8 vectors of 16 rows x 4 columns (V_BYTES: chunk j covers
-             * columns 4j..4j+3; nibbles: u[2j] columns 4j.., u[2j + 1] columns 16 + 4j..) */
-            __m512i u[8];
-            if (vmode == V_BYTES) {
-#pragma GCC unroll 8
-                for (int j = 0; j < 8; j++)
-                    u[j] = _mm512_loadu_si512(p + 64 * j);
-            } else {
-                const __m512i H = vmode >= V_NIB5 ? _mm512_loadu_si512(p + 256) : _mm512_setzero_si512();
-                const __m512i H6 = vmode == V_NIB6 ? _mm512_loadu_si512(p + 320) : _mm512_setzero_si512();
-#define NIB_UNPACK(j)                                                                             \
-    do {                                                                                          \
-        const __m512i v = _mm512_loadu_si512(p + 64 * (j));                                       \
-        __m512i lo = _mm512_and_si512(v, m4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4); \
-        if (vmode == V_NIB5) {                                                                    \
-            lo = _mm512_or_si512(lo, _mm512_and_si512(_mm512_slli_epi16(H, 4 - (j)), b4));        \
-            hi = _mm512_or_si512(hi, _mm512_and_si512(_mm512_srli_epi16(H, (j)), b4));            \
-        }                                                                                         \
-        if (vmode == V_NIB6) {                                                                    \
-            lo = _mm512_or_si512(lo, _mm512_and_si512(SH6(H, (j)), b6));                          \
-            hi = _mm512_or_si512(hi, _mm512_and_si512(SH6(H6, (j)), b6));                         \
-        }                                                                                         \
-        u[2 * (j)] = lo;                                                                          \
-        u[2 * (j) + 1] = hi;                                                                      \
-    } while (0)
-                NIB_UNPACK(0);
-                NIB_UNPACK(1);
-                NIB_UNPACK(2);
-                NIB_UNPACK(3);
-#undef NIB_UNPACK
-            }
-            p += vb;
-            /* the block's scales, shared by every token */
-            __m512 d = _mm512_setzero_ps(), sc0 = d, sc1 = d, mn = d;
-            if (smode == S_HALF) {
-                d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
-            } else if (smode == S_K4) {
-                sc0 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p)));
-                mn = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p + 16))));
-            } else {
-                sc0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
-                sc1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p + 16))));
-            }
-            p += 32;
-            for (int t = 0; t < T; t++) {
-                const g3_xq *x = &xq[t];
-                __m512i a0[3], a1[3];
-                for (int q = 0; q < 3; q++)
-                    a0[q] = a1[q] = _mm512_setzero_si512();
-                if (vmode == V_BYTES) {
-#pragma GCC unroll 8
-                    for (int j = 0; j < 8; j++)
-                        dpn(smode == S_K6 ? (j >= 4 ? a1 : a0) : j % 2 ? a1 : a0, u[j], x, col + 4 * j,
-                            ndig);
-                } else {
-#pragma GCC unroll 4
-                    for (int j = 0; j < 4; j++) {
-                        dpn(a0, u[2 * j], x, col + 4 * j, ndig);
-                        dpn(a1, u[2 * j + 1], x, col + 16 + 4 * j, ndig);
-                    }
-                }
-                if (smode != S_K6)
-                    merge_chains(a0, a1);
-                const __m512 xs = _mm512_set1_ps(x->scale[b]);
-                const int32_t *ds = x->dsum + 6 * b;
-                __m512 acc = yacc[t];
-                if (smode == S_HALF) {
-                    const __m512 S = combine(a0, offset, ds, ds + 3);
-                    acc = _mm512_fmadd_ps(S, _mm512_mul_ps(d, xs), acc);
-                } else if (smode == S_K4) {
-                    const __m512 S = combine(a0, 0, ds, ds + 3);
-                    acc = _mm512_fmadd_ps(S, _mm512_mul_ps(_mm512_mul_ps(dsup, sc0), xs), acc);
-                    acc = _mm512_fnmadd_ps(_mm512_mul_ps(dminsup, mn), _mm512_set1_ps(x->xsum[b]), acc);
-                } else {
-                    const __m512 S0 = combine(a0, offset, ds, NULL), S1 = combine(a1, offset, ds + 3, NULL);
-                    acc = _mm512_fmadd_ps(S0, _mm512_mul_ps(_mm512_mul_ps(dsup, sc0), xs), acc);
-                    acc = _mm512_fmadd_ps(S1, _mm512_mul_ps(_mm512_mul_ps(dsup, sc1), xs), acc);
-                }
-                yacc[t] = acc;
-            }
-        }
-        const int64_t r0 = g * G3_PACK_ROWS, n = P->rows - r0 < G3_PACK_ROWS ? P->rows - r0 : G3_PACK_ROWS;
-        for (int t = 0; t < T; t++)
-            _mm512_mask_storeu_ps(y + (size_t)t * P->rows + r0, (__mmask16)((1u << n) - 1), yacc[t]);
-    }
-}
-
-TGT void g3_packed_matmat_digits(const g3_packed *P, const g3_xq *xq, int T, int64_t g0,
-                                 int64_t g1, float *y, int ndig)
-{
-    for (int t0 = 0; t0 < T; t0 += G3_PACK_MAX_TOKENS) {
-        const int n = T - t0 < G3_PACK_MAX_TOKENS ? T - t0 : G3_PACK_MAX_TOKENS;
-        const g3_xq *x = xq + t0;
-        float *yt = y + (size_t)t0 * P->rows;
-#define MATMAT(v, sm, o) matmat_kind(P, x, n, g0, g1, yt, v, sm, o, nd)
-        if (ndig == 1) {
-            const int nd = 1;
-            FOR_PACKED_TYPE(P->type, MATMAT)
-        } else {
-            const int nd = 3;
-            FOR_PACKED_TYPE(P->type, MATMAT)
-        }
-#undef MATMAT
-    }
-}
-
-TGT void g3_packed_matmat(const g3_packed *P, const g3_xq *xq, int T, int64_t g0, int64_t g1,
-                          float *y)
-{
-    g3_packed_matmat_digits(P, xq, T, g0, g1, y, 3);
-}
-
-/* ---- prompt processing: many tokens per weight block ---------------------------------------------
- *
- * A prefill chunk multiplies each weight by T >= 32 activation rows, so the integer work, not the
- * weight stream, is the cost: each 32-column block of a group is unpacked once and multiplied by a
- * register tile of G3_GEMM_NT tokens, and the caller walks tiles so that a block of groups stays
- * in L2 while the tokens stream (matmul.c). The digit sums are combined in int32 where they fit:
- * the top two digits as A21 = 256 * A2 + A1 - offset * (256 * X2 + X1) (|A21| < 2^29), the
- * lowest digit as A0 - offset * X0, then S = A21 + A0 / 256 in float (an exact scaling) times
- * 256 * s: two conversions and one FMA per 16 rows, token and block instead of the decode
- * kernels' three and two. With 8-bit activations (one digit) the sum is A0 - offset * X0. A
- * token's result depends on its own activations only, never on the other tokens of its tile. */
-
+/* Tokens a prefill tile multiplies against one group's unpacked block. */
 #ifndef G3_GEMM_NT
 #define G3_GEMM_NT 8
 #endif
 
-TGT void g3_xq_prepare_prefill(g3_xq *xq, const float *x, int mode)
-{
-    if (mode == G3_PREFILL_8BIT)
-        g3_xq_prepare_digits(xq, x, 1);
-    else
-        g3_xq_prepare(xq, x);
-}
-
-/* y[t][rows of group g] for the nt (<= G3_GEMM_NT) tokens xq[0..nt); y row stride ldy.
- * ndig: 1 (8-bit activations: digit 0 only) or 3 (24-bit: digits 2, 1 and 0). */
-NOSAN INL void gemm_tile(const g3_packed *P, const g3_xq *xq, const int nt, int64_t g, float *y,
-                   int64_t ldy, const int vmode, const int smode, const int offset, const int ndig)
+/* y[t][rows of group g] for the nt (<= NTMAX, a constant) tokens xq[0..nt), y row stride ldy.
+ * ndig: 1 (8-bit activations: digit 0 only) or 3 (24-bit: digits 2, 1 and 0). STREAM: the group
+ * is read once (prefetch every record ahead) rather than held in cache for many tiles. */
+NOSAN INL void group_product(const g3_packed *P, const g3_xq *xq, const int nt, int64_t g, float *y,
+                             int64_t ldy, const int vmode, const int smode, const int offset,
+                             const int ndig, const int NTMAX, const int STREAM)
 {
     const size_t vb = VALUES_BYTES(vmode);
     const __m512i m4 = _mm512_set1_epi8(0x0F), b4 = _mm512_set1_epi8(0x10);
     const __m512i b6 = _mm512_set1_epi8(0x30);
     const uint8_t *p = P->data + (size_t)g * P->group_bytes;
-    const int8_t *dg[G3_GEMM_NT][3];
-    __m512 yacc[G3_GEMM_NT];
-    for (int t = 0; t < G3_GEMM_NT; t++) {
+    const int8_t *dg[G3_PACK_MAX_TOKENS][3];
+    __m512 yacc[G3_PACK_MAX_TOKENS];
+    for (int t = 0; t < NTMAX; t++) {
         const g3_xq *x = &xq[t < nt ? t : 0];
         for (int q = 0; q < 3; q++)
             dg[t][q] = x->digit[q];
         yacc[t] = _mm512_setzero_ps();
     }
     const __m512 inv256 = _mm512_set1_ps(1.0f / 256.0f);
+    const int two = smode == S_K6; /* halves kept apart (their own scales) */
+    /* one token alone: each digit's sum in two dependency chains (half the vpdpbusd latency in a
+     * row), added exactly before the combine; several tokens interleave chains anyway */
+    const int split = NTMAX == 1 && !two;
     __m512 dsup = _mm512_setzero_ps(), dminsup = dsup;
     for (int64_t b = 0; b < P->nb; b++) {
         if (smode != S_HALF && b % 8 == 0)
             p = super_header(p, smode, &dsup, &dminsup);
         const int64_t col = 32 * b;
+        if (STREAM && G3_PACK_PREFETCH > 0) {
+            for (size_t o = 0; o < vb + 32; o += 64)
+                _mm_prefetch((const char *)p + G3_PACK_PREFETCH + o, _MM_HINT_T0);
+        } else if (G3_PACK_PREFETCH > 0) { /* the next group's record, for the first token tile */
+            _mm_prefetch((const char *)p + P->group_bytes, _MM_HINT_T1);
+        }
+        /* the block's codes, 8 vectors of 16 rows x 4 columns (V_BYTES: u[j] covers columns
+         * 4j..4j+3; nibbles: u[2j] columns 4j.., u[2j + 1] columns 16 + 4j..) */
         __m512i u[8];
         if (vmode == V_BYTES) {
 #pragma GCC unroll 8
@@ -766,7 +518,7 @@ NOSAN INL void gemm_tile(const g3_packed *P, const g3_xq *xq, const int nt, int6
                 u[j] = _mm512_loadu_si512(p + 64 * j);
         } else {
             const __m512i H = vmode >= V_NIB5 ? _mm512_loadu_si512(p + 256) : _mm512_setzero_si512();
-                const __m512i H6 = vmode == V_NIB6 ? _mm512_loadu_si512(p + 320) : _mm512_setzero_si512();
+            const __m512i H6 = vmode == V_NIB6 ? _mm512_loadu_si512(p + 320) : _mm512_setzero_si512();
 #pragma GCC unroll 4
             for (int j = 0; j < 4; j++) {
                 const __m512i v = _mm512_loadu_si512(p + 64 * j);
@@ -784,6 +536,7 @@ NOSAN INL void gemm_tile(const g3_packed *P, const g3_xq *xq, const int nt, int6
             }
         }
         p += vb;
+        /* the block's scales, shared by every token */
         __m512 d = _mm512_setzero_ps(), sc0 = d, sc1 = d, mn = d;
         if (smode == S_HALF) {
             d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
@@ -795,15 +548,14 @@ NOSAN INL void gemm_tile(const g3_packed *P, const g3_xq *xq, const int nt, int6
             sc1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p + 16))));
         }
         p += 32;
-        if (G3_PACK_PREFETCH > 0) /* the next group's record, for the first token tile */
-            _mm_prefetch((const char *)p + P->group_bytes - vb - 32, _MM_HINT_T1);
-#pragma GCC unroll 8
-        for (int t = 0; t < G3_GEMM_NT; t++) {
+#pragma GCC unroll 16
+        for (int t = 0; t < NTMAX; t++) {
             if (t >= nt)
                 break;
             const g3_xq *x = &xq[t];
             const int32_t *ds = x->dsum + 6 * b;
-            /* hi[h]: the top digits (ndig 3) or the only one (ndig 1) of half h; lo[h]: digit 0 */
+            /* hi: the top digits (ndig 3) or the only one (ndig 1) of half h (or chain h, split);
+             * lo: digit 0 */
             __m512i h2[2], h1[2], l0[2];
             for (int q = 0; q < 2; q++)
                 h2[q] = h1[q] = l0[q] = _mm512_setzero_si512();
@@ -819,32 +571,36 @@ NOSAN INL void gemm_tile(const g3_packed *P, const g3_xq *xq, const int nt, int6
         }                                                                                                \
     } while (0)
 #define DPL(hf, uu, c) (l0[hf] = _mm512_dpbusd_epi32(l0[hf], (uu), bcast4(dg[t][0] + (c))))
-            const int two = smode == S_K6; /* halves kept apart (their own scales) */
             if (vmode == V_BYTES) {
 #pragma GCC unroll 8
                 for (int j = 0; j < 8; j++)
-                    DPH(two && j >= 4, u[j], col + 4 * j);
+                    DPH(two ? j >= 4 : split && j % 2, u[j], col + 4 * j);
                 if (ndig == 3) {
 #pragma GCC unroll 8
                     for (int j = 0; j < 8; j++)
-                        DPL(two && j >= 4, u[j], col + 4 * j);
+                        DPL(two ? j >= 4 : split && j % 2, u[j], col + 4 * j);
                 }
             } else {
 #pragma GCC unroll 4
                 for (int j = 0; j < 4; j++) {
                     DPH(0, u[2 * j], col + 4 * j);
-                    DPH(two, u[2 * j + 1], col + 16 + 4 * j);
+                    DPH(two || split, u[2 * j + 1], col + 16 + 4 * j);
                 }
                 if (ndig == 3) {
 #pragma GCC unroll 4
                     for (int j = 0; j < 4; j++) {
                         DPL(0, u[2 * j], col + 4 * j);
-                        DPL(two, u[2 * j + 1], col + 16 + 4 * j);
+                        DPL(two || split, u[2 * j + 1], col + 16 + 4 * j);
                     }
                 }
             }
 #undef DPH
 #undef DPL
+            if (split) { /* the chains' sums, exactly */
+                h2[0] = _mm512_add_epi32(h2[0], h2[1]);
+                h1[0] = _mm512_add_epi32(h1[0], h1[1]);
+                l0[0] = _mm512_add_epi32(l0[0], l0[1]);
+            }
             /* the exact integer sums as float, per half (or both halves in [0]) */
             __m512 S[2];
             for (int hf = 0; hf < (two ? 2 : 1); hf++) {
@@ -884,21 +640,25 @@ NOSAN INL void gemm_tile(const g3_packed *P, const g3_xq *xq, const int nt, int6
         _mm512_mask_storeu_ps(y + (size_t)t * ldy + r0, (__mmask16)((1u << n) - 1), yacc[t]);
 }
 
-NOSAN INL void gemm_kind(const g3_packed *P, const g3_xq *xq, int T, int64_t g0, int64_t g1, float *y,
-                   const int vmode, const int smode, const int offset, const int ndig)
+/* Groups [g0, g1) for T tokens, NTMAX at a time (the tile loop outside the group loop: prefill
+ * holds the caller's few groups in L2 while the tiles pass; the streaming callers take all their
+ * tokens in one tile, so the weights are read once). */
+NOSAN INL void product_kind(const g3_packed *P, const g3_xq *xq, int T, int64_t g0, int64_t g1,
+                            float *y, const int vmode, const int smode, const int offset,
+                            const int ndig, const int NTMAX, const int STREAM)
 {
-    for (int t0 = 0; t0 < T; t0 += G3_GEMM_NT) {
-        const int nt = T - t0 < G3_GEMM_NT ? T - t0 : G3_GEMM_NT;
+    for (int t0 = 0; t0 < T; t0 += NTMAX) {
+        const int nt = T - t0 < NTMAX ? T - t0 : NTMAX;
         for (int64_t g = g0; g < g1; g++)
-            gemm_tile(P, xq + t0, nt, g, y + (size_t)t0 * P->rows, P->rows, vmode, smode, offset,
-                      ndig);
+            group_product(P, xq + t0, nt, g, y + (size_t)t0 * P->rows, P->rows, vmode, smode,
+                          offset, ndig, NTMAX, STREAM);
     }
 }
 
 #if defined(__SANITIZE_ADDRESS__)
-/* what gemm_tile touches for tokens [0, T) and groups [g0, g1), for check_region */
-static void gemm_check_regions(const g3_packed *P, const g3_xq *xq, int T, int64_t g0, int64_t g1,
-                               const float *y, int ndig)
+/* what product_kind touches for tokens [0, T) and groups [g0, g1), for check_region */
+static void check_regions(const g3_packed *P, const g3_xq *xq, int T, int64_t g0, int64_t g1,
+                          const float *y, int ndig)
 {
     if (T <= 0 || g1 <= g0)
         return;
@@ -915,15 +675,64 @@ static void gemm_check_regions(const g3_packed *P, const g3_xq *xq, int T, int64
         check_region(y + (size_t)t * P->rows + r0, sizeof(float) * (size_t)(r1 - r0), 1);
     }
 }
+#define CHECK_REGIONS(P, xq, T, g0, g1, y, ndig) check_regions(P, xq, T, g0, g1, y, ndig)
+#else
+#define CHECK_REGIONS(P, xq, T, g0, g1, y, ndig) ((void)0)
 #endif
+
+NOSAN TGT void g3_packed_matvec(const g3_packed *P, const g3_xq *xq, int64_t g0, int64_t g1, float *y)
+{
+    CHECK_REGIONS(P, xq, 1, g0, g1, y, 3);
+#define MATVEC(v, sm, o) product_kind(P, xq, 1, g0, g1, y, v, sm, o, 3, 1, 1)
+    FOR_PACKED_TYPE(P->type, MATVEC)
+#undef MATVEC
+}
+
+/* A verify pass of speculative decoding (or any few-token call) multiplies the same weights by T
+ * activation vectors: each block's codes are loaded and unpacked once and multiplied by every
+ * token while the next blocks stream in, so T tokens cost about one pass as long as T times the
+ * integer work fits under the memory time. */
+NOSAN TGT void g3_packed_matmat_digits(const g3_packed *P, const g3_xq *xq, int T, int64_t g0,
+                                       int64_t g1, float *y, int ndig)
+{
+    CHECK_REGIONS(P, xq, T, g0, g1, y, ndig == 1 ? 1 : 3);
+#define MATMAT(v, sm, o) product_kind(P, xq, T, g0, g1, y, v, sm, o, nd, G3_PACK_MAX_TOKENS, 1)
+    if (ndig == 1) {
+        const int nd = 1;
+        FOR_PACKED_TYPE(P->type, MATMAT)
+    } else {
+        const int nd = 3;
+        FOR_PACKED_TYPE(P->type, MATMAT)
+    }
+#undef MATMAT
+}
+
+TGT void g3_packed_matmat(const g3_packed *P, const g3_xq *xq, int T, int64_t g0, int64_t g1,
+                          float *y)
+{
+    g3_packed_matmat_digits(P, xq, T, g0, g1, y, 3);
+}
+
+/* ---- prompt processing: many tokens per weight block ---------------------------------------------
+ *
+ * A prefill chunk multiplies each weight by T >= 32 activation rows, so the integer work, not the
+ * weight stream, is the cost: each 32-column block of a group is unpacked once and multiplied by a
+ * register tile of G3_GEMM_NT tokens, and the caller walks tiles so that a block of groups stays
+ * in L2 while the tokens stream (matmul.c). */
+
+TGT void g3_xq_prepare_prefill(g3_xq *xq, const float *x, int mode)
+{
+    if (mode == G3_PREFILL_8BIT)
+        g3_xq_prepare_digits(xq, x, 1);
+    else
+        g3_xq_prepare(xq, x);
+}
 
 NOSAN TGT void g3_packed_gemm(const g3_packed *P, const g3_xq *xq, int T, int64_t g0, int64_t g1,
                               float *y, int mode)
 {
-#if defined(__SANITIZE_ADDRESS__)
-    gemm_check_regions(P, xq, T, g0, g1, y, mode == G3_PREFILL_8BIT ? 1 : 3);
-#endif
-#define GEMM(v, sm, o) gemm_kind(P, xq, T, g0, g1, y, v, sm, o, nd)
+    CHECK_REGIONS(P, xq, T, g0, g1, y, mode == G3_PREFILL_8BIT ? 1 : 3);
+#define GEMM(v, sm, o) product_kind(P, xq, T, g0, g1, y, v, sm, o, nd, G3_GEMM_NT, 0)
     if (mode == G3_PREFILL_8BIT) {
         const int nd = 1;
         FOR_PACKED_TYPE(P->type, GEMM)
