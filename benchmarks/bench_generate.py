@@ -3,6 +3,7 @@
     python benchmarks/bench_generate.py [--model PATH] [--threads 1 2] [--depths 0 4096]
                                         [--reps 3] [--rounds 3] [--peer-python PY] [--no-peer]
                                         [--first torch] [--g3-python PY]
+                                        [--prefill-precision exact|int16|int8]
 
 Columns: pp512 (prompt processing, tokens/s over a 512-token batch) and tg128 (generation,
 tokens/s over 128 single-token steps), each after `depth` tokens already in the cache. Every
@@ -13,6 +14,8 @@ the engines' order, and the table gives the median over rounds and the ratio of 
 
 The peer is llama.cpp through llama-cpp-python, with the same thread count, batch 512 and its
 default F16 KV cache, run by `--peer-python` (default: this interpreter, if it has llama_cpp).
+`--prefill-precision` loads gemma3 with that prompt activation precision (default "exact", the
+24-bit default; "int16" and "int8" are the opt-ins whose agreement bench_prefill.py prints).
 `--first torch` imports torch (and runs a torch matmul) in gemma3's process before gemma3, as a
 notebook does; `--g3-python` picks the interpreter for gemma3 (one that has torch, for that case).
 
@@ -57,7 +60,8 @@ def tokens_for(n: int, vocab: int, seed: int) -> list[int]:
 
 # ---- worker: gemma3 ------------------------------------------------------------------------------
 
-def g3_worker(path: str, threads: int, depths: list[int], reps: int, first: str | None) -> dict:
+def g3_worker(path: str, threads: int, depths: list[int], reps: int, first: str | None,
+              precision: str = "exact") -> dict:
     if first == "torch":
         import torch
 
@@ -69,7 +73,7 @@ def g3_worker(path: str, threads: int, depths: list[int], reps: int, first: str 
 
     gemma3.set_num_threads(threads)
     n_ctx = max(depths) + PP + TG + 16
-    model = gemma3.load(path, max_seq_len=n_ctx)
+    model = gemma3.load(path, max_seq_len=n_ctx, prefill_precision=precision)
     core = model.engine.core
     out = {}
     for depth in depths:
@@ -230,11 +234,14 @@ def main(argv=None) -> int:
     ap.add_argument("--g3-python", default=sys.executable, help="interpreter with gemma3")
     ap.add_argument("--first", choices=["torch"], default=None,
                     help="import torch in gemma3's process before gemma3")
+    ap.add_argument("--prefill-precision", choices=["exact", "int16", "int8"], default="exact",
+                    help="gemma3's prompt activation precision (load(prefill_precision=...))")
     ap.add_argument("--worker", choices=["gemma3", "llama.cpp", "extras"], help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.worker:
         th = a.threads[0]
-        res = (g3_worker(a.model, th, a.depths, a.reps, a.first) if a.worker == "gemma3" else
+        res = (g3_worker(a.model, th, a.depths, a.reps, a.first, a.prefill_precision)
+               if a.worker == "gemma3" else
                llama_worker(a.model, th, a.depths, a.reps) if a.worker == "llama.cpp" else
                g3_extras(a.model, th))
         print(json.dumps(res))
@@ -247,7 +254,8 @@ def main(argv=None) -> int:
     print(f"model: {path}")
     print(f"cpu: {os.cpu_count()} cores, flags: {cpu_flags()}; peer: "
           f"{'llama-cpp-python via ' + peer if peer else 'none'}; gemma3 first import: "
-          f"{a.first or 'gemma3 alone'}; load average {os.getloadavg()}")
+          f"{a.first or 'gemma3 alone'}; gemma3 prefill_precision={a.prefill_precision!r}; "
+          f"load average {os.getloadavg()}")
     runs: dict = {}  # (engine, threads, depth) -> list of (pp, tg), one per round
     version = None
     for th in a.threads:
@@ -255,6 +263,8 @@ def main(argv=None) -> int:
             order = engines if r % 2 == 0 else engines[::-1]
             for name, python in order:
                 extra = ["--first", a.first] if (name == "gemma3" and a.first) else []
+                if name == "gemma3":
+                    extra += ["--prefill-precision", a.prefill_precision]
                 res = run_worker(python, ["--worker", name, "--threads", str(th), *common, *extra])
                 for d, v in res.items():
                     runs.setdefault((name, th, int(d)), []).append((v["pp"], v["tg"]))

@@ -3,14 +3,14 @@
     python benchmarks/bench_prefill.py [--model PATH] [--threads 1 2] [--rounds 3] [--reps 3]
 
 Speed: pp512 (tokens/s over one 512-token forward call, depth 0) for load(prefill_precision=
-"exact") and load(prefill_precision="int8"), each measurement in a fresh process, the precisions'
-order alternating over rounds; the table gives medians and the ratio int8 / exact.
+"exact"), "int16" and "int8", each measurement in a fresh process, the precisions' order
+alternating over rounds; the table gives medians and each opt-in's ratio to exact.
 
 Agreement (the 270M file the test fixtures were made from): logits of the four reference prompts
 of tests/fixtures/ref_270m.npz (transformers float32 on the file's dequantized weights) per
 precision: max |d logit| over the reference's top-16 ids, max top-16 KL, and the fraction of
 positions whose top-1 token is the reference's. The exact mode is what tests/test_model.py holds
-to tests/tolerances.py; int8 is the opt-in and is only reported.
+to tests/tolerances.py; int16 and int8 are the opt-ins and are only reported.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PRECISIONS = ("exact", "int8")
+PRECISIONS = ("exact", "int16", "int8")
 
 
 def worker(path: str, threads: int, precision: str, reps: int) -> dict:
@@ -113,10 +113,16 @@ def main(argv=None) -> int:
             for p in order:
                 res[t, p].append(run(["--model", a.model, "--worker", str(t), p,
                                       str(a.reps)])["pp"])
-    print(f"\n{'threads':>7} {'exact pp512':>12} {'int8 pp512':>11} {'int8/exact':>10}")
+    low = PRECISIONS[1:]
+    print(f"\n{'threads':>7} {'exact pp512':>12}" + "".join(
+        f" {p + ' pp512':>11} {p + '/exact':>11}" for p in low))
     for t in a.threads:
-        e, i = statistics.median(res[t, "exact"]), statistics.median(res[t, "int8"])
-        print(f"{t:>7} {e:>12.1f} {i:>11.1f} {i / e:>10.2f}")
+        e = statistics.median(res[t, "exact"])
+        cells = ""
+        for p in low:
+            i = statistics.median(res[t, p])
+            cells += f" {i:>11.1f} {i / e:>11.2f}"
+        print(f"{t:>7} {e:>12.1f}{cells}")
     print(f"load average {os.getloadavg()[0]:.1f} at end")
     ag = run(["--model", a.model, "--agreement-only"])
     print(f"\n{'precision':>9} {'max |dlogit|':>12} {'max top-16 KL':>13} {'top-1 = ref':>11}")

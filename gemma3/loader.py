@@ -317,10 +317,10 @@ def load_hf_dir(path: str, dtype: str | None = None):
 
 
 def build_core(cfg: Gemma3Config, weights: dict[str, Any], max_seq: int,
-               pack: bool = True, kv_type: int = 0, prefill_int8: bool = False) -> _core.Model:
+               pack: bool = True, kv_type: int = 0, prefill_digits: int = 3) -> _core.Model:
     is_global = bytes(1 if t == "full_attention" else 0 for t in cfg.layer_types)
     return _core.Model(cfg.to_core(max_seq), is_global, weights, pack=pack, kv_type=kv_type,
-                       prefill_int8=prefill_int8)
+                       prefill_digits=prefill_digits)
 
 
 def is_hf_dir(path: str | os.PathLike) -> bool:

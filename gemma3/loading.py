@@ -39,10 +39,11 @@ def check_kv_dtype(kv_dtype: str, head_dim: int | None = None) -> str:
 def kv_dtype_name(type_id: int) -> str:
     return next(k for k, (t, _) in KV_DTYPES.items() if t == type_id)
 
-# Activations of the packed prefill GEMM (csrc/quant/packed.h): "exact" 24 bits per 32-block
-# (logits as the float kernels' within tests/tolerances.py), "int8" 8 bits (opt-in: faster prompt
-# processing, logits off by benchmarks/results/prefill.md's figures).
-PREFILL_PRECISIONS = ("exact", "int8")
+# Activations of the packed prefill GEMM (csrc/quant/packed.h), as base-256 digits per 32-block:
+# "exact" 3 (24 bits: logits as the float kernels' within tests/tolerances.py); the opt-ins
+# "int16" 2 and "int8" 1 (faster prompt processing, logits off by benchmarks/results/prefill.md's
+# figures).
+PREFILL_PRECISIONS = {"exact": 3, "int16": 2, "int8": 1}
 
 
 def open_checkpoint(path: str | os.PathLike | None, n_threads: int | None,
@@ -102,10 +103,10 @@ def open_checkpoint(path: str | os.PathLike | None, n_threads: int | None,
     elif not isinstance(pack, bool):
         raise TypeError(f"pack must be True, False or None, got {pack!r}")
     if prefill_precision not in PREFILL_PRECISIONS:
-        raise ValueError(f"prefill_precision must be one of {PREFILL_PRECISIONS}, got "
+        raise ValueError(f"prefill_precision must be one of {tuple(PREFILL_PRECISIONS)}, got "
                          f"{prefill_precision!r}")
     core = build_core(cfg, weights, max_seq_len, pack=pack, kv_type=KV_DTYPES[kv_dtype][0],
-                      prefill_int8=prefill_precision == "int8")
+                      prefill_digits=PREFILL_PRECISIONS[prefill_precision])
     footprint = weight_footprint(weights, owners)
     if core.packed_bytes and isinstance(owners, GGUFFile):
         footprint.released = release_packed(owners)

@@ -370,7 +370,8 @@ def load(path: str | os.PathLike | None = None, *, n_threads: int | None = None,
     ``pack``: with AVX-512 VNNI, repack Q8_0, Q4_0, Q5_0, Q4_K, Q5_K and Q6_K matrices into
     16-row groups for the integer kernels (24-bit activations: logits as the float kernels' to
     ~1e-6; faster decoding and prompts), as a second copy (``model.packed_bytes``); default: when
-    it takes <= half the free memory. ``prefill_precision="int8"``: 8-bit prompt activations.
+    it takes <= half the free memory. ``prefill_precision``: "exact" (24-bit
+    prompt activations), or the faster opt-ins "int16" and "int8" (README: their agreement).
     ``kv_dtype``: the KV cache's type, "f32", "bf16", "f16" or "q8_0" (README: memory, fidelity).
 
     ``adapter``: LoRA adapter path(s) (PEFT directory or llama.cpp LoRA GGUF; a list, or

@@ -197,7 +197,7 @@ static g3_status matmul_prefill(int n, const g3_weight *const *W, const float *x
     const size_t xb = g3_xq_bytes(cols);
     if ((xb + sizeof(g3_xq)) * (size_t)T > ws->xq_bytes)
         return too_small(err, "quantized activations");
-    const int mode = W[0]->prefill_8bit ? G3_PREFILL_8BIT : G3_PREFILL_EXACT;
+    const int mode = W[0]->prefill_digits ? W[0]->prefill_digits : G3_PREFILL_EXACT; /* = digits */
     uint8_t *buf = ws->xq;
     g3_xq *xq = (g3_xq *)buf;
     const int nt = g3_get_threads();
@@ -242,7 +242,7 @@ static int any_lora(int n, const g3_weight *const *W)
 static int same_precision(int n, const g3_weight *const *W)
 {
     for (int i = 0; i < n; i++)
-        if (W[i]->prefill_8bit != W[0]->prefill_8bit)
+        if (W[i]->prefill_digits != W[0]->prefill_digits)
             return 0;
     return 1;
 }
@@ -359,7 +359,7 @@ g3_status g3_matmul_argmax(const g3_weight *W, const float *x, int64_t T, int32_
     const int64_t cols = W->cols, rows = W->rows;
     const size_t xb = g3_xq_bytes(cols);
     const int gemm = T >= G3_BLAS_MIN_TOKENS; /* g3_matmul's exact path for T rows */
-    if (!P || !P->row_bound || W->lora || (gemm && W->prefill_8bit) || T < 1 ||
+    if (!P || !P->row_bound || W->lora || (gemm && W->prefill_digits) || T < 1 ||
         T > G3_ARGMAX_TOKENS || (xb + sizeof(g3_xq)) * (size_t)(2 * T) > ws->xq_bytes)
         return argmax_full(W, x, T, ids, y, ws, err);
     uint8_t *buf = ws->xq;

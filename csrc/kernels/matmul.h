@@ -47,9 +47,9 @@ typedef struct g3_weight_s {
     const struct g3_packed_s *packed;
     /* active low-rank deltas added to every product with this weight, or NULL */
     g3_lora *lora;
-    /* the packed prefill path quantizes activations to 8 bits per 32-block instead of 24
-     * (opt-in: load(prefill_precision="int8")) */
-    int prefill_8bit;
+    /* digits of the packed prefill path's activations per 32-block: 0 for the default 3 (24
+     * bits), or the opt-ins 2 (16 bits, load(prefill_precision="int16")) and 1 (8 bits, "int8") */
+    int prefill_digits;
 } g3_weight;
 
 #define G3_BLAS_MIN_TOKENS 32 /* below: the per-row kernels */

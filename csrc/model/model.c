@@ -250,15 +250,16 @@ void g3_model_free(g3_model *m)
     free(m);
 }
 
-void g3_model_set_prefill_8bit(g3_model *m, int on)
+void g3_model_set_prefill_digits(g3_model *m, int digits)
 {
+    const int d = digits == 1 || digits == 2 ? digits : 0; /* 0: the default, 24 bits */
     for (int64_t i = 0; i < m->cfg.n_layer; i++) {
         g3_layer *L = &m->layers[i];
         g3_weight *lw[7] = {&L->q, &L->k, &L->v, &L->o, &L->gate, &L->up, &L->down};
         for (int j = 0; j < 7; j++)
-            lw[j]->prefill_8bit = on != 0;
+            lw[j]->prefill_digits = d;
     }
-    m->output.prefill_8bit = on != 0;
+    m->output.prefill_digits = d;
 }
 
 g3_status g3_model_pack(g3_model *m, size_t *bytes, g3_err *err)

@@ -95,10 +95,11 @@ g3_status g3_model_check(const g3_model *m, g3_err *err);
  * kernel on this CPU (quant/packed.h); returns the bytes it allocated in *bytes. Optional: without
  * it decoding uses the float dequantize-and-dot kernels. */
 g3_status g3_model_pack(g3_model *m, size_t *bytes, g3_err *err);
-/* Opt-in: the packed prefill GEMM quantizes activations to 8 bits per 32-block instead of 24
+/* Opt-in: the packed prefill GEMM quantizes activations to `digits` base-256 digits per
+ * 32-block, 2 (16 bits) or 1 (8 bits), instead of 3 (24 bits, the default; any other value)
  * (kernels/matmul.h); faster, logits within benchmarks/results/prefill.md's figures, not the
  * reference tolerances. */
-void g3_model_set_prefill_8bit(g3_model *m, int on);
+void g3_model_set_prefill_digits(g3_model *m, int digits);
 /* Sets the number of sequences with a KV cache (>= 1; lazily-touched zeroed memory). Existing
  * sequences keep their contents. */
 g3_status g3_model_set_n_seq(g3_model *m, int n, g3_err *err);

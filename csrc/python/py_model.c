@@ -34,14 +34,19 @@ static g3_module_state *mstate(PyObject *self) { return g3_py_state_from_type(Py
 
 static int model_init(ModelObject *self, PyObject *args, PyObject *kw)
 {
-    static char *kwlist[] = {"config", "is_global", "weights", "pack", "kv_type", "prefill_int8",
-                             NULL};
+    static char *kwlist[] = {"config", "is_global", "weights", "pack", "kv_type",
+                             "prefill_digits", NULL};
     PyObject *cfgo, *weights;
     Py_buffer glob;
-    int pack = 1, kv_type = G3_TYPE_F32, int8 = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "Oy*O!|pip", kwlist, &cfgo, &glob, &PyDict_Type,
-                                     &weights, &pack, &kv_type, &int8))
+    int pack = 1, kv_type = G3_TYPE_F32, digits = 3;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "Oy*O!|pii", kwlist, &cfgo, &glob, &PyDict_Type,
+                                     &weights, &pack, &kv_type, &digits))
         return -1;
+    if (digits < 1 || digits > 3) {
+        PyBuffer_Release(&glob);
+        PyErr_Format(PyExc_ValueError, "prefill_digits must be 1, 2 or 3, got %d", digits);
+        return -1;
+    }
     g3_module_state *ms = mstate((PyObject *)self);
     g3_config cfg;
     int rc = -1;
@@ -88,7 +93,7 @@ static int model_init(ModelObject *self, PyObject *args, PyObject *kw)
         }
         self->packed_bytes = bytes;
     }
-    g3_model_set_prefill_8bit(self->m, int8);
+    g3_model_set_prefill_digits(self->m, digits);
     rc = 0;
 done:
     PyBuffer_Release(&glob);

@@ -498,7 +498,7 @@ static int parse_packed_inputs(g3_module_state *ms, PyObject *type_obj, PyObject
 PyDoc_STRVAR(packed_gemm_doc,
 "packed_gemm(type_id, w, rows, cols, x, mode=3, repeat=1) -> ndarray\n--\n\n"
 "Y = X @ W^T through the prefill path: W repacked into 16-row groups (quant/packed.h), X (T, cols)\n"
-"float32 quantized per token and 32-block (mode 3: 24-bit, 1: 8-bit) and multiplied 8 tokens at a\n"
+"float32 quantized per token and 32-block (mode 3: 24-bit, 2: 16-bit, 1: 8-bit) and multiplied 8 tokens at a\n"
 "time (g3_packed_gemm). Returns (T, rows) float32. Raises UnsupportedError where the CPU or the\n"
 "type has no packed kernel. repeat runs the product (not the packing) that many times, for\n"
 "benchmarks. For tests and benchmarks; the model packs at load.");
@@ -514,8 +514,9 @@ static PyObject *py_packed_gemm(PyObject *self, PyObject *args, PyObject *kwds)
         return NULL;
     if (repeat < 1)
         return PyErr_Format(PyExc_ValueError, "repeat must be >= 1, got %zd", repeat);
-    if (mode != G3_PREFILL_EXACT && mode != G3_PREFILL_8BIT)
-        return PyErr_Format(PyExc_ValueError, "mode must be 3 (24-bit) or 1 (8-bit), got %d", mode);
+    if (mode != G3_PREFILL_EXACT && mode != G3_PREFILL_16BIT && mode != G3_PREFILL_8BIT)
+        return PyErr_Format(PyExc_ValueError, "mode must be 3 (24-bit), 2 (16-bit) or 1 (8-bit), got %d",
+                            mode);
     g3_module_state *ms = g3_py_state(self);
     packed_inputs in;
     if (parse_packed_inputs(ms, type_obj, wobj, rows, cols, xobj, &in) < 0)

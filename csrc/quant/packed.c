@@ -475,7 +475,8 @@ INL __m512i bcast4(const int8_t *p)
 #endif
 
 /* y[t][rows of group g] for the nt (<= NTMAX, a constant) tokens xq[0..nt), y row stride ldy.
- * ndig: 1 (8-bit activations: digit 0 only) or 3 (24-bit: digits 2, 1 and 0). STREAM: the group
+ * ndig: 1 (8-bit activations: digit 0 only), 2 (16-bit: digits 1 and 0) or 3 (24-bit: digits
+ * 2, 1 and 0). STREAM: the group
  * is read once (prefetch every record ahead) rather than held in cache for many tiles. */
 NOSAN INL void group_product(const g3_packed *P, const g3_xq *xq, const int nt, int64_t g, float *y,
                              int64_t ldy, const int vmode, const int smode, const int offset,
@@ -495,9 +496,10 @@ NOSAN INL void group_product(const g3_packed *P, const g3_xq *xq, const int nt, 
     }
     const __m512 inv256 = _mm512_set1_ps(1.0f / 256.0f);
     const int two = smode == S_K6; /* halves kept apart (their own scales) */
-    /* one token alone: each digit's sum in two dependency chains (half the vpdpbusd latency in a
-     * row), added exactly before the combine; several tokens interleave chains anyway */
-    const int split = NTMAX == 1 && !two;
+    /* one token alone, or two digits: each digit's sum in two dependency chains (half the
+     * vpdpbusd latency in a row), added exactly before the combine; with three digits the
+     * tokens of a tile interleave enough chains (splitting measured no faster there) */
+    const int split = !two && (NTMAX == 1 || ndig == 2);
     __m512 dsup = _mm512_setzero_ps(), dminsup = dsup;
     for (int64_t b = 0; b < P->nb; b++) {
         if (smode != S_HALF && b % 8 == 0)
@@ -554,8 +556,8 @@ NOSAN INL void group_product(const g3_packed *P, const g3_xq *xq, const int nt, 
                 break;
             const g3_xq *x = &xq[t];
             const int32_t *ds = x->dsum + 6 * b;
-            /* hi: the top digits (ndig 3) or the only one (ndig 1) of half h (or chain h, split);
-             * lo: digit 0 */
+            /* h2, h1: digits 2 and 1 (ndig 3, 2) or chain 0 of digit 0 (ndig 1) of half h (or
+             * chain h, split); l0: digit 0 (or its chain 1, ndig 1) */
             __m512i h2[2], h1[2], l0[2];
             for (int q = 0; q < 2; q++)
                 h2[q] = h1[q] = l0[q] = _mm512_setzero_si512();
@@ -566,7 +568,8 @@ NOSAN INL void group_product(const g3_packed *P, const g3_xq *xq, const int nt, 
         } else if (ndig == 1) {                                                                          \
             h1[hf] = _mm512_dpbusd_epi32(h1[hf], (uu), bcast4(dg[t][0] + (c)));                          \
         } else {                                                                                         \
-            h2[hf] = _mm512_dpbusd_epi32(h2[hf], (uu), bcast4(dg[t][2] + (c)));                          \
+            if (ndig == 3)                                                                               \
+                h2[hf] = _mm512_dpbusd_epi32(h2[hf], (uu), bcast4(dg[t][2] + (c)));                      \
             h1[hf] = _mm512_dpbusd_epi32(h1[hf], (uu), bcast4(dg[t][1] + (c)));                          \
         }                                                                                                \
     } while (0)
@@ -575,7 +578,7 @@ NOSAN INL void group_product(const g3_packed *P, const g3_xq *xq, const int nt, 
 #pragma GCC unroll 8
                 for (int j = 0; j < 8; j++)
                     DPH(two ? j >= 4 : split && j % 2, u[j], col + 4 * j);
-                if (ndig == 3) {
+                if (ndig >= 2) {
 #pragma GCC unroll 8
                     for (int j = 0; j < 8; j++)
                         DPL(two ? j >= 4 : split && j % 2, u[j], col + 4 * j);
@@ -586,7 +589,7 @@ NOSAN INL void group_product(const g3_packed *P, const g3_xq *xq, const int nt, 
                     DPH(0, u[2 * j], col + 4 * j);
                     DPH(two || split, u[2 * j + 1], col + 16 + 4 * j);
                 }
-                if (ndig == 3) {
+                if (ndig >= 2) {
 #pragma GCC unroll 4
                     for (int j = 0; j < 4; j++) {
                         DPL(0, u[2 * j], col + 4 * j);
@@ -607,11 +610,14 @@ NOSAN INL void group_product(const g3_packed *P, const g3_xq *xq, const int nt, 
                 const int32_t *dh = ds + 3 * hf, *dh1 = two ? NULL : ds + 3;
                 const int32_t X0 = dh[0] + (dh1 ? dh1[0] : 0), X1 = dh[1] + (dh1 ? dh1[1] : 0),
                               X2 = dh[2] + (dh1 ? dh1[2] : 0);
-                __m512i A = ndig == 1 ? _mm512_add_epi32(h1[hf], l0[hf]) : h1[hf];
-                if (ndig == 3)
-                    A = _mm512_add_epi32(A, _mm512_slli_epi32(h2[hf], 8));
+                /* ndig 1: A0 - offset X0; 2: 256 A1 + A0 - offset (256 X1 + X0) (|.| < 2^29,
+                 * exact); 3: A21, with A0 added below in float */
+                __m512i A = ndig == 1   ? _mm512_add_epi32(h1[hf], l0[hf])
+                            : ndig == 2 ? _mm512_add_epi32(_mm512_slli_epi32(h1[hf], 8), l0[hf])
+                                        : _mm512_add_epi32(_mm512_slli_epi32(h2[hf], 8), h1[hf]);
                 if (offset)
-                    A = _mm512_sub_epi32(A, _mm512_set1_epi32(offset * (ndig == 3 ? 256 * X2 + X1 : X0)));
+                    A = _mm512_sub_epi32(A, _mm512_set1_epi32(offset * (ndig == 1 ? X0 : ndig == 2 ? 256 * X1 + X0
+                                                                                                 : 256 * X2 + X1)));
                 S[hf] = _mm512_cvtepi32_ps(A);
                 if (ndig == 3) {
                     __m512i L = l0[hf];
@@ -620,7 +626,7 @@ NOSAN INL void group_product(const g3_packed *P, const g3_xq *xq, const int nt, 
                     S[hf] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(L), inv256, S[hf]);
                 }
             }
-            /* x ~ s * (256 * (256 D2 + D1) + D0) (ndig 3), s * D0 (ndig 1) */
+            /* x ~ s * (256 * (256 D2 + D1) + D0) (ndig 3), s * (256 D1 + D0) (2), s * D0 (1) */
             const __m512 xs = _mm512_set1_ps(ndig == 3 ? 256.0f * x->scale[b] : x->scale[b]);
             __m512 acc = yacc[t];
             if (smode == S_HALF) {
@@ -722,8 +728,8 @@ TGT void g3_packed_matmat(const g3_packed *P, const g3_xq *xq, int T, int64_t g0
 
 TGT void g3_xq_prepare_prefill(g3_xq *xq, const float *x, int mode)
 {
-    if (mode == G3_PREFILL_8BIT)
-        g3_xq_prepare_digits(xq, x, 1);
+    if (mode == G3_PREFILL_8BIT || mode == G3_PREFILL_16BIT)
+        g3_xq_prepare_digits(xq, x, mode); /* the mode is the digit count */
     else
         g3_xq_prepare(xq, x);
 }
@@ -731,10 +737,13 @@ TGT void g3_xq_prepare_prefill(g3_xq *xq, const float *x, int mode)
 NOSAN TGT void g3_packed_gemm(const g3_packed *P, const g3_xq *xq, int T, int64_t g0, int64_t g1,
                               float *y, int mode)
 {
-    CHECK_REGIONS(P, xq, T, g0, g1, y, mode == G3_PREFILL_8BIT ? 1 : 3);
+    CHECK_REGIONS(P, xq, T, g0, g1, y, mode == G3_PREFILL_8BIT ? 1 : mode == G3_PREFILL_16BIT ? 2 : 3);
 #define GEMM(v, sm, o) product_kind(P, xq, T, g0, g1, y, v, sm, o, nd, G3_GEMM_NT, 0)
     if (mode == G3_PREFILL_8BIT) {
         const int nd = 1;
+        FOR_PACKED_TYPE(P->type, GEMM)
+    } else if (mode == G3_PREFILL_16BIT) {
+        const int nd = 2;
         FOR_PACKED_TYPE(P->type, GEMM)
     } else {
         const int nd = 3;

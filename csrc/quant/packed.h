@@ -60,8 +60,9 @@ typedef struct {
 
 /* Activation precision of the prefill GEMM (g3_packed_gemm). */
 enum {
-    G3_PREFILL_8BIT = 1, /* one digit, |X| <= 127 per 32-block: opt-in, the class of llama.cpp's Q8 */
-    G3_PREFILL_EXACT = 3 /* three digits, 24 bits: the decode kernels' activations (default) */
+    G3_PREFILL_8BIT = 1,  /* one digit, |X| <= 127 per 32-block: opt-in, the class of llama.cpp's Q8 */
+    G3_PREFILL_16BIT = 2, /* two digits, |X| <= 32639: opt-in, two thirds of the integer work */
+    G3_PREFILL_EXACT = 3  /* three digits, 24 bits: the decode kernels' activations (default) */
 };
 
 /* 1 if the CPU (and G3_ISA) allow the packed kernels and `type` has one. */
