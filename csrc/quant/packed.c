@@ -51,7 +51,9 @@ static int kind_of(int type, pack_kind *k)
 static size_t values_bytes(int vmode) { return VALUES_BYTES(vmode); }
 /* K-quant super-block headers: float d[16] (+ float dmin[16]) for Q4_K/Q5_K, the file's half d[16]
  * for Q6_K (its packed record is then exactly the file's 6.5625 bits per weight) */
-static size_t header_bytes(int smode) { return smode == S_K4 ? 128 : smode == S_K6 ? 32 : 0; }
+static size_t header_bytes(int smode) { return smode == S_K4 ? 256 : smode == S_K6 ? 32 : 0; }
+/* bytes of a block's scale fields after its values: S_K4 keeps them in the super-block header */
+static size_t scale_bytes(int smode) { return smode == S_K4 ? 0 : 32; }
 
 int g3_pack_supported(int type)
 {
@@ -161,13 +163,19 @@ static void put_block(const pack_kind *k, uint8_t *p, int r, const block_codes *
     uint8_t *s = p + values_bytes(k->vmode);
     if (k->smode == S_HALF) {
         memcpy(s + 2 * r, &c->dh, 2);
-    } else if (k->smode == S_K4) {
-        s[r] = c->sc;
-        s[16 + r] = c->m;
-    } else {
+    } else if (k->smode == S_K6) {
         s[r] = (uint8_t)c->sc6[0];
         s[16 + r] = (uint8_t)c->sc6[1];
-    }
+    } /* S_K4: in the super-block header (put_k4_scales) */
+}
+
+/* S_K4: the 6-bit scale and min of row r's block j (0..7) of the super-block whose header is at
+ * h: low 4 bits of both in byte 64 + 16 j + r, the top 2 bits of each in row r's nibble of the
+ * 8 bytes at 192 + 8 j (quant/packed.h) */
+static void put_k4_scales(uint8_t *h, int j, int r, const block_codes *c)
+{
+    h[64 + 16 * j + r] = (uint8_t)((c->sc & 0xF) | (c->m & 0xF) << 4);
+    h[192 + 8 * j + r / 2] |= (uint8_t)(((c->sc >> 4) | (c->m >> 4) << 2) << (4 * (r % 2)));
 }
 
 /* Adds block c of a row to its squared norms: sc2 += sum of c_i^2, sm2 += sum of m_i^2
@@ -210,7 +218,7 @@ g3_status g3_pack(int type, const uint8_t *data, int64_t rows, int64_t cols, siz
     P->cols = cols;
     P->groups = (rows + G3_PACK_ROWS - 1) / G3_PACK_ROWS;
     P->nb = cols / 32;
-    const size_t rec = values_bytes(k.vmode) + 32, hdr = header_bytes(k.smode);
+    const size_t rec = values_bytes(k.vmode) + scale_bytes(k.smode), hdr = header_bytes(k.smode);
     P->group_bytes = (size_t)P->nb * rec + (size_t)(P->nb / 8) * hdr;
     if ((uint64_t)P->groups > SIZE_MAX / 2 / P->group_bytes) {
         free(P);
@@ -241,23 +249,25 @@ g3_status g3_pack(int type, const uint8_t *data, int64_t rows, int64_t cols, siz
     for (int64_t g = 0; g < P->groups; g++) {
         uint8_t *p = P->data + (size_t)g * P->group_bytes;
         double sc2[G3_PACK_ROWS] = {0}, sm2[G3_PACK_ROWS] = {0};
+        uint8_t *hp = p; /* the current super-block's header, written before its 8 records */
         for (int64_t b = 0; b < P->nb; b++) {
-            uint8_t *hp = p; /* this block's super-block header, written before its record */
             if (hdr && b % 8 == 0)
-                p += hdr;
+                hp = p, p += hdr;
             for (int r = 0; r < G3_PACK_ROWS && g * G3_PACK_ROWS + r < rows; r++) {
                 block_codes c;
                 codes_of(type, data + (size_t)(g * G3_PACK_ROWS + r) * row_bytes, b, &c);
                 put_block(&k, p, r, &c);
+                if (k.smode == S_K4)
+                    put_k4_scales(hp, (int)(b % 8), r, &c);
                 if (P->row_bound)
                     block_norms(&k, &c, &sc2[r], &sm2[r]);
-                if (hdr && b % 8 == 0 && k.smode == S_K6) {
-                    const uint16_t dh = g3_fp32_to_fp16(c.d); /* the file's half, exactly */
+                if (hdr && b % 8 == 0) { /* the file's halves, exactly */
+                    const uint16_t dh = g3_fp32_to_fp16(c.d);
                     memcpy(hp + 2 * r, &dh, 2);
-                } else if (hdr && b % 8 == 0) {
-                    memcpy(hp + 4 * r, &c.d, 4);
-                    if (k.smode == S_K4)
-                        memcpy(hp + 64 + 4 * r, &c.dmin, 4);
+                    if (k.smode == S_K4) {
+                        const uint16_t mh = g3_fp32_to_fp16(c.dmin);
+                        memcpy(hp + 32 + 2 * r, &mh, 2);
+                    }
                 }
             }
             p += rec;
@@ -339,16 +349,30 @@ static void check_region(const void *p, size_t n, int is_write)
  * 16-bit shift of at most 4 cannot bring a neighbouring byte's bits there) */
 #define SH6(X, j) ((j) < 3 ? _mm512_slli_epi16((X), (4 - 2 * (j)) & 7) : _mm512_srli_epi16((X), 2))
 
-/* A K-quant super-block header at p (quant/packed.h): d[16] (the file's half for Q6_K, float
- * otherwise) and, for Q4_K/Q5_K, dmin[16]. Returns the record after it. */
+/* A K-quant super-block header at p (quant/packed.h): the file's half d[16] and, for Q4_K/Q5_K,
+ * dmin[16] (then the 8 blocks' scales, k4_scales). Returns the record after it. */
 INL const uint8_t *super_header(const uint8_t *p, const int smode, __m512 *d, __m512 *dmin)
 {
-    if (smode == S_K6)
-        return *d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)), p + 32;
-    *d = _mm512_loadu_ps(p);
+    *d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
     if (smode == S_K4)
-        *dmin = _mm512_loadu_ps(p + 64);
-    return p + (smode == S_K4 ? 128 : 64);
+        *dmin = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p + 32)));
+    return p + header_bytes(smode);
+}
+
+/* S_K4: the 16 rows' 6-bit scales and mins of block j of the super-block whose header is at h,
+ * as int32 (put_k4_scales' layout) */
+INL void k4_scales(const uint8_t *h, int j, __m512i *sc, __m512i *m)
+{
+    const __m128i m4 = _mm_set1_epi8(0x0F), m2 = _mm_set1_epi8(0x03);
+    const __m128i lo = _mm_loadu_si128((const __m128i *)(h + 64 + 16 * j));
+    const __m128i hb = _mm_loadl_epi64((const __m128i *)(h + 192 + 8 * j));
+    /* row r's nibble: byte r / 2, low nibble for even r */
+    const __m128i nib = _mm_unpacklo_epi8(_mm_and_si128(hb, m4), _mm_and_si128(_mm_srli_epi16(hb, 4), m4));
+    const __m128i s = _mm_or_si128(_mm_and_si128(lo, m4), _mm_slli_epi16(_mm_and_si128(nib, m2), 4));
+    const __m128i mm = _mm_or_si128(_mm_and_si128(_mm_srli_epi16(lo, 4), m4),
+                                    _mm_slli_epi16(_mm_and_si128(_mm_srli_epi16(nib, 2), m2), 4));
+    *sc = _mm512_cvtepu8_epi32(s);
+    *m = _mm512_cvtepu8_epi32(mm);
 }
 
 /* Balanced base-256 digits of X (|X| <= G3_PACK_LIM): X = 65536*D2 + 256*D1 + D0, D in -128..127 */
@@ -501,13 +525,15 @@ NOSAN INL void group_product(const g3_packed *P, const g3_xq *xq, const int nt, 
      * tokens of a tile interleave enough chains (splitting measured no faster there) */
     const int split = !two && (NTMAX == 1 || ndig == 2);
     __m512 dsup = _mm512_setzero_ps(), dminsup = dsup;
+    const uint8_t *hdr = p;                     /* the current super-block's header */
+    const uint8_t *pf = p + G3_PACK_PREFETCH; /* STREAM: the next line to ask for */
     for (int64_t b = 0; b < P->nb; b++) {
         if (smode != S_HALF && b % 8 == 0)
-            p = super_header(p, smode, &dsup, &dminsup);
+            hdr = p, p = super_header(p, smode, &dsup, &dminsup);
         const int64_t col = 32 * b;
-        if (STREAM && G3_PACK_PREFETCH > 0) {
-            for (size_t o = 0; o < vb + 32; o += 64)
-                _mm_prefetch((const char *)p + G3_PACK_PREFETCH + o, _MM_HINT_T0);
+        if (STREAM && G3_PACK_PREFETCH > 0) { /* every line once, this block's record 4 KiB on */
+            for (; pf < p + G3_PACK_PREFETCH + vb + scale_bytes(smode); pf += 64)
+                _mm_prefetch((const char *)pf, _MM_HINT_T0);
         } else if (G3_PACK_PREFETCH > 0) { /* the next group's record, for the first token tile */
             _mm_prefetch((const char *)p + P->group_bytes, _MM_HINT_T1);
         }
@@ -543,13 +569,15 @@ NOSAN INL void group_product(const g3_packed *P, const g3_xq *xq, const int nt, 
         if (smode == S_HALF) {
             d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
         } else if (smode == S_K4) {
-            sc0 = _mm512_mul_ps(dsup, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p))));
-            mn = _mm512_mul_ps(dminsup, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p + 16)))));
+            __m512i si, mi;
+            k4_scales(hdr, (int)(b % 8), &si, &mi);
+            sc0 = _mm512_mul_ps(dsup, _mm512_cvtepi32_ps(si));
+            mn = _mm512_mul_ps(dminsup, _mm512_cvtepi32_ps(mi));
         } else {
             sc0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
             sc1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p + 16))));
         }
-        p += 32;
+        p += scale_bytes(smode);
 #pragma GCC unroll 16
         for (int t = 0; t < NTMAX; t++) {
             if (t >= nt)

@@ -16,16 +16,19 @@
  *     float32 rounding; logits agree with the float path to ~1e-6 relative.
  *
  * Group layout, per 32-column block b (in order), 16 rows r:
- *   K-quant super-block header before blocks b % 8 == 0: float d[16] (+ float dmin[16]) for
- *   Q4_K/Q5_K, the file's half d[16] for Q6_K;
+ *   K-quant super-block header before blocks b % 8 == 0: the file's half d[16] (Q6_K: 32 bytes);
+ *   Q4_K/Q5_K: half d[16], half dmin[16], then the 8 blocks' 6-bit scales and mins: 16 bytes
+ *   per block j (byte r: low 4 bits of sc | low 4 bits of m << 4) and 8 bytes per block j
+ *   (row r's nibble, the low one for even r, in byte r / 2: top 2 bits of sc | of m << 2):
+ *   256 bytes, so a group holds exactly the file's bytes of its 16 rows;
  *   values: BYTES (Q8_0 as q+128): chunk j = 0..7 is 64 bytes, bytes 4r..4r+3 = u[r][4j..4j+3].
  *   NIB (Q4_0, Q4_K): chunk j = 0..3, byte 4r+k = u[r][4j+k] low nibble | u[r][16+4j+k] high
  *   nibble. NIB5 (Q5_0, Q5_K): NIB plus a 64-byte plane whose byte 4r+k holds the 5th bit of
  *   u[r][4j+k] at bit j and of u[r][16+4j+k] at bit 4+j. NIB6 (Q6_K, 6-bit codes): NIB plus two
  *   64-byte planes whose byte 4r+k holds bits 4-5 of u[r][4j+k] (first plane) and of
  *   u[r][16+4j+k] (second) at bits 2j, 2j+1 — 6.5625 bits per weight, the file's own size;
- *   scales (32 bytes): half d[16] (Q8_0/Q4_0/Q5_0), u8 sc[16] + u8 m[16] (Q4_K/Q5_K), or
- *   int8 sc[2][16] per 16-column half (Q6_K).
+ *   scales (32 bytes; none for Q4_K/Q5_K, whose are in the header): half d[16]
+ *   (Q8_0/Q4_0/Q5_0) or int8 sc[2][16] per 16-column half (Q6_K).
  * Rows past the end of the matrix are zero codes with zero scales.
  */
 #ifndef G3_QUANT_PACKED_H
