@@ -470,11 +470,12 @@ TGT int g3_any_at_least(const float *v, int64_t n, float thr)
  * between g3_packed_matvec, g3_packed_matmat and g3_packed_gemm at the same activations.
  *
  * Per 32-column block, the codes are loaded and unpacked once and multiplied by every token of
- * the tile. The digit sums are exact integers, combined in int32 where they fit: the top two
- * digits as A21 = 256 * A2 + A1 - offset * (256 * X2 + X1) (|A21| < 2^29), the lowest as
- * A0 - offset * X0, then S = A21 + A0 / 256 in float (an exact scaling) times 256 * s: two
- * conversions and one FMA per 16 rows, token and block. With 8-bit activations (one digit) the
- * sum is A0 - offset * X0, exact in float. A token's result depends on its own activations only,
+ * the tile. The digit sums are exact integers, combined in int32 where they fit: with 24-bit
+ * activations the top two digits as A21 = 256 * A2 + A1 - offset * (256 * X2 + X1)
+ * (|A21| < 2^29), the lowest as A0 - offset * X0, then S = A21 + A0 / 256 in float (an exact
+ * scaling) times 256 * s: two conversions and one FMA per 16 rows, token and block. With 16-bit
+ * activations (two digits) the sum is 256 * A1 + A0 - offset * (256 * X1 + X0), with 8-bit (one)
+ * A0 - offset * X0, each converted once. A token's result depends on its own activations only,
  * never on the other tokens of its tile or on which rows or thread the call covers. */
 
 INL __m512i bcast4(const int8_t *p)
@@ -500,8 +501,8 @@ INL __m512i bcast4(const int8_t *p)
 
 /* y[t][rows of group g] for the nt (<= NTMAX, a constant) tokens xq[0..nt), y row stride ldy.
  * ndig: 1 (8-bit activations: digit 0 only), 2 (16-bit: digits 1 and 0) or 3 (24-bit: digits
- * 2, 1 and 0). STREAM: the group
- * is read once (prefetch every record ahead) rather than held in cache for many tiles. */
+ * 2, 1 and 0). STREAM: the group is read once (prefetch every record ahead) rather than held in
+ * cache for many tiles. */
 NOSAN INL void group_product(const g3_packed *P, const g3_xq *xq, const int nt, int64_t g, float *y,
                              int64_t ldy, const int vmode, const int smode, const int offset,
                              const int ndig, const int NTMAX, const int STREAM)
@@ -756,16 +757,13 @@ TGT void g3_packed_matmat(const g3_packed *P, const g3_xq *xq, int T, int64_t g0
 
 TGT void g3_xq_prepare_prefill(g3_xq *xq, const float *x, int mode)
 {
-    if (mode == G3_PREFILL_8BIT || mode == G3_PREFILL_16BIT)
-        g3_xq_prepare_digits(xq, x, mode); /* the mode is the digit count */
-    else
-        g3_xq_prepare(xq, x);
+    g3_xq_prepare_digits(xq, x, mode); /* a G3_PREFILL_* is its digit count */
 }
 
 NOSAN TGT void g3_packed_gemm(const g3_packed *P, const g3_xq *xq, int T, int64_t g0, int64_t g1,
                               float *y, int mode)
 {
-    CHECK_REGIONS(P, xq, T, g0, g1, y, mode == G3_PREFILL_8BIT ? 1 : mode == G3_PREFILL_16BIT ? 2 : 3);
+    CHECK_REGIONS(P, xq, T, g0, g1, y, mode); /* a G3_PREFILL_* is its digit count */
 #define GEMM(v, sm, o) product_kind(P, xq, T, g0, g1, y, v, sm, o, nd, G3_GEMM_NT, 0)
     if (mode == G3_PREFILL_8BIT) {
         const int nd = 1;

@@ -61,7 +61,7 @@ typedef struct {
     int32_t *dsum;     /* (nb, 2 halves, 3 digits): sums of each digit over 16 columns */
 } g3_xq;
 
-/* Activation precision of the prefill GEMM (g3_packed_gemm). */
+/* Activation precision of the prefill GEMM (g3_packed_gemm); each value is its digit count. */
 enum {
     G3_PREFILL_8BIT = 1,  /* one digit, |X| <= 127 per 32-block: opt-in, the class of llama.cpp's Q8 */
     G3_PREFILL_16BIT = 2, /* two digits, |X| <= 32639: opt-in, two thirds of the integer work */
@@ -105,7 +105,8 @@ void g3_packed_matmat_digits(const g3_packed *P, const g3_xq *xq, int T, int64_t
 
 /* Prompt processing: x quantized for `mode` (a G3_PREFILL_*); then y (T, P->rows),
  * the rows of groups [g0, g1), for the T tokens xq[0..T). Tokens are taken 8 at a time against
- * one group's unpacked codes; a row's result depends only on its token, never on T, g0 or g1. */
+ * one group's unpacked codes; a row's result depends only on its token, never on T, g0 or g1
+ * (G3_PREFILL_EXACT: bit-identical to g3_packed_matvec's for that token). */
 void g3_xq_prepare_prefill(g3_xq *xq, const float *x, int mode);
 void g3_packed_gemm(const g3_packed *P, const g3_xq *xq, int T, int64_t g0, int64_t g1, float *y,
                     int mode);
